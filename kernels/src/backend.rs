@@ -1,0 +1,202 @@
+//! One interface over the CPU and GPU backends, and the auto-selection between them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::class::DeterminismClass;
+use crate::cpu::CpuBackend;
+use crate::gpu::{GpuBackend, GridTooLarge};
+use crate::program::{Program, ProgramError};
+use crate::tensor::{Tensor, TensorMeta};
+
+/// Environment variable that forces the backend: `auto`, `gpu` or `cpu`.
+pub const BACKEND_ENV: &str = "CORVID_BACKEND";
+
+/// Which backend to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// A hardware GPU if there is one, else the CPU.
+    #[default]
+    Auto,
+    /// Any native GPU adapter, software rasterisers (lavapipe) included; an error if none.
+    Gpu,
+    Cpu,
+}
+
+impl FromStr for BackendChoice {
+    type Err = BackendError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(BackendChoice::Auto),
+            "gpu" => Ok(BackendChoice::Gpu),
+            "cpu" => Ok(BackendChoice::Cpu),
+            _ => Err(BackendError::Choice(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Gpu => "gpu",
+            BackendChoice::Cpu => "cpu",
+        })
+    }
+}
+
+/// Why a backend could not be opened.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    #[error("unknown backend '{0}' (expected auto, gpu or cpu)")]
+    Choice(String),
+    #[error("no usable GPU adapter (found: {})", if found.is_empty() { "none".to_string() } else { found.join("; ") })]
+    NoAdapter { found: Vec<String> },
+    #[error("could not open a device on adapter '{adapter}': {reason}")]
+    Device { adapter: String, reason: String },
+    #[error("gpu thread: {0}")]
+    Thread(String),
+}
+
+/// Why a program did not run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Program(#[from] ProgramError),
+    #[error("program takes {expected} inputs, got {got}")]
+    InputCount { expected: usize, got: usize },
+    #[error("input {index}: program expects {expected}, got {got}")]
+    Input {
+        index: usize,
+        expected: TensorMeta,
+        got: TensorMeta,
+    },
+    #[error(
+        "{what}: tensor {meta} is {bytes} bytes, over the device's binding limit of {limit} bytes"
+    )]
+    TooLarge {
+        what: String,
+        meta: TensorMeta,
+        bytes: u64,
+        limit: u64,
+    },
+    #[error("node {node}: {source}")]
+    Grid {
+        node: usize,
+        #[source]
+        source: GridTooLarge,
+    },
+    #[error("gpu device error: {0}")]
+    Device(String),
+    #[error("the backend has shut down")]
+    BackendGone,
+}
+
+/// Checks inputs against the program's declared inputs and infers every value's meta.
+pub fn check_inputs(program: &Program, inputs: &[Tensor]) -> Result<Vec<TensorMeta>, ExecError> {
+    if inputs.len() != program.inputs.len() {
+        return Err(ExecError::InputCount {
+            expected: program.inputs.len(),
+            got: inputs.len(),
+        });
+    }
+    for (index, (t, want)) in inputs.iter().zip(&program.inputs).enumerate() {
+        if t.dtype() != want.dtype || t.shape() != want.shape.as_slice() {
+            return Err(ExecError::Input {
+                index,
+                expected: want.clone(),
+                got: t.meta(),
+            });
+        }
+    }
+    Ok(program.infer()?)
+}
+
+/// An execution backend.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Cpu(CpuBackend),
+    Gpu(GpuBackend),
+}
+
+impl Backend {
+    /// Opens the backend named by `CORVID_BACKEND` (default `auto`).
+    pub fn from_env() -> Result<Backend, BackendError> {
+        let choice = match std::env::var(BACKEND_ENV) {
+            Ok(v) => v.parse()?,
+            Err(_) => BackendChoice::Auto,
+        };
+        Backend::open(choice)
+    }
+
+    /// Opens a backend and logs which one, on which adapter, and why.
+    pub fn open(choice: BackendChoice) -> Result<Backend, BackendError> {
+        let backend = match choice {
+            BackendChoice::Cpu => {
+                let b = Backend::Cpu(CpuBackend::new());
+                tracing::info!(backend = "cpu", class = %b.class(), "using the cpu backend: requested");
+                b
+            }
+            BackendChoice::Gpu => {
+                let g = GpuBackend::new(true)?;
+                let a = g.adapter();
+                tracing::info!(backend = "gpu", adapter = %a.name, api = %a.backend, driver = %a.driver,
+                    device_type = %a.device_type, "using the gpu backend: requested");
+                Backend::Gpu(g)
+            }
+            BackendChoice::Auto => match GpuBackend::new(false) {
+                Ok(g) => {
+                    let a = g.adapter();
+                    tracing::info!(backend = "gpu", adapter = %a.name, api = %a.backend, driver = %a.driver,
+                        device_type = %a.device_type, "using the gpu backend: hardware adapter found");
+                    Backend::Gpu(g)
+                }
+                Err(e) => {
+                    let b = Backend::Cpu(CpuBackend::new());
+                    tracing::info!(backend = "cpu", class = %b.class(),
+                        "using the cpu backend: {e}; software adapters are slower than the cpu path \
+                         (set {BACKEND_ENV}=gpu to use one anyway)");
+                    b
+                }
+            },
+        };
+        Ok(backend)
+    }
+
+    pub fn run(&self, program: &Program, inputs: &[Tensor]) -> Result<Vec<Tensor>, ExecError> {
+        match self {
+            Backend::Cpu(c) => c.run(program, inputs),
+            Backend::Gpu(g) => g.run(program, inputs),
+        }
+    }
+
+    pub fn class(&self) -> &DeterminismClass {
+        match self {
+            Backend::Cpu(c) => c.class(),
+            Backend::Gpu(g) => g.class(),
+        }
+    }
+
+    /// Largest tensor this backend accepts, in bytes.
+    pub fn max_tensor_bytes(&self) -> u64 {
+        match self {
+            Backend::Cpu(_) => u64::MAX,
+            Backend::Gpu(g) => g.adapter().max_binding,
+        }
+    }
+
+    /// One line naming the backend and adapter.
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Cpu(c) => format!("cpu ({})", c.class().adapter),
+            Backend::Gpu(g) => {
+                let a = g.adapter();
+                format!(
+                    "gpu: {} ({}, {}, driver {})",
+                    a.name, a.backend, a.device_type, a.driver
+                )
+            }
+        }
+    }
+}

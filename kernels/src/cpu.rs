@@ -1,0 +1,324 @@
+//! The fast CPU backend: `gemm` for matmul and conv2d (im2col), rayon-parallel elementwise loops,
+//! and the reference for the rest.
+//!
+//! Every fast path keeps each output element's arithmetic independent of how the work is split,
+//! so results are the same bits at any thread count and batch size.
+
+use rayon::prelude::*;
+
+use crate::backend::{ExecError, check_inputs};
+use crate::class::{BackendKind, DeterminismClass};
+use crate::op::{BinaryOp, Op};
+use crate::program::Program;
+use crate::reference;
+use crate::shape::{OpError, broadcast_strides, contiguous_strides, infer};
+use crate::tensor::{Tensor, TensorMeta};
+
+/// Below this many elements, elementwise ops run on one thread.
+const PAR_ELEMS: usize = 1 << 15;
+/// Elements per parallel chunk.
+const CHUNK: usize = 1 << 14;
+/// Below this many multiply-adds, gemm runs on one thread.
+const PAR_FLOPS: usize = 1 << 18;
+
+/// The CPU backend. Stateless apart from its class; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct CpuBackend {
+    class: DeterminismClass,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        let features = cpu_features();
+        let mut h = blake3::Hasher::new();
+        h.update(env!("CARGO_PKG_VERSION").as_bytes());
+        h.update(b"gemm-0.19");
+        h.update(features.as_bytes());
+        let class = DeterminismClass::new(
+            BackendKind::Cpu,
+            format!("{} {}", std::env::consts::ARCH, features),
+            "gemm-0.19".to_string(),
+            &h.finalize(),
+        );
+        CpuBackend { class }
+    }
+
+    pub fn class(&self) -> &DeterminismClass {
+        &self.class
+    }
+
+    /// Evaluates one op.
+    pub fn eval(&self, op: &Op, inputs: &[&Tensor]) -> Result<Tensor, OpError> {
+        let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta()).collect();
+        let out = infer(op, &metas.iter().collect::<Vec<_>>())?;
+        Ok(match op {
+            Op::Unary(u) => {
+                let x = inputs[0].as_f32().expect("dtype checked by infer");
+                let mut o = vec![0.0; x.len()];
+                par_zip1(x, &mut o, |s, d| u.map_slice(s, d));
+                f32_tensor(&out, o)
+            }
+            Op::Binary(b) => binary(*b, inputs[0], inputs[1], &out),
+            Op::MatMul => matmul(inputs[0], inputs[1], &out),
+            Op::Conv2d { stride, padding } => conv2d(inputs[0], inputs[1], *stride, *padding, &out),
+            _ => return reference::eval(op, inputs),
+        })
+    }
+
+    /// Runs a program, dropping each intermediate after its last use.
+    pub fn run(&self, program: &Program, inputs: &[Tensor]) -> Result<Vec<Tensor>, ExecError> {
+        check_inputs(program, inputs)?;
+        let last = program.last_uses();
+        let n_in = program.inputs.len();
+        let mut values: Vec<Option<Tensor>> = inputs.iter().cloned().map(Some).collect();
+        values.resize(program.value_count(), None);
+        for (i, node) in program.nodes.iter().enumerate() {
+            let args: Vec<&Tensor> = node
+                .args
+                .iter()
+                .map(|&a| {
+                    values[a as usize]
+                        .as_ref()
+                        .expect("argument computed and not yet dropped")
+                })
+                .collect();
+            let out = self.eval(&node.op, &args).map_err(|source| {
+                ExecError::Program(crate::program::ProgramError::Op { node: i, source })
+            })?;
+            values[n_in + i] = Some(out);
+            for &a in &node.args {
+                if last[a as usize] == i {
+                    values[a as usize] = None;
+                }
+            }
+        }
+        Ok(program
+            .outputs
+            .iter()
+            .map(|&o| {
+                values[o as usize]
+                    .clone()
+                    .expect("outputs are never dropped")
+            })
+            .collect())
+    }
+}
+
+fn f32_tensor(meta: &TensorMeta, data: Vec<f32>) -> Tensor {
+    Tensor::from_f32(meta.shape.clone(), data).expect("output sized from its meta")
+}
+
+/// `f` over matching chunks of `src` and `dst`, in parallel when large.
+fn par_zip1(src: &[f32], dst: &mut [f32], f: impl Fn(&[f32], &mut [f32]) + Sync) {
+    if dst.len() < PAR_ELEMS {
+        f(src, dst);
+    } else {
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| f(s, d));
+    }
+}
+
+/// Broadcasting binary op. Works in runs of the longest trailing block over which both inputs
+/// are contiguous, so `[m, n] + [n]` and equal shapes use the vectorised slice loop.
+fn binary(op: BinaryOp, a: &Tensor, b: &Tensor, out: &TensorMeta) -> Tensor {
+    let (x, y) = (a.as_f32().expect("f32"), b.as_f32().expect("f32"));
+    let n = out.numel();
+    let mut o = vec![0.0f32; n];
+    if a.shape() == out.shape.as_slice() && b.shape() == out.shape.as_slice() {
+        if n < PAR_ELEMS {
+            op.map_slices(x, y, &mut o);
+        } else {
+            o.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+                .for_each(|(d, (s, t))| op.map_slices(s, t, d));
+        }
+        return f32_tensor(out, o);
+    }
+    // Scalars and small operands are expanded once so the hot loop stays the slice loop.
+    let expand = |t: &Tensor, xs: &[f32]| -> Option<Vec<f32>> {
+        let (sa, so) = (
+            broadcast_strides(t.shape(), &out.shape),
+            contiguous_strides(&out.shape),
+        );
+        let inner = run_length(&out.shape, &sa, &so);
+        (inner < 64).then(|| broadcast_values(xs, &sa, &out.shape))
+    };
+    let (xe, ye) = (expand(a, x), expand(b, y));
+    let (x, sa) = match &xe {
+        Some(v) => (v.as_slice(), contiguous_strides(&out.shape)),
+        None => (x, broadcast_strides(a.shape(), &out.shape)),
+    };
+    let (y, sb) = match &ye {
+        Some(v) => (v.as_slice(), contiguous_strides(&out.shape)),
+        None => (y, broadcast_strides(b.shape(), &out.shape)),
+    };
+    let so = contiguous_strides(&out.shape);
+    let inner = run_length(&out.shape, &sa, &so)
+        .min(run_length(&out.shape, &sb, &so))
+        .max(1);
+    let row = |r: usize, d: &mut [f32]| {
+        let start = r * inner;
+        let (oa, ob) = (
+            offset(start, &out.shape, &sa),
+            offset(start, &out.shape, &sb),
+        );
+        op.map_slices(&x[oa..oa + inner], &y[ob..ob + inner], d);
+    };
+    if n < PAR_ELEMS {
+        o.chunks_mut(inner).enumerate().for_each(|(r, d)| row(r, d));
+    } else {
+        o.par_chunks_mut(inner)
+            .enumerate()
+            .for_each(|(r, d)| row(r, d));
+    }
+    f32_tensor(out, o)
+}
+
+/// Length of the trailing block over which `strides` are the contiguous strides `so`.
+fn run_length(shape: &[usize], strides: &[usize], so: &[usize]) -> usize {
+    let mut len = 1;
+    for d in (0..shape.len()).rev() {
+        if strides[d] != so[d] && shape[d] != 1 {
+            break;
+        }
+        len *= shape[d];
+    }
+    len
+}
+
+fn offset(flat: usize, shape: &[usize], strides: &[usize]) -> usize {
+    let mut rem = flat;
+    let mut off = 0;
+    for d in (0..shape.len()).rev() {
+        off += (rem % shape[d]) * strides[d];
+        rem /= shape[d];
+    }
+    off
+}
+
+fn broadcast_values(xs: &[f32], strides: &[usize], shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    (0..n).map(|i| xs[offset(i, shape, strides)]).collect()
+}
+
+/// Batched matmul through `gemm`; each batch's product is one call, so bits do not depend on
+/// the batch size.
+fn matmul(a: &Tensor, b: &Tensor, out: &TensorMeta) -> Tensor {
+    let r = out.rank();
+    let (m, n) = (out.shape[r - 2], out.shape[r - 1]);
+    let k = a.shape()[a.shape().len() - 1];
+    let batch_shape = &out.shape[..r - 2];
+    let batch: usize = batch_shape.iter().product();
+    let sa = broadcast_strides(&a.shape()[..a.shape().len() - 2], batch_shape);
+    let sb = broadcast_strides(&b.shape()[..b.shape().len() - 2], batch_shape);
+    let (x, y) = (a.as_f32().expect("f32"), b.as_f32().expect("f32"));
+    let mut o = vec![0.0f32; out.numel()];
+    if m * n > 0 {
+        for (z, dst) in o.chunks_mut(m * n).enumerate().take(batch) {
+            let ao = offset(z, batch_shape, &sa) * m * k;
+            let bo = offset(z, batch_shape, &sb) * k * n;
+            gemm_f32(m, n, k, &x[ao..ao + m * k], &y[bo..bo + k * n], dst);
+        }
+    }
+    f32_tensor(out, o)
+}
+
+/// `dst[m×n] = lhs[m×k] · rhs[k×n]`, all row-major and contiguous.
+#[allow(unsafe_code)]
+fn gemm_f32(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f32]) {
+    assert!(lhs.len() >= m * k && rhs.len() >= k * n && dst.len() >= m * n);
+    if k == 0 {
+        dst[..m * n].fill(0.0);
+        return;
+    }
+    let par = if m * n * k >= PAR_FLOPS {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the assert above proves every pointer covers its row-major m×k, k×n and m×n
+    // matrix with the strides given; `dst` does not alias the inputs (it is a &mut).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// conv2d as im2col + gemm, one image at a time.
+fn conv2d(x: &Tensor, w: &Tensor, stride: [usize; 2], pad: [usize; 2], out: &TensorMeta) -> Tensor {
+    let (xs, ws) = (x.shape(), w.shape());
+    let (nb, c, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+    let (o, kh, kw) = (ws[0], ws[2], ws[3]);
+    let (oh, ow) = (out.shape[2], out.shape[3]);
+    let (xv, wv) = (x.as_f32().expect("f32"), w.as_f32().expect("f32"));
+    let ckk = c * kh * kw;
+    let mut cols = vec![0.0f32; ckk * oh * ow];
+    let mut res = vec![0.0f32; out.numel()];
+    for n in 0..nb {
+        let img = &xv[n * c * h * wd..(n + 1) * c * h * wd];
+        cols.par_chunks_mut(oh * ow)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (ci, dy, dx) = (row / (kh * kw), (row / kw) % kh, row % kw);
+                for oy in 0..oh {
+                    let y = (oy * stride[0] + dy) as isize - pad[0] as isize;
+                    for ox in 0..ow {
+                        let xx = (ox * stride[1] + dx) as isize - pad[1] as isize;
+                        dst[oy * ow + ox] =
+                            if y >= 0 && xx >= 0 && (y as usize) < h && (xx as usize) < wd {
+                                img[(ci * h + y as usize) * wd + xx as usize]
+                            } else {
+                                0.0
+                            };
+                    }
+                }
+            });
+        let dst = &mut res[n * o * oh * ow..(n + 1) * o * oh * ow];
+        gemm_f32(o, oh * ow, ckk, wv, &cols, dst);
+    }
+    f32_tensor(out, res)
+}
+
+/// The vector extensions the gemm kernels can use here: they decide the CPU class.
+fn cpu_features() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512f".into();
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return "avx2-fma".into();
+        }
+        "sse2".into()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "generic".into()
+    }
+}

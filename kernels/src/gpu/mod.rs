@@ -1,0 +1,219 @@
+//! The wgpu backend. One dedicated thread owns instance, device, queue, pipelines and buffers;
+//! [`GpuBackend`] is a cheap handle that sends it programs over a bounded channel.
+
+mod device;
+pub use kernel::GridTooLarge;
+pub mod kernel;
+
+use std::sync::mpsc;
+use std::thread;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{BackendError, ExecError};
+use crate::class::{BackendKind, DeterminismClass};
+use crate::program::Program;
+use crate::tensor::Tensor;
+
+/// What the chosen adapter is, for logs, adverts and the determinism class.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdapterSummary {
+    pub name: String,
+    /// `vulkan`, `metal`, `dx12`.
+    pub backend: String,
+    /// `discrete`, `integrated`, `virtual`, `software`, `other`.
+    pub device_type: String,
+    pub driver: String,
+    /// Largest tensor the device binds, in bytes.
+    pub max_binding: u64,
+}
+
+impl AdapterSummary {
+    fn of(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Self {
+        AdapterSummary {
+            name: info.name.clone(),
+            backend: info.backend.to_str().to_string(),
+            device_type: device_type(info.device_type).into(),
+            driver: format!("{} {}", info.driver, info.driver_info)
+                .trim()
+                .to_string(),
+            max_binding: limits
+                .max_storage_buffer_binding_size
+                .min(limits.max_buffer_size),
+        }
+    }
+
+    /// Software rasterisers (lavapipe, SwiftShader, WARP) run on the CPU.
+    pub fn is_software(&self) -> bool {
+        self.device_type == "software"
+    }
+}
+
+fn device_type(t: wgpu::DeviceType) -> &'static str {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => "discrete",
+        wgpu::DeviceType::IntegratedGpu => "integrated",
+        wgpu::DeviceType::VirtualGpu => "virtual",
+        wgpu::DeviceType::Cpu => "software",
+        wgpu::DeviceType::Other => "other",
+    }
+}
+
+/// Lists the adapters wgpu finds on the native GPU APIs (never the GL fallback).
+pub fn adapters() -> Vec<AdapterSummary> {
+    let instance = instance();
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
+        .iter()
+        .map(|a| AdapterSummary::of(&a.get_info(), &a.limits()))
+        .collect()
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::PRIMARY,
+        flags: wgpu::InstanceFlags::empty(),
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    })
+}
+
+/// Orders adapters: hardware first, software last.
+fn rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+struct Job {
+    program: Program,
+    inputs: Vec<Tensor>,
+    reply: mpsc::SyncSender<Result<Vec<Tensor>, ExecError>>,
+}
+
+/// Handle to the GPU thread. Cloning shares the thread; it stops when the last handle drops.
+#[derive(Clone, Debug)]
+pub struct GpuBackend {
+    jobs: mpsc::SyncSender<Job>,
+    adapter: AdapterSummary,
+    class: DeterminismClass,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Job({} nodes)", self.program.nodes.len())
+    }
+}
+
+impl GpuBackend {
+    /// Opens the best adapter. Software adapters are taken only when `allow_software` is set.
+    pub fn new(allow_software: bool) -> Result<Self, BackendError> {
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let (jobs, rx) = mpsc::sync_channel::<Job>(16);
+        thread::Builder::new()
+            .name("corvid-gpu".into())
+            .spawn(move || {
+                let gpu = match open(allow_software) {
+                    Ok((gpu, summary)) => {
+                        let _ = ready_tx.send(Ok(summary));
+                        gpu
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                serve(gpu, rx);
+            })
+            .map_err(|e| BackendError::Thread(e.to_string()))?;
+        let adapter = ready_rx
+            .recv()
+            .map_err(|_| BackendError::Thread("gpu thread exited during start-up".into()))??;
+        let class = DeterminismClass::new(
+            BackendKind::Gpu,
+            adapter.name.clone(),
+            format!("{} {}", adapter.backend, adapter.driver),
+            &crate::class::gpu_kernel_hash(),
+        );
+        Ok(GpuBackend {
+            jobs,
+            adapter,
+            class,
+        })
+    }
+
+    pub fn adapter(&self) -> &AdapterSummary {
+        &self.adapter
+    }
+
+    pub fn class(&self) -> &DeterminismClass {
+        &self.class
+    }
+
+    /// Runs `program` on the device; blocks until the outputs are back on the host.
+    pub fn run(&self, program: &Program, inputs: &[Tensor]) -> Result<Vec<Tensor>, ExecError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.jobs
+            .send(Job {
+                program: program.clone(),
+                inputs: inputs.to_vec(),
+                reply,
+            })
+            .map_err(|_| ExecError::BackendGone)?;
+        rx.recv().map_err(|_| ExecError::BackendGone)?
+    }
+}
+
+fn open(allow_software: bool) -> Result<(device::Gpu, AdapterSummary), BackendError> {
+    let instance = instance();
+    let mut found = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
+    found.sort_by_key(|a| rank(a.get_info().device_type));
+    let names: Vec<String> = found
+        .iter()
+        .map(|a| {
+            let i = a.get_info();
+            format!(
+                "{} ({}, {})",
+                i.name,
+                i.backend.to_str(),
+                device_type(i.device_type)
+            )
+        })
+        .collect();
+    let Some(adapter) = found
+        .into_iter()
+        .find(|a| allow_software || a.get_info().device_type != wgpu::DeviceType::Cpu)
+    else {
+        return Err(BackendError::NoAdapter { found: names });
+    };
+    let limits = adapter.limits();
+    let summary = AdapterSummary::of(&adapter.get_info(), &limits);
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("corvid"),
+        required_features: wgpu::Features::empty(),
+        required_limits: limits.clone(),
+        ..Default::default()
+    }))
+    .map_err(|e| BackendError::Device {
+        adapter: summary.name.clone(),
+        reason: e.to_string(),
+    })?;
+    let name = summary.name.clone();
+    device.set_device_lost_callback(move |reason, msg| {
+        tracing::error!(adapter = %name, ?reason, %msg, "gpu device lost");
+    });
+    Ok((device::Gpu::new(device, queue, &limits), summary))
+}
+
+fn serve(mut gpu: device::Gpu, jobs: mpsc::Receiver<Job>) {
+    while let Ok(job) = jobs.recv() {
+        let result = gpu.run(&job.program, &job.inputs);
+        // The caller may have given up waiting; nothing to do then.
+        let _ = job.reply.send(result);
+    }
+    tracing::debug!(max_binding = gpu.max_binding, "gpu thread stopping");
+    drop(gpu.queue);
+    drop(gpu.device);
+}

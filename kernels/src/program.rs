@@ -1,0 +1,130 @@
+//! A small DAG of ops that a backend runs in one go, keeping intermediates on its device.
+
+use serde::{Deserialize, Serialize};
+
+use crate::op::Op;
+use crate::shape::{OpError, infer};
+use crate::tensor::TensorMeta;
+
+/// Index of a value in a [`Program`]: inputs first (`0..inputs.len()`), then one per node.
+pub type ValueId = u32;
+
+/// One op applied to earlier values.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub op: Op,
+    pub args: Vec<ValueId>,
+}
+
+/// Ops in topological order over typed inputs, with chosen outputs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    pub inputs: Vec<TensorMeta>,
+    pub nodes: Vec<Node>,
+    pub outputs: Vec<ValueId>,
+}
+
+/// Why a program is malformed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProgramError {
+    #[error("node {node}: {source}")]
+    Op {
+        node: usize,
+        #[source]
+        source: OpError,
+    },
+    #[error("node {node} ('{op}') refers to value {arg}, which is not defined before it")]
+    Dangling {
+        node: usize,
+        op: String,
+        arg: ValueId,
+    },
+    #[error("output {index} refers to value {value}, but the program has {count} values")]
+    Output {
+        index: usize,
+        value: ValueId,
+        count: usize,
+    },
+}
+
+impl Program {
+    /// A program over the given inputs, with no nodes yet.
+    pub fn new(inputs: Vec<TensorMeta>) -> Self {
+        Program {
+            inputs,
+            ..Program::default()
+        }
+    }
+
+    /// Appends a node and returns its value id.
+    pub fn push(&mut self, op: Op, args: &[ValueId]) -> ValueId {
+        self.nodes.push(Node {
+            op,
+            args: args.to_vec(),
+        });
+        (self.inputs.len() + self.nodes.len() - 1) as ValueId
+    }
+
+    /// A one-op program whose inputs are the op's arguments.
+    pub fn single(op: Op, inputs: Vec<TensorMeta>) -> Self {
+        let args: Vec<ValueId> = (0..inputs.len() as ValueId).collect();
+        let mut p = Program::new(inputs);
+        let out = p.push(op, &args);
+        p.outputs.push(out);
+        p
+    }
+
+    pub fn value_count(&self) -> usize {
+        self.inputs.len() + self.nodes.len()
+    }
+
+    /// Checks every node and returns the meta of every value (inputs, then nodes).
+    pub fn infer(&self) -> Result<Vec<TensorMeta>, ProgramError> {
+        let mut metas: Vec<TensorMeta> = self.inputs.clone();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let mut args = Vec::with_capacity(node.args.len());
+            for &a in &node.args {
+                let m = metas
+                    .get(a as usize)
+                    .ok_or_else(|| ProgramError::Dangling {
+                        node: i,
+                        op: node.op.to_string(),
+                        arg: a,
+                    })?;
+                args.push(m);
+            }
+            let out =
+                infer(&node.op, &args).map_err(|source| ProgramError::Op { node: i, source })?;
+            metas.push(out);
+        }
+        for (index, &value) in self.outputs.iter().enumerate() {
+            if value as usize >= metas.len() {
+                return Err(ProgramError::Output {
+                    index,
+                    value,
+                    count: metas.len(),
+                });
+            }
+        }
+        Ok(metas)
+    }
+
+    /// For each value, the index of the last node that reads it (`usize::MAX` for outputs).
+    pub fn last_uses(&self) -> Vec<usize> {
+        let mut last = vec![0usize; self.value_count()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for &a in &n.args {
+                last[a as usize] = last[a as usize].max(i);
+            }
+        }
+        for &o in &self.outputs {
+            last[o as usize] = usize::MAX;
+        }
+        last
+    }
+
+    /// Canonical bytes: the postcard encoding. Equal programs have equal bytes.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("programs always serialise")
+    }
+}

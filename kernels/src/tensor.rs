@@ -1,0 +1,436 @@
+//! Dense tensors: a dtype, a shape and contiguous row-major data.
+//!
+//! A tensor's [`ContentId`] is blake3 over its dtype, shape and little-endian bytes, so the same
+//! values have the same id on every machine.
+
+use std::fmt;
+
+use ndarray::{ArrayD, IxDyn};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Element types. `F32` for values, `I32` for indices (argmax) and integer data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+    I32,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::I32 => "i32",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        4
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            DType::F32 => 0,
+            DType::I32 => 1,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Dtype and shape of a tensor, without its data: what shape inference works on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TensorMeta {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl TensorMeta {
+    pub fn new(dtype: DType, shape: impl Into<Vec<usize>>) -> Self {
+        TensorMeta {
+            dtype,
+            shape: shape.into(),
+        }
+    }
+
+    pub fn f32(shape: impl Into<Vec<usize>>) -> Self {
+        Self::new(DType::F32, shape)
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.numel() as u64 * self.dtype.size() as u64
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+}
+
+impl fmt::Display for TensorMeta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{:?}", self.dtype, self.shape)
+    }
+}
+
+/// Errors building a tensor from caller data.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TensorError {
+    #[error("shape {shape:?} holds {expected} elements but {got} were given")]
+    Length {
+        shape: Vec<usize>,
+        expected: usize,
+        got: usize,
+    },
+    #[error("expected a {expected} tensor, got {got}")]
+    DType { expected: DType, got: DType },
+    #[error(
+        "tensor bytes: {len} bytes is not a whole number of {dtype} elements for shape {shape:?}"
+    )]
+    Bytes {
+        dtype: DType,
+        shape: Vec<usize>,
+        len: usize,
+    },
+}
+
+/// Element storage. Kept typed so the CPU paths need no casts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+}
+
+/// A dense, row-major tensor.
+#[derive(Clone, PartialEq)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: Data,
+}
+
+/// blake3 id of a tensor's dtype, shape and bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ContentId(pub [u8; 32]);
+
+impl fmt::Display for ContentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ContentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Twelve hex digits are plenty to tell ids apart in logs.
+        let s = self.to_string();
+        write!(f, "ContentId({})", &s[..12])
+    }
+}
+
+impl Tensor {
+    pub fn from_f32(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> Result<Self, TensorError> {
+        Self::new(shape.into(), Data::F32(data))
+    }
+
+    pub fn from_i32(shape: impl Into<Vec<usize>>, data: Vec<i32>) -> Result<Self, TensorError> {
+        Self::new(shape.into(), Data::I32(data))
+    }
+
+    fn new(shape: Vec<usize>, data: Data) -> Result<Self, TensorError> {
+        let expected: usize = shape.iter().product();
+        let got = match &data {
+            Data::F32(v) => v.len(),
+            Data::I32(v) => v.len(),
+        };
+        if expected != got {
+            return Err(TensorError::Length {
+                shape,
+                expected,
+                got,
+            });
+        }
+        Ok(Tensor { shape, data })
+    }
+
+    /// A rank-0 f32 tensor.
+    pub fn scalar(v: f32) -> Self {
+        Tensor {
+            shape: vec![],
+            data: Data::F32(vec![v]),
+        }
+    }
+
+    /// A tensor filled with `v`.
+    pub fn full(shape: impl Into<Vec<usize>>, v: f32) -> Self {
+        let shape = shape.into();
+        let n = shape.iter().product();
+        Tensor {
+            shape,
+            data: Data::F32(vec![v; n]),
+        }
+    }
+
+    /// Seeded uniform random values in `[lo, hi)`: the same seed gives the same tensor everywhere.
+    pub fn random_uniform(shape: impl Into<Vec<usize>>, lo: f32, hi: f32, seed: u64) -> Self {
+        let shape = shape.into();
+        let n: usize = shape.iter().product();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let data = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+        Tensor {
+            shape,
+            data: Data::F32(data),
+        }
+    }
+
+    /// Rebuilds a tensor from little-endian bytes, checking the length first.
+    pub fn from_le_bytes(
+        dtype: DType,
+        shape: impl Into<Vec<usize>>,
+        bytes: &[u8],
+    ) -> Result<Self, TensorError> {
+        let shape = shape.into();
+        let numel: usize = shape.iter().product();
+        if numel.checked_mul(4) != Some(bytes.len()) {
+            return Err(TensorError::Bytes {
+                dtype,
+                shape,
+                len: bytes.len(),
+            });
+        }
+        let words = bytes.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
+        let data = match dtype {
+            DType::F32 => Data::F32(words.map(f32::from_le_bytes).collect()),
+            DType::I32 => Data::I32(words.map(i32::from_le_bytes).collect()),
+        };
+        Ok(Tensor { shape, data })
+    }
+
+    pub fn from_array(a: ArrayD<f32>) -> Self {
+        let shape = a.shape().to_vec();
+        let data = if a.is_standard_layout() {
+            a.into_raw_vec_and_offset().0
+        } else {
+            a.iter().copied().collect()
+        };
+        Tensor {
+            shape,
+            data: Data::F32(data),
+        }
+    }
+
+    pub fn from_array_i32(a: ArrayD<i32>) -> Self {
+        let shape = a.shape().to_vec();
+        let data = a.iter().copied().collect();
+        Tensor {
+            shape,
+            data: Data::I32(data),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            Data::F32(_) => DType::F32,
+            Data::I32(_) => DType::I32,
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn meta(&self) -> TensorMeta {
+        TensorMeta::new(self.dtype(), self.shape.clone())
+    }
+
+    pub fn data(&self) -> &Data {
+        &self.data
+    }
+
+    pub fn as_f32(&self) -> Result<&[f32], TensorError> {
+        match &self.data {
+            Data::F32(v) => Ok(v),
+            Data::I32(_) => Err(TensorError::DType {
+                expected: DType::F32,
+                got: DType::I32,
+            }),
+        }
+    }
+
+    pub fn as_i32(&self) -> Result<&[i32], TensorError> {
+        match &self.data {
+            Data::I32(v) => Ok(v),
+            Data::F32(_) => Err(TensorError::DType {
+                expected: DType::I32,
+                got: DType::F32,
+            }),
+        }
+    }
+
+    /// The raw 32-bit words, whatever the dtype: what the GPU uploads.
+    pub fn words(&self) -> &[u32] {
+        match &self.data {
+            Data::F32(v) => bytemuck::cast_slice(v),
+            Data::I32(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    /// Rebuilds a tensor from raw 32-bit words of the given dtype.
+    pub fn from_words(dtype: DType, shape: Vec<usize>, words: &[u32]) -> Result<Self, TensorError> {
+        let data = match dtype {
+            DType::F32 => Data::F32(words.iter().map(|w| f32::from_bits(*w)).collect()),
+            DType::I32 => Data::I32(words.iter().map(|w| *w as i32).collect()),
+        };
+        Self::new(shape, data)
+    }
+
+    /// Little-endian bytes of the data: the canonical encoding, on any host.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.numel() * 4);
+        for w in self.words() {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    /// Same dtype and data under a new shape with the same element count.
+    pub fn reshaped(mut self, shape: Vec<usize>) -> Result<Self, TensorError> {
+        let expected: usize = shape.iter().product();
+        if expected != self.numel() {
+            return Err(TensorError::Length {
+                shape,
+                expected,
+                got: self.numel(),
+            });
+        }
+        self.shape = shape;
+        Ok(self)
+    }
+
+    pub fn to_array_f32(&self) -> Result<ArrayD<f32>, TensorError> {
+        let v = self.as_f32()?.to_vec();
+        Ok(ArrayD::from_shape_vec(IxDyn(&self.shape), v).expect("tensor length matches its shape"))
+    }
+
+    pub fn to_array_i32(&self) -> Result<ArrayD<i32>, TensorError> {
+        let v = self.as_i32()?.to_vec();
+        Ok(ArrayD::from_shape_vec(IxDyn(&self.shape), v).expect("tensor length matches its shape"))
+    }
+
+    /// blake3 over dtype, rank, dims (u64 LE) and the little-endian data.
+    pub fn content_id(&self) -> ContentId {
+        let mut h = blake3::Hasher::new();
+        h.update(b"corvid-tensor-v1");
+        h.update(&[self.dtype().tag()]);
+        h.update(&(self.shape.len() as u64).to_le_bytes());
+        for d in &self.shape {
+            h.update(&(*d as u64).to_le_bytes());
+        }
+        if cfg!(target_endian = "little") {
+            h.update(bytemuck::cast_slice(self.words()));
+        } else {
+            h.update(&self.to_le_bytes());
+        }
+        ContentId(*h.finalize().as_bytes())
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOW: usize = 8;
+        write!(f, "Tensor({}{:?} ", self.dtype(), self.shape)?;
+        match &self.data {
+            Data::F32(v) => write!(f, "{:?}", &v[..v.len().min(SHOW)])?,
+            Data::I32(v) => write!(f, "{:?}", &v[..v.len().min(SHOW)])?,
+        }
+        if self.numel() > SHOW {
+            write!(f, "…")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// Wire form: dtype, shape and raw little-endian bytes (no per-element encoding).
+#[derive(Serialize, Deserialize)]
+struct TensorWire<'a> {
+    dtype: DType,
+    shape: Vec<usize>,
+    #[serde(borrow, with = "serde_bytes")]
+    bytes: std::borrow::Cow<'a, [u8]>,
+}
+
+impl Serialize for Tensor {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        TensorWire {
+            dtype: self.dtype(),
+            shape: self.shape.clone(),
+            bytes: std::borrow::Cow::Owned(self.to_le_bytes()),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Tensor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = TensorWire::deserialize(d)?;
+        Tensor::from_le_bytes(w.dtype, w.shape, &w.bytes).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_id_covers_dtype_shape_and_data() {
+        let a = Tensor::from_f32([2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let b = Tensor::from_f32([4], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let c = Tensor::from_i32([2, 2], vec![1, 2, 3, 4]).unwrap();
+        let d = Tensor::from_f32([2, 2], vec![1.0, 2.0, 3.0, 4.5]).unwrap();
+        let ids = [
+            a.content_id(),
+            b.content_id(),
+            c.content_id(),
+            d.content_id(),
+        ];
+        for i in 0..ids.len() {
+            for j in i + 1..ids.len() {
+                assert_ne!(ids[i], ids[j], "{i} vs {j}");
+            }
+        }
+        assert_eq!(a.content_id(), a.clone().content_id());
+    }
+
+    #[test]
+    fn length_mismatch_is_an_error() {
+        let e = Tensor::from_f32([2, 3], vec![0.0; 5]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "shape [2, 3] holds 6 elements but 5 were given"
+        );
+    }
+
+    #[test]
+    fn wire_round_trip_and_bad_length() {
+        let t = Tensor::random_uniform([3, 5], -1.0, 1.0, 7);
+        let bytes = postcard::to_allocvec(&t).unwrap();
+        let back: Tensor = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(t, back);
+        let bad = Tensor::from_le_bytes(DType::F32, [2, 2], &[0u8; 15]).unwrap_err();
+        assert!(bad.to_string().contains("15 bytes"), "{bad}");
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what the tests need (Mesa's lavapipe Vulkan driver, so the wgpu kernels really run
+# without a GPU) and runs the whole test suite with the GPU required.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || ! ldconfig -p | grep -q libvulkan.so.1; then
+    echo "installing mesa-vulkan-drivers and libvulkan1 (lavapipe software Vulkan)" >&2
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+fi
+
+# Kernel tests fail, rather than skip, when no Vulkan adapter is found.
+export CORVID_REQUIRE_GPU=1
+# Mesa's WSI warns on every device open without it.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+
+cargo test --workspace --all-features "$@"
