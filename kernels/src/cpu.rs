@@ -231,8 +231,31 @@ fn matmul(a: &Tensor, b: &Tensor, out: &TensorMeta) -> Tensor {
 }
 
 /// `dst[m×n] = lhs[m×k] · rhs[k×n]`, all row-major and contiguous.
-#[allow(unsafe_code)]
+///
+/// gemm takes a matrix-vector path when `m` or `n` is 1, which sums in another order than its
+/// matrix kernels; a single row or column of a larger product would then differ in the last
+/// bit. Such products are padded to two rows or columns so every call uses the matrix kernels
+/// and any block of a product has the bits of the whole.
 fn gemm_f32(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f32]) {
+    if n == 1 && k > 0 {
+        let rhs2: Vec<f32> = rhs[..k].iter().flat_map(|&v| [v, v]).collect();
+        let mut dst2 = vec![0.0f32; 2 * m];
+        gemm_f32(m, 2, k, lhs, &rhs2, &mut dst2);
+        for (d, pair) in dst[..m].iter_mut().zip(dst2.chunks(2)) {
+            *d = pair[0];
+        }
+    } else if m == 1 && k > 0 {
+        let lhs2: Vec<f32> = lhs[..k].iter().chain(&lhs[..k]).copied().collect();
+        let mut dst2 = vec![0.0f32; 2 * n];
+        gemm_f32(2, n, k, &lhs2, rhs, &mut dst2);
+        dst[..n].copy_from_slice(&dst2[..n]);
+    } else {
+        gemm_matrix(m, n, k, lhs, rhs, dst);
+    }
+}
+
+#[allow(unsafe_code)]
+fn gemm_matrix(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f32]) {
     assert!(lhs.len() >= m * k && rhs.len() >= k * n && dst.len() >= m * n);
     if k == 0 {
         dst[..m * n].fill(0.0);

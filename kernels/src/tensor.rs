@@ -200,8 +200,9 @@ impl Tensor {
         bytes: &[u8],
     ) -> Result<Self, TensorError> {
         let shape = shape.into();
-        let numel: usize = shape.iter().product();
-        if numel.checked_mul(4) != Some(bytes.len()) {
+        // Checked: the shape may come off the wire.
+        let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if numel.and_then(|n| n.checked_mul(4)) != Some(bytes.len()) {
             return Err(TensorError::Bytes {
                 dtype,
                 shape,

@@ -101,6 +101,25 @@ fn batch_invariant(name: &str, backend: &Backend) {
         .unwrap();
         same_bits(&got, &want).unwrap_or_else(|e| panic!("{name}: matmul rows {rows:?}: {e}"));
     }
+    // Column blocks of W give the same columns of the product.
+    for cols in [(0, 1), (32, 100), (128, 129)] {
+        let nb = cols.1 - cols.0;
+        let wv = w.as_f32().unwrap();
+        let block: Vec<f32> = (0..k)
+            .flat_map(|r| wv[r * n + cols.0..r * n + cols.1].to_vec())
+            .collect();
+        let got = run_one(
+            backend,
+            &Op::MatMul,
+            &[a.clone(), Tensor::from_f32([k, nb], block).unwrap()],
+        );
+        let fv = full.as_f32().unwrap();
+        let want: Vec<f32> = (0..m)
+            .flat_map(|r| fv[r * n + cols.0..r * n + cols.1].to_vec())
+            .collect();
+        same_bits(&got, &Tensor::from_f32([m, nb], want).unwrap())
+            .unwrap_or_else(|e| panic!("{name}: matmul cols {cols:?}: {e}"));
+    }
     // Batched matmul: each batch item equals the unbatched product.
     let batch = Tensor::random_uniform([3, m, k], -1.0, 1.0, 3);
     let full = run_one(backend, &Op::MatMul, &[batch.clone(), w.clone()]);
