@@ -1,10 +1,12 @@
-//! Runs a small graph on the auto-selected backend (a hardware GPU if there is one, else the
-//! CPU; `CORVID_BACKEND=gpu|cpu` forces either) and prints the adapter and the results.
+//! RavOp's quickstart in Corvid, on the best local backend (a hardware GPU if there is one,
+//! else the CPU; `CORVID_BACKEND=gpu|cpu` forces either).
 //!
 //! `cargo run --example quickstart`
 
-use corvid::kernels::op::{BinaryOp, ReduceOp, UnaryOp};
-use corvid::kernels::{Backend, Op, Program, Tensor};
+use std::sync::Arc;
+
+use corvid::kernels::Backend;
+use corvid::sdk::{Graph, LocalExecutor};
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -15,43 +17,32 @@ fn main() -> anyhow::Result<()> {
     let backend = Backend::from_env()?;
     println!("backend: {}", backend.describe());
     println!("determinism class: {}", backend.class());
+    let executor = Arc::new(LocalExecutor::new(backend));
 
-    // RavOp's quickstart: c = a + b.
-    let a = Tensor::from_f32([3], vec![1.0, 2.0, 3.0])?;
-    let b = Tensor::from_f32([3], vec![5.0, 22.0, 7.0])?;
-    let add = Program::single(Op::Binary(BinaryOp::Add), vec![a.meta(), b.meta()]);
-    let c = backend.run(&add, &[a, b])?;
-    println!("a + b = {:?}", c[0].as_f32()?);
+    let g = Graph::new("quickstart").with_executor(executor);
+    let a = g.t(&[1.0, 2.0, 3.0]);
+    let b = g.t(&[5.0, 22.0, 7.0]);
+    let c = &a + &b;
+    println!("a + b = {}", c.eval()?);
 
-    // A two-layer MLP forward pass as one program, intermediates kept on the device:
-    // probs = softmax(relu(x @ w1 + b1) @ w2), plus the mean activation.
-    let x = Tensor::random_uniform([4, 8], -1.0, 1.0, 1);
-    let w1 = Tensor::random_uniform([8, 16], -0.5, 0.5, 2);
-    let b1 = Tensor::random_uniform([16], -0.1, 0.1, 3);
-    let w2 = Tensor::random_uniform([16, 3], -0.5, 0.5, 4);
-    let mut p = Program::new(vec![x.meta(), w1.meta(), b1.meta(), w2.meta()]);
-    let h = p.push(Op::MatMul, &[0, 1]);
-    let h = p.push(Op::Binary(BinaryOp::Add), &[h, 2]);
-    let h = p.push(Op::Unary(UnaryOp::Relu), &[h]);
-    let mean = p.push(
-        Op::Reduce {
-            op: ReduceOp::Mean,
-            axes: vec![0, 1],
-            keepdims: false,
-        },
-        &[h],
-    );
-    let logits = p.push(Op::MatMul, &[h, 3]);
-    let probs = p.push(Op::Softmax { axis: 1 }, &[logits]);
-    p.outputs = vec![probs, mean];
-    let out = backend.run(&p, &[x, w1, b1, w2])?;
+    // A small network: softmax(relu(x @ w1 + b1) @ w2), and its mean hidden activation.
+    let x = g.random(&[4, 8], -1.0, 1.0, 1);
+    let h =
+        (x.matmul(&g.random(&[8, 16], -0.5, 0.5, 2))? + &g.random(&[16], -0.1, 0.1, 3)).relu()?;
+    let probs = h.matmul(&g.random(&[16, 3], -0.5, 0.5, 4))?.softmax(1)?;
+    let mean = h.mean(&[0, 1], false)?;
+    let out = g.eval(&[&probs, &mean])?;
+    println!("probs =\n{}", out[0].to_array_f32()?);
     println!("mean hidden activation = {:.6}", out[1].as_f32()?[0]);
-    for (i, row) in out[0].as_f32()?.chunks(3).enumerate() {
-        println!(
-            "probs[{i}] = {row:.4?}  (sum {:.6})",
-            row.iter().sum::<f32>()
-        );
+    println!("probs id = {}", probs.id());
+
+    // A mistake is reported at the line that made it, naming the op and the shapes.
+    if let Err(e) = a.matmul(&x) {
+        println!("as expected: {e}");
     }
-    println!("output id = {}", out[0].content_id());
+    match g.end() {
+        Ok(()) => println!("graph '{}' finished: no failed ops", g.name()),
+        Err(report) => print!("{report}"),
+    }
     Ok(())
 }

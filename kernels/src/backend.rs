@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use crate::class::DeterminismClass;
 use crate::cpu::CpuBackend;
@@ -94,7 +95,7 @@ pub enum ExecError {
 }
 
 /// Checks inputs against the program's declared inputs and infers every value's meta.
-pub fn check_inputs(program: &Program, inputs: &[Tensor]) -> Result<Vec<TensorMeta>, ExecError> {
+pub fn check_inputs(program: &Program, inputs: &[&Tensor]) -> Result<Vec<TensorMeta>, ExecError> {
     if inputs.len() != program.inputs.len() {
         return Err(ExecError::InputCount {
             expected: program.inputs.len(),
@@ -168,6 +169,20 @@ impl Backend {
         match self {
             Backend::Cpu(c) => c.run(program, inputs),
             Backend::Gpu(g) => g.run(program, inputs),
+        }
+    }
+
+    /// Like [`Backend::run`], for inputs shared with the caller: nothing is copied on the host.
+    pub fn run_shared(
+        &self,
+        program: &Program,
+        inputs: &[Arc<Tensor>],
+    ) -> Result<Vec<Tensor>, ExecError> {
+        match self {
+            Backend::Cpu(c) => {
+                c.run_refs(program, &inputs.iter().map(|t| &**t).collect::<Vec<_>>())
+            }
+            Backend::Gpu(g) => g.run_shared(program, inputs.to_vec()),
         }
     }
 

@@ -4,6 +4,8 @@
 //! Every fast path keeps each output element's arithmetic independent of how the work is split,
 //! so results are the same bits at any thread count and batch size.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use crate::backend::{ExecError, check_inputs};
@@ -67,16 +69,27 @@ impl CpuBackend {
             Op::Binary(b) => binary(*b, inputs[0], inputs[1], &out),
             Op::MatMul => matmul(inputs[0], inputs[1], &out),
             Op::Conv2d { stride, padding } => conv2d(inputs[0], inputs[1], *stride, *padding, &out),
+            Op::Concat { axis } => concat(inputs, *axis, &out),
             _ => return reference::eval(op, inputs),
         })
     }
 
     /// Runs a program, dropping each intermediate after its last use.
     pub fn run(&self, program: &Program, inputs: &[Tensor]) -> Result<Vec<Tensor>, ExecError> {
+        self.run_refs(program, &inputs.iter().collect::<Vec<_>>())
+    }
+
+    /// [`CpuBackend::run`] on borrowed inputs: they are read in place, never copied.
+    pub fn run_refs(
+        &self,
+        program: &Program,
+        inputs: &[&Tensor],
+    ) -> Result<Vec<Tensor>, ExecError> {
         check_inputs(program, inputs)?;
         let last = program.last_uses();
         let n_in = program.inputs.len();
-        let mut values: Vec<Option<Tensor>> = inputs.iter().cloned().map(Some).collect();
+        let mut values: Vec<Option<Cow<'_, Tensor>>> =
+            inputs.iter().map(|t| Some(Cow::Borrowed(*t))).collect();
         values.resize(program.value_count(), None);
         for (i, node) in program.nodes.iter().enumerate() {
             let args: Vec<&Tensor> = node
@@ -84,29 +97,33 @@ impl CpuBackend {
                 .iter()
                 .map(|&a| {
                     values[a as usize]
-                        .as_ref()
+                        .as_deref()
                         .expect("argument computed and not yet dropped")
                 })
                 .collect();
             let out = self.eval(&node.op, &args).map_err(|source| {
                 ExecError::Program(crate::program::ProgramError::Op { node: i, source })
             })?;
-            values[n_in + i] = Some(out);
+            values[n_in + i] = Some(Cow::Owned(out));
             for &a in &node.args {
                 if last[a as usize] == i {
                     values[a as usize] = None;
                 }
             }
         }
-        Ok(program
-            .outputs
-            .iter()
-            .map(|&o| {
-                values[o as usize]
-                    .clone()
+        // Move each output out; an output listed twice is copied.
+        let mut outs: Vec<Tensor> = Vec::with_capacity(program.outputs.len());
+        for (k, &o) in program.outputs.iter().enumerate() {
+            let t = match program.outputs[..k].iter().position(|&p| p == o) {
+                Some(first) => outs[first].clone(),
+                None => values[o as usize]
+                    .take()
                     .expect("outputs are never dropped")
-            })
-            .collect())
+                    .into_owned(),
+            };
+            outs.push(t);
+        }
+        Ok(outs)
     }
 }
 
@@ -326,6 +343,22 @@ fn conv2d(x: &Tensor, w: &Tensor, stride: [usize; 2], pad: [usize; 2], out: &Ten
         gemm_f32(o, oh * ow, ckk, wv, &cols, dst);
     }
     f32_tensor(out, res)
+}
+
+/// Concatenation as row copies: each input contributes one contiguous run per outer index.
+fn concat(inputs: &[&Tensor], axis: usize, out: &TensorMeta) -> Tensor {
+    let outer: usize = out.shape[..axis].iter().product();
+    let runs: Vec<usize> = inputs
+        .iter()
+        .map(|t| t.shape()[axis..].iter().product())
+        .collect();
+    let mut words: Vec<u32> = Vec::with_capacity(out.numel());
+    for o in 0..outer {
+        for (t, &run) in inputs.iter().zip(&runs) {
+            words.extend_from_slice(&t.words()[o * run..(o + 1) * run]);
+        }
+    }
+    Tensor::from_words(out.dtype, out.shape.clone(), &words).expect("sized from the output meta")
 }
 
 /// The vector extensions the gemm kernels can use here: they decide the CPU class.

@@ -106,17 +106,11 @@ pub fn eval(op: &Op, inputs: &[&Tensor]) -> Result<Tensor, OpError> {
         | Op::Concat { .. }
         | Op::Pad { .. } => match inputs[0].dtype() {
             DType::F32 => {
-                let xs: Vec<_> = inputs
-                    .iter()
-                    .map(|t| t.to_array_f32().expect("f32"))
-                    .collect();
+                let xs: Vec<_> = inputs.iter().map(|t| view(t, t.as_f32())).collect();
                 Tensor::from_array(structural(op, &xs, |v| v))
             }
             DType::I32 => {
-                let xs: Vec<_> = inputs
-                    .iter()
-                    .map(|t| t.to_array_i32().expect("i32"))
-                    .collect();
+                let xs: Vec<_> = inputs.iter().map(|t| view(t, t.as_i32())).collect();
                 Tensor::from_array_i32(structural(op, &xs, |v| v as i32))
             }
         },
@@ -270,11 +264,18 @@ fn reduce(op: ReduceOp, x: ArrayD<f64>, axes: &[usize], keepdims: bool) -> Array
 }
 
 /// Permute, broadcast_to, slice, concat and pad on any element type.
-fn structural<T: Copy>(op: &Op, xs: &[ArrayD<T>], from_f32: impl Fn(f32) -> T) -> ArrayD<T> {
+/// A view of a tensor's data in place (structural ops need no copy of their inputs).
+fn view<'a, T>(t: &Tensor, data: Result<&'a [T], crate::tensor::TensorError>) -> ArrayViewD<'a, T> {
+    // All inputs of a structural op share a dtype (checked by infer).
+    ArrayViewD::from_shape(IxDyn(t.shape()), data.expect("dtype checked by infer"))
+        .expect("length matches shape")
+}
+
+fn structural<T: Copy>(op: &Op, xs: &[ArrayViewD<T>], from_f32: impl Fn(f32) -> T) -> ArrayD<T> {
     let x = &xs[0];
     match op {
         Op::Permute { axes } => x
-            .view()
+            .clone()
             .permuted_axes(axes.clone())
             .as_standard_layout()
             .into_owned(),

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use wgpu::util::DeviceExt;
 
@@ -69,8 +70,13 @@ impl Gpu {
     }
 
     /// Runs a whole program: inputs up, every node dispatched in one submission, outputs down.
-    pub fn run(&mut self, program: &Program, inputs: &[Tensor]) -> Result<Vec<Tensor>, ExecError> {
-        let metas = crate::backend::check_inputs(program, inputs)?;
+    pub fn run(
+        &mut self,
+        program: &Program,
+        inputs: &[Arc<Tensor>],
+    ) -> Result<Vec<Tensor>, ExecError> {
+        let refs: Vec<&Tensor> = inputs.iter().map(|t| &**t).collect();
+        let metas = crate::backend::check_inputs(program, &refs)?;
         for (i, m) in metas.iter().enumerate() {
             let what = match i.checked_sub(program.inputs.len()) {
                 None => format!("input {i}"),
@@ -79,7 +85,7 @@ impl Gpu {
             self.check_size(what, m)?;
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let result = self.encode_and_run(program, inputs, &metas);
+        let result = self.encode_and_run(program, &refs, &metas);
         let error = pollster::block_on(scope.pop());
         if let Some(e) = error {
             return Err(ExecError::Device(e.to_string()));
@@ -90,7 +96,7 @@ impl Gpu {
     fn encode_and_run(
         &mut self,
         program: &Program,
-        inputs: &[Tensor],
+        inputs: &[&Tensor],
         metas: &[TensorMeta],
     ) -> Result<Vec<Tensor>, ExecError> {
         let mut values: Vec<Option<Rc<wgpu::Buffer>>> = vec![None; program.value_count()];

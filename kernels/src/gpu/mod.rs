@@ -5,7 +5,7 @@ mod device;
 pub use kernel::GridTooLarge;
 pub mod kernel;
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread;
 
 use serde::{Deserialize, Serialize};
@@ -89,7 +89,7 @@ fn rank(t: wgpu::DeviceType) -> u8 {
 
 struct Job {
     program: Program,
-    inputs: Vec<Tensor>,
+    inputs: Vec<Arc<Tensor>>,
     reply: mpsc::SyncSender<Result<Vec<Tensor>, ExecError>>,
 }
 
@@ -154,11 +154,20 @@ impl GpuBackend {
 
     /// Runs `program` on the device; blocks until the outputs are back on the host.
     pub fn run(&self, program: &Program, inputs: &[Tensor]) -> Result<Vec<Tensor>, ExecError> {
+        self.run_shared(program, inputs.iter().cloned().map(Arc::new).collect())
+    }
+
+    /// [`GpuBackend::run`] on shared inputs: only the handles cross to the GPU thread.
+    pub fn run_shared(
+        &self,
+        program: &Program,
+        inputs: Vec<Arc<Tensor>>,
+    ) -> Result<Vec<Tensor>, ExecError> {
         let (reply, rx) = mpsc::sync_channel(1);
         self.jobs
             .send(Job {
                 program: program.clone(),
-                inputs: inputs.to_vec(),
+                inputs,
                 reply,
             })
             .map_err(|_| ExecError::BackendGone)?;

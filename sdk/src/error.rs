@@ -1,0 +1,90 @@
+//! Errors a developer sees: building a graph, and evaluating it.
+
+use std::fmt;
+use std::panic::Location;
+
+use corvid_kernels::{ExecError, OpError, TensorMeta};
+
+/// Where in the developer's code a tensor was built.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Site(pub &'static Location<'static>);
+
+impl fmt::Display for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.0.file(), self.0.line(), self.0.column())
+    }
+}
+
+impl fmt::Debug for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Why a tensor could not be built. Raised at the line that built it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BuildError {
+    #[error("{at}: {error}")]
+    Op { at: Site, error: OpError },
+    #[error("{at}: op '{op}' uses a tensor that failed to build at {failed_at}")]
+    FailedInput {
+        at: Site,
+        op: String,
+        failed_at: Site,
+    },
+    #[error("{at}: op '{op}' mixes tensors of graphs '{a}' and '{b}'")]
+    MixedGraphs {
+        at: Site,
+        op: String,
+        a: String,
+        b: String,
+    },
+    #[error("{at}: {reason}")]
+    Data { at: Site, reason: String },
+    #[error("{at}: cannot read '{path}': {reason}")]
+    File {
+        at: Site,
+        path: String,
+        reason: String,
+    },
+}
+
+impl BuildError {
+    /// Where the failing tensor was built.
+    pub fn site(&self) -> Site {
+        match self {
+            BuildError::Op { at, .. }
+            | BuildError::FailedInput { at, .. }
+            | BuildError::MixedGraphs { at, .. }
+            | BuildError::Data { at, .. }
+            | BuildError::File { at, .. } => *at,
+        }
+    }
+}
+
+/// Why an evaluation failed: a build error in the graph, a plan that cannot fit, or an op that
+/// failed while running (named with its shapes and where it ran).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EvalError {
+    #[error("graph '{graph}' has a tensor that failed to build: {error}")]
+    Build { graph: String, error: BuildError },
+    #[error(
+        "cannot partition: op '{op}' at {at} makes {meta} ({bytes} bytes), over the executor's limit of {limit} bytes"
+    )]
+    TooLarge {
+        op: String,
+        at: Site,
+        meta: TensorMeta,
+        bytes: u64,
+        limit: u64,
+    },
+    #[error("subgraph {subgraph} ({ops}) failed on {place}: {error}")]
+    Exec {
+        subgraph: String,
+        ops: String,
+        place: String,
+        error: Box<ExecError>,
+    },
+    #[error("the tensor to evaluate is {got}, not {expected}")]
+    DType { expected: String, got: TensorMeta },
+}

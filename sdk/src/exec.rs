@@ -1,0 +1,220 @@
+//! Executors run a [`Plan`]. The local one runs subgraphs on this machine's backend, independent
+//! ones in parallel, caching results by subgraph id; it is also what a node uses to run a
+//! subgraph it received.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use corvid_kernels::{Backend, BackendChoice, ExecError, Tensor as Data};
+use rayon::prelude::*;
+
+use crate::error::EvalError;
+use crate::ids::SubgraphId;
+use crate::plan::{Plan, Settings, Source, Subgraph};
+
+/// Something that runs plans: the local machine, or (later) the swarm.
+pub trait Executor: Send + Sync + fmt::Debug {
+    /// How plans for this executor should be cut.
+    fn settings(&self) -> Settings;
+    /// Runs the plan and returns its outputs in order.
+    fn execute(&self, plan: &Plan) -> Result<Vec<Arc<Data>>, EvalError>;
+}
+
+/// Default cap on cached results, in bytes.
+pub const CACHE_BYTES: u64 = 1 << 30;
+
+/// Runs plans on a local [`Backend`].
+#[derive(Debug)]
+pub struct LocalExecutor {
+    backend: Backend,
+    settings: Settings,
+    cache: Mutex<Cache>,
+}
+
+impl LocalExecutor {
+    pub fn new(backend: Backend) -> Self {
+        let settings = Settings {
+            max_tensor_bytes: backend.max_tensor_bytes(),
+            ..Settings::default()
+        };
+        LocalExecutor {
+            backend,
+            settings,
+            cache: Mutex::new(Cache::new(CACHE_BYTES)),
+        }
+    }
+
+    /// Same executor with other partition settings (block size, limits).
+    pub fn with_settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Runs one subgraph on its inputs, or returns the cached result of an earlier run.
+    pub fn run_subgraph(
+        &self,
+        sg: &Subgraph,
+        inputs: &[Arc<Data>],
+    ) -> Result<Arc<Vec<Arc<Data>>>, ExecError> {
+        if let Some(hit) = self.cache().get(&sg.id) {
+            return Ok(hit);
+        }
+        let out: Vec<Arc<Data>> = self
+            .backend
+            .run_shared(&sg.program, inputs)?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        let out = Arc::new(out);
+        self.cache().put(sg.id, out.clone());
+        Ok(out)
+    }
+
+    /// How many subgraph results are cached.
+    pub fn cached(&self) -> usize {
+        self.cache().map.len()
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Executor for LocalExecutor {
+    fn settings(&self) -> Settings {
+        self.settings.clone()
+    }
+
+    fn execute(&self, plan: &Plan) -> Result<Vec<Arc<Data>>, EvalError> {
+        // Wave by wave: every subgraph whose inputs are ready runs in parallel.
+        let n = plan.subgraphs.len();
+        let mut level = vec![0usize; n];
+        for (i, sg) in plan.subgraphs.iter().enumerate() {
+            level[i] = sg.deps().map(|d| level[d] + 1).max().unwrap_or(0);
+        }
+        let mut remaining_reads = vec![0usize; n];
+        for sg in &plan.subgraphs {
+            for d in sg.deps() {
+                remaining_reads[d] += 1;
+            }
+        }
+        for s in &plan.outputs {
+            if let Source::Output { subgraph, .. } = s {
+                remaining_reads[*subgraph] += 1;
+            }
+        }
+        let mut results: Vec<Option<Arc<Vec<Arc<Data>>>>> = vec![None; n];
+        let depth = level.iter().max().map_or(0, |d| d + 1);
+        for l in 0..depth {
+            let wave: Vec<usize> = (0..n).filter(|&i| level[i] == l).collect();
+            let fetch = |s: &Source| -> Arc<Data> {
+                match *s {
+                    Source::Leaf(i) => plan.leaves[i].clone(),
+                    Source::Output { subgraph, output } => {
+                        results[subgraph].as_ref().expect("earlier wave")[output].clone()
+                    }
+                }
+            };
+            let inputs: Vec<Vec<Arc<Data>>> = wave
+                .iter()
+                .map(|&i| plan.subgraphs[i].inputs.iter().map(fetch).collect())
+                .collect();
+            let outs: Vec<Result<Arc<Vec<Arc<Data>>>, EvalError>> = wave
+                .par_iter()
+                .zip(inputs.par_iter())
+                .map(|(&i, ins)| {
+                    let sg = &plan.subgraphs[i];
+                    self.run_subgraph(sg, ins).map_err(|error| EvalError::Exec {
+                        subgraph: sg.id.short(),
+                        ops: sg.ops(),
+                        place: format!("local {}", self.backend.describe()),
+                        error: Box::new(error),
+                    })
+                })
+                .collect();
+            for (&i, out) in wave.iter().zip(outs) {
+                results[i] = Some(out?);
+            }
+            // Drop what no later subgraph or output reads.
+            for &i in &wave {
+                for d in plan.subgraphs[i].deps() {
+                    remaining_reads[d] -= 1;
+                    if remaining_reads[d] == 0 {
+                        results[d] = None;
+                    }
+                }
+            }
+        }
+        Ok(plan
+            .outputs
+            .iter()
+            .map(|s| match *s {
+                Source::Leaf(i) => plan.leaves[i].clone(),
+                Source::Output { subgraph, output } => {
+                    results[subgraph].as_ref().expect("outputs are kept")[output].clone()
+                }
+            })
+            .collect())
+    }
+}
+
+/// The process-wide local executor graphs use by default: `CORVID_BACKEND` (auto by default),
+/// falling back to the CPU with a warning if the requested backend cannot be opened.
+pub fn default_executor() -> Arc<dyn Executor> {
+    static DEFAULT: OnceLock<Arc<LocalExecutor>> = OnceLock::new();
+    DEFAULT
+        .get_or_init(|| {
+            let backend = Backend::from_env().unwrap_or_else(|e| {
+                tracing::warn!("{e}; using the cpu backend");
+                Backend::open(BackendChoice::Cpu).expect("the cpu backend always opens")
+            });
+            Arc::new(LocalExecutor::new(backend))
+        })
+        .clone()
+}
+
+/// Results by subgraph id, oldest evicted first past a byte budget.
+#[derive(Debug)]
+struct Cache {
+    map: HashMap<SubgraphId, Arc<Vec<Arc<Data>>>>,
+    order: VecDeque<(SubgraphId, u64)>,
+    bytes: u64,
+    cap: u64,
+}
+
+impl Cache {
+    fn new(cap: u64) -> Self {
+        Cache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            cap,
+        }
+    }
+
+    fn get(&self, id: &SubgraphId) -> Option<Arc<Vec<Arc<Data>>>> {
+        self.map.get(id).cloned()
+    }
+
+    fn put(&mut self, id: SubgraphId, v: Arc<Vec<Arc<Data>>>) {
+        let size: u64 = v.iter().map(|t| t.meta().bytes()).sum();
+        if size > self.cap || self.map.contains_key(&id) {
+            return;
+        }
+        while self.bytes + size > self.cap {
+            let Some((old, b)) = self.order.pop_front() else {
+                break;
+            };
+            self.map.remove(&old);
+            self.bytes -= b;
+        }
+        self.map.insert(id, v);
+        self.order.push_back((id, size));
+        self.bytes += size;
+    }
+}
