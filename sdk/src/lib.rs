@@ -29,7 +29,9 @@ mod ops;
 pub mod partition;
 pub mod plan;
 pub mod report;
+pub mod sched;
 pub mod tensor;
+pub mod wire;
 
 pub use corvid_kernels as kernels;
 pub use error::{BuildError, EvalError, Site};

@@ -1,0 +1,720 @@
+//! Placement and failure handling for one job, as a pure state machine: no clock, no network.
+//!
+//! The caller (the swarm executor) feeds it time and events — a peer appeared, a task finished
+//! or failed — and carries out the decisions it returns. That keeps every policy here testable
+//! without tokio:
+//!
+//! - **Placement**: each ready subgraph goes where it is estimated to finish first:
+//!   `max(now, peer busy until) + flops / speed + bytes to move / link`. Inputs the peer already
+//!   holds cost nothing to move. Speeds start from adverts and are replaced by measured
+//!   throughput as results come back, so a peer that lies about its speed stops attracting work.
+//!   Peers take at most `slots` tasks at once; with no peer free the job runs locally (if
+//!   allowed) or waits.
+//! - **Failures**: a task has a deadline from its estimate; a failure or timeout sends the
+//!   subgraph elsewhere (peers that failed it are avoided) up to `max_attempts`; a task running
+//!   much longer than its estimate gets a speculative copy on a free peer. The first accepted
+//!   result wins; later copies are cancelled, so every result is used exactly once.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use crate::ids::ValueId;
+use crate::plan::Plan;
+
+/// Where a task runs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Place<P> {
+    Peer(P),
+    /// On the requester itself.
+    Local,
+}
+
+impl<P: fmt::Display> fmt::Display for Place<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Place::Peer(p) => write!(f, "{p}"),
+            Place::Local => f.write_str("local"),
+        }
+    }
+}
+
+/// Identifies one attempt at one subgraph.
+pub type TaskId = u64;
+
+/// Scheduling policy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SchedConfig {
+    pub max_attempts: usize,
+    /// Run on the requester when no peer can take a ready subgraph.
+    pub allow_local: bool,
+    /// Requester speed estimate, FLOP/s, for local placement.
+    pub local_flops: f64,
+    /// A task's deadline is `slack × estimate + grace` seconds after dispatch.
+    pub deadline_slack: f64,
+    pub deadline_grace: f64,
+    /// A running task gets a speculative copy past `straggler × estimate` seconds.
+    pub straggler: f64,
+}
+
+impl Default for SchedConfig {
+    fn default() -> Self {
+        SchedConfig {
+            max_attempts: 3,
+            allow_local: true,
+            local_flops: 50e9,
+            deadline_slack: 4.0,
+            deadline_grace: 2.0,
+            straggler: 2.0,
+        }
+    }
+}
+
+/// What the scheduler knows of a peer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerInfo {
+    /// FLOP/s: advertised at first, measured once results arrive.
+    pub flops: f64,
+    /// Bytes/s to and from the requester.
+    pub link: f64,
+    pub slots: usize,
+    pub in_flight: usize,
+    /// Estimated time this peer's queue drains.
+    pub busy_until: f64,
+    /// Whether `flops` is measured rather than advertised.
+    pub measured: bool,
+    pub done: usize,
+    pub failed: usize,
+}
+
+/// A decision for the caller to carry out.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision<P> {
+    Dispatch {
+        task: TaskId,
+        subgraph: usize,
+        place: Place<P>,
+        /// Absolute time after which the task counts as failed.
+        deadline: f64,
+    },
+    /// A copy of a subgraph whose result was already accepted elsewhere.
+    Cancel { task: TaskId, place: Place<P> },
+}
+
+/// One failed attempt, for the job report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttemptError<P> {
+    pub place: Place<P>,
+    pub error: String,
+}
+
+/// Why the job cannot finish: the subgraph, its ops, the places tried and each error.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobFailure<P> {
+    pub subgraph: usize,
+    pub ops: String,
+    pub attempts: Vec<AttemptError<P>>,
+}
+
+impl<P: fmt::Display> fmt::Display for JobFailure<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "subgraph {} ({}) failed {} time(s):",
+            self.subgraph,
+            self.ops,
+            self.attempts.len()
+        )?;
+        for a in &self.attempts {
+            write!(f, " [{}: {}]", a.place, a.error)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Task<P> {
+    subgraph: usize,
+    place: Place<P>,
+    started: f64,
+    estimate: f64,
+    deadline: f64,
+    speculative_sent: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum State {
+    Waiting,
+    Ready,
+    Running,
+    Done,
+}
+
+/// Per-place record of what it did in this job.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PlaceStats {
+    pub tasks: usize,
+    pub flops: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub busy_secs: f64,
+    pub failures: usize,
+}
+
+/// The scheduler of one job.
+#[derive(Debug)]
+pub struct Scheduler<P: Ord + Clone> {
+    cfg: SchedConfig,
+    flops: Vec<u64>,
+    bytes_out: Vec<u64>,
+    inputs: Vec<Vec<(ValueId, u64)>>,
+    deps: Vec<Vec<usize>>,
+    ops: Vec<String>,
+    state: Vec<State>,
+    errors: Vec<Vec<AttemptError<P>>>,
+    tasks: HashMap<TaskId, Task<P>>,
+    next_task: TaskId,
+    peers: BTreeMap<P, PeerInfo>,
+    /// Which peers hold which values (inputs they were sent, outputs they computed).
+    held: HashMap<ValueId, BTreeSet<P>>,
+    local_busy_until: f64,
+    local_in_flight: usize,
+    stats: BTreeMap<Place<P>, PlaceStats>,
+    redispatches: Vec<(usize, String)>,
+}
+
+impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
+    pub fn new(plan: &Plan, cfg: SchedConfig) -> Self {
+        let n = plan.subgraphs.len();
+        let mut inputs = Vec::with_capacity(n);
+        for sg in &plan.subgraphs {
+            let v: Vec<(ValueId, u64)> = sg
+                .input_ids
+                .iter()
+                .zip(&sg.program.inputs)
+                .map(|(id, m)| (*id, m.bytes()))
+                .collect();
+            inputs.push(v);
+        }
+        let deps: Vec<Vec<usize>> = plan.subgraphs.iter().map(|s| s.deps().collect()).collect();
+        let state = deps
+            .iter()
+            .map(|d| {
+                if d.is_empty() {
+                    State::Ready
+                } else {
+                    State::Waiting
+                }
+            })
+            .collect();
+        Scheduler {
+            cfg,
+            flops: plan.subgraphs.iter().map(|s| s.cost.flops).collect(),
+            bytes_out: plan.subgraphs.iter().map(|s| s.cost.bytes_out).collect(),
+            inputs,
+            deps,
+            ops: plan.subgraphs.iter().map(|s| s.ops()).collect(),
+            state,
+            errors: vec![Vec::new(); n],
+            tasks: HashMap::new(),
+            next_task: 0,
+            peers: BTreeMap::new(),
+            held: HashMap::new(),
+            local_busy_until: 0.0,
+            local_in_flight: 0,
+            stats: BTreeMap::new(),
+            redispatches: Vec::new(),
+        }
+    }
+
+    /// Adds or updates a peer with its advertised speed, link and slots.
+    pub fn peer(&mut self, p: P, flops: f64, link: f64, slots: usize) {
+        let e = self.peers.entry(p).or_insert(PeerInfo {
+            flops,
+            link,
+            slots,
+            in_flight: 0,
+            busy_until: 0.0,
+            measured: false,
+            done: 0,
+            failed: 0,
+        });
+        if !e.measured {
+            e.flops = flops;
+        }
+        e.link = link;
+        e.slots = slots;
+    }
+
+    /// Forgets a peer (disconnected, banned). Its running tasks must be reported as failed.
+    pub fn remove_peer(&mut self, p: &P) {
+        self.peers.remove(p);
+        for holders in self.held.values_mut() {
+            holders.remove(p);
+        }
+    }
+
+    pub fn peers(&self) -> &BTreeMap<P, PeerInfo> {
+        &self.peers
+    }
+
+    /// Whether every subgraph has an accepted result.
+    pub fn finished(&self) -> bool {
+        self.state.iter().all(|s| *s == State::Done)
+    }
+
+    /// Records that `p` holds value `id` (it computed or received it).
+    pub fn holds(&mut self, p: P, id: ValueId) {
+        self.held.entry(id).or_default().insert(p);
+    }
+
+    fn estimate(&self, sg: usize, place: &Place<P>, now: f64) -> f64 {
+        let flops = self.flops[sg] as f64;
+        match place {
+            Place::Local => now.max(self.local_busy_until) + flops / self.cfg.local_flops,
+            Place::Peer(p) => {
+                let info = &self.peers[p];
+                let moved: u64 = self.inputs[sg]
+                    .iter()
+                    .filter(|(id, _)| !self.held.get(id).is_some_and(|h| h.contains(p)))
+                    .map(|(_, b)| b)
+                    .sum();
+                now.max(info.busy_until)
+                    + flops / info.flops.max(1.0)
+                    + (moved + self.bytes_out[sg]) as f64 / info.link.max(1.0)
+            }
+        }
+    }
+
+    /// Places every ready subgraph that can start now.
+    pub fn schedule(&mut self, now: f64) -> Vec<Decision<P>> {
+        let mut out = Vec::new();
+        for sg in 0..self.state.len() {
+            if self.state[sg] != State::Ready {
+                continue;
+            }
+            let tried: BTreeSet<Place<P>> =
+                self.errors[sg].iter().map(|e| e.place.clone()).collect();
+            if let Some(place) = self.best_place(sg, now, &tried) {
+                out.push(self.dispatch(sg, place, now));
+            }
+        }
+        out
+    }
+
+    fn best_place(&self, sg: usize, now: f64, avoid: &BTreeSet<Place<P>>) -> Option<Place<P>> {
+        let mut best: Option<(f64, Place<P>)> = None;
+        for (p, info) in &self.peers {
+            let place = Place::Peer(p.clone());
+            if info.in_flight >= info.slots || avoid.contains(&place) {
+                continue;
+            }
+            let t = self.estimate(sg, &place, now);
+            if best.as_ref().is_none_or(|(b, _)| t < *b) {
+                best = Some((t, place));
+            }
+        }
+        let local_free = self.local_in_flight == 0;
+        if self.cfg.allow_local && local_free && best.is_none() {
+            best = Some((self.estimate(sg, &Place::Local, now), Place::Local));
+        }
+        best.map(|(_, p)| p)
+    }
+
+    fn dispatch(&mut self, sg: usize, place: Place<P>, now: f64) -> Decision<P> {
+        let finish = self.estimate(sg, &place, now);
+        let estimate = (finish - now).max(1e-3);
+        let deadline = now + self.cfg.deadline_slack * estimate + self.cfg.deadline_grace;
+        match &place {
+            Place::Peer(p) => {
+                let info = self.peers.get_mut(p).expect("placed on a known peer");
+                info.in_flight += 1;
+                info.busy_until = finish;
+                for (id, _) in &self.inputs[sg] {
+                    self.held.entry(*id).or_default().insert(p.clone());
+                }
+            }
+            Place::Local => {
+                self.local_in_flight += 1;
+                self.local_busy_until = finish;
+            }
+        }
+        self.state[sg] = State::Running;
+        let task = self.next_task;
+        self.next_task += 1;
+        self.tasks.insert(
+            task,
+            Task {
+                subgraph: sg,
+                place: place.clone(),
+                started: now,
+                estimate,
+                deadline,
+                speculative_sent: false,
+            },
+        );
+        Decision::Dispatch {
+            task,
+            subgraph: sg,
+            place,
+            deadline,
+        }
+    }
+
+    fn release(&mut self, t: &Task<P>) {
+        match &t.place {
+            Place::Peer(p) => {
+                if let Some(info) = self.peers.get_mut(p) {
+                    info.in_flight = info.in_flight.saturating_sub(1);
+                }
+            }
+            Place::Local => self.local_in_flight = self.local_in_flight.saturating_sub(1),
+        }
+    }
+
+    /// A task's result was accepted. Returns cancellations of the subgraph's other copies.
+    /// A result for a subgraph that is already done (or an unknown task) is ignored.
+    pub fn on_done(&mut self, task: TaskId, now: f64, output_ids: &[ValueId]) -> Vec<Decision<P>> {
+        let Some(t) = self.tasks.remove(&task) else {
+            return vec![];
+        };
+        self.release(&t);
+        let sg = t.subgraph;
+        if self.state[sg] == State::Done {
+            return vec![];
+        }
+        let elapsed = (now - t.started).max(1e-6);
+        let s = self.stats.entry(t.place.clone()).or_default();
+        s.tasks += 1;
+        s.flops += self.flops[sg];
+        s.bytes_in += self.inputs[sg].iter().map(|(_, b)| b).sum::<u64>();
+        s.bytes_out += self.bytes_out[sg];
+        s.busy_secs += elapsed;
+        if let Place::Peer(p) = &t.place {
+            if let Some(info) = self.peers.get_mut(p) {
+                // Measured throughput replaces the advert: exponential average of FLOP/s.
+                let measured = self.flops[sg] as f64 / elapsed;
+                if self.flops[sg] > 0 {
+                    info.flops = if info.measured {
+                        0.5 * info.flops + 0.5 * measured
+                    } else {
+                        measured
+                    };
+                    info.measured = true;
+                }
+                info.done += 1;
+                if info.in_flight == 0 {
+                    info.busy_until = now;
+                }
+            }
+            for id in output_ids {
+                self.held.entry(*id).or_default().insert(p.clone());
+            }
+        }
+        self.state[sg] = State::Done;
+        for (i, deps) in self.deps.iter().enumerate() {
+            if self.state[i] == State::Waiting && deps.iter().all(|&d| self.state[d] == State::Done)
+            {
+                self.state[i] = State::Ready;
+            }
+        }
+        // Cancel the other copies of this subgraph.
+        let others: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, o)| o.subgraph == sg)
+            .map(|(&id, _)| id)
+            .collect();
+        let mut out = Vec::new();
+        for id in others {
+            let o = self.tasks.remove(&id).expect("listed above");
+            self.release(&o);
+            out.push(Decision::Cancel {
+                task: id,
+                place: o.place,
+            });
+        }
+        out
+    }
+
+    /// A task failed (error, disconnect, timeout, bad result). Returns the job failure if the
+    /// subgraph has used up its attempts.
+    pub fn on_failed(
+        &mut self,
+        task: TaskId,
+        error: impl Into<String>,
+    ) -> Result<(), JobFailure<P>> {
+        let Some(t) = self.tasks.remove(&task) else {
+            return Ok(());
+        };
+        self.release(&t);
+        let sg = t.subgraph;
+        let error = error.into();
+        if let Place::Peer(p) = &t.place
+            && let Some(info) = self.peers.get_mut(p)
+        {
+            info.failed += 1;
+        }
+        self.stats.entry(t.place.clone()).or_default().failures += 1;
+        self.errors[sg].push(AttemptError {
+            place: t.place.clone(),
+            error: error.clone(),
+        });
+        if self.state[sg] == State::Done || self.tasks.values().any(|o| o.subgraph == sg) {
+            return Ok(()); // another copy is still running or already won
+        }
+        if self.errors[sg].len() >= self.cfg.max_attempts {
+            return Err(JobFailure {
+                subgraph: sg,
+                ops: self.ops[sg].clone(),
+                attempts: self.errors[sg].clone(),
+            });
+        }
+        self.redispatches
+            .push((sg, format!("after {} failed: {error}", t.place)));
+        self.state[sg] = State::Ready;
+        Ok(())
+    }
+
+    /// Tasks past their deadline, to be reported back through [`Scheduler::on_failed`]; and
+    /// speculative copies of stragglers on places that would finish sooner.
+    pub fn tick(&mut self, now: f64) -> (Vec<TaskId>, Vec<Decision<P>>) {
+        let expired: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| now > t.deadline)
+            .map(|(&id, _)| id)
+            .collect();
+        let mut copies = Vec::new();
+        let stragglers: Vec<(TaskId, usize, Place<P>)> = self
+            .tasks
+            .iter()
+            .filter(|(id, t)| {
+                !expired.contains(id)
+                    && !t.speculative_sent
+                    && now - t.started > self.cfg.straggler * t.estimate
+            })
+            .map(|(&id, t)| (id, t.subgraph, t.place.clone()))
+            .collect();
+        for (id, sg, place) in stragglers {
+            let copies_running = self.tasks.values().filter(|t| t.subgraph == sg).count();
+            if copies_running > 1 || self.errors[sg].len() + copies_running >= self.cfg.max_attempts
+            {
+                continue;
+            }
+            let avoid: BTreeSet<Place<P>> = std::iter::once(place.clone())
+                .chain(self.errors[sg].iter().map(|e| e.place.clone()))
+                .collect();
+            if let Some(other) = self.best_place(sg, now, &avoid) {
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.speculative_sent = true;
+                }
+                self.redispatches
+                    .push((sg, format!("straggling on {place}")));
+                copies.push(self.dispatch_copy(sg, other, now));
+            }
+        }
+        (expired, copies)
+    }
+
+    fn dispatch_copy(&mut self, sg: usize, place: Place<P>, now: f64) -> Decision<P> {
+        let d = self.dispatch(sg, place, now);
+        self.state[sg] = State::Running;
+        d
+    }
+
+    /// What each place did in this job.
+    pub fn stats(&self) -> &BTreeMap<Place<P>, PlaceStats> {
+        &self.stats
+    }
+
+    /// Every re-dispatch: the subgraph and why.
+    pub fn redispatches(&self) -> &[(usize, String)] {
+        &self.redispatches
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use corvid_kernels::{Backend, CpuBackend};
+
+    use super::*;
+    use crate::{Graph, LocalExecutor, Settings};
+
+    /// Four independent 32x32 tiles (block 32 on a 64x64 product) and their assembly.
+    fn plan() -> Plan {
+        let exec = LocalExecutor::new(Backend::Cpu(CpuBackend::new())).with_settings(Settings {
+            block: 32,
+            ..Settings::default()
+        });
+        let g = Graph::new("sched").with_executor(Arc::new(exec));
+        let c = g
+            .random(&[64, 40], -1.0, 1.0, 1)
+            .matmul(&g.random(&[40, 64], -1.0, 1.0, 2))
+            .unwrap();
+        g.plan(&[&c]).unwrap()
+    }
+
+    fn no_local() -> SchedConfig {
+        SchedConfig {
+            allow_local: false,
+            ..SchedConfig::default()
+        }
+    }
+
+    fn dispatched(ds: &[Decision<&'static str>]) -> Vec<(TaskId, usize, Place<&'static str>)> {
+        ds.iter()
+            .filter_map(|d| match d {
+                Decision::Dispatch {
+                    task,
+                    subgraph,
+                    place,
+                    ..
+                } => Some((*task, *subgraph, place.clone())),
+                Decision::Cancel { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn independent_tiles_spread_over_peers_within_slots() {
+        let p = plan();
+        let mut s = Scheduler::new(&p, no_local());
+        s.peer("a", 1e9, 1e9, 1);
+        s.peer("b", 1e9, 1e9, 1);
+        let d = dispatched(&s.schedule(0.0));
+        assert_eq!(d.len(), 2, "one task per slot");
+        let places: BTreeSet<_> = d.iter().map(|x| x.2.clone()).collect();
+        assert_eq!(places.len(), 2, "{d:?}");
+    }
+
+    #[test]
+    fn measured_speed_replaces_a_lying_advert() {
+        let p = plan();
+        let mut s = Scheduler::new(&p, no_local());
+        s.peer("liar", 1e15, 1e9, 1);
+        s.peer("honest", 1e9, 1e9, 1);
+        let d = dispatched(&s.schedule(0.0));
+        let liar_task = d.iter().find(|x| x.2 == Place::Peer("liar")).unwrap().0;
+        let honest_task = d.iter().find(|x| x.2 == Place::Peer("honest")).unwrap().0;
+        // The honest peer answers in 0.1 ms; the liar takes 10 s for the same ~82 kFLOP.
+        s.on_done(honest_task, 0.0001, &[]);
+        s.on_done(liar_task, 10.0, &[]);
+        assert!(s.peers()["liar"].flops < 1e5, "{:?}", s.peers()["liar"]);
+        let next = dispatched(&s.schedule(10.0));
+        assert_eq!(
+            next[0].2,
+            Place::Peer("honest"),
+            "the fast peer gets the next tile first: {next:?}"
+        );
+    }
+
+    #[test]
+    fn failures_go_elsewhere_then_fail_the_job_with_a_report() {
+        let p = plan();
+        let mut s = Scheduler::new(&p, no_local());
+        for peer in ["a", "b", "c"] {
+            s.peer(peer, 1e9, 1e9, 4);
+        }
+        let first = dispatched(&s.schedule(0.0));
+        let (task, sg, place) = first.iter().find(|x| x.1 == 0).unwrap().clone();
+        s.on_failed(task, "connection closed").unwrap();
+        let retry = dispatched(&s.schedule(0.1));
+        let (t2, _, p2) = retry.iter().find(|x| x.1 == sg).unwrap().clone();
+        assert_ne!(p2, place, "the retry avoids the peer that failed");
+        s.on_failed(t2, "timed out").unwrap();
+        let (t3, _, p3) = dispatched(&s.schedule(0.2))
+            .into_iter()
+            .find(|x| x.1 == sg)
+            .unwrap();
+        assert!(p3 != place && p3 != p2);
+        let e = s.on_failed(t3, "wrong shape").unwrap_err();
+        assert_eq!(e.subgraph, sg);
+        assert_eq!(e.attempts.len(), 3);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("connection closed")
+                && msg.contains("timed out")
+                && msg.contains("matmul"),
+            "{msg}"
+        );
+        assert_eq!(s.redispatches().len(), 2);
+    }
+
+    #[test]
+    fn deadlines_expire_and_stragglers_get_a_copy_used_once() {
+        let p = plan();
+        let mut s = Scheduler::new(&p, no_local());
+        s.peer("slow", 1e6, 1e9, 1);
+        let d = dispatched(&s.schedule(0.0));
+        assert_eq!(d.len(), 1);
+        let (task, sg, _) = d[0].clone();
+        s.peer("spare", 1e6, 1e9, 1);
+        // ~82 kFLOP at 1 MFLOP/s: estimated 0.08 s, deadline 4 x 0.08 + 2 s. At 0.5 s the task
+        // straggles but has not expired: a speculative copy goes to the spare peer.
+        let (expired, copies) = s.tick(0.5);
+        assert!(expired.is_empty());
+        let copy = dispatched(&copies);
+        assert_eq!(copy.len(), 1, "{copies:?}");
+        assert_eq!((copy[0].1, copy[0].2.clone()), (sg, Place::Peer("spare")));
+        // The copy wins; the original is cancelled and its late result ignored.
+        let cancels = s.on_done(copy[0].0, 0.6, &[]);
+        assert_eq!(
+            cancels,
+            vec![Decision::Cancel {
+                task,
+                place: Place::Peer("slow")
+            }]
+        );
+        assert!(s.on_done(task, 0.7, &[]).is_empty());
+        assert_eq!(s.stats()[&Place::Peer("spare")].tasks, 1);
+        assert!(!s.stats().contains_key(&Place::Peer("slow")));
+        // A task that never answers expires at its deadline.
+        let next = dispatched(&s.schedule(1.0));
+        let (t, ..) = next[0].clone();
+        let (expired, _) = s.tick(1e6);
+        assert!(expired.contains(&t));
+    }
+
+    #[test]
+    fn data_stays_where_it_is_and_local_runs_when_no_peer_can() {
+        let p = plan();
+        let mut s = Scheduler::new(&p, SchedConfig::default());
+        assert_eq!(
+            dispatched(&s.schedule(0.0))[0].2,
+            Place::Local,
+            "no peers: run locally"
+        );
+        let mut s = Scheduler::new(&p, no_local());
+        s.peer("a", 1e9, 1e6, 4);
+        s.peer("b", 1e9, 1e6, 4);
+        for id in &p.subgraphs[0].input_ids {
+            s.holds("b", *id);
+        }
+        let d = dispatched(&s.schedule(0.0));
+        let first = d.iter().find(|x| x.1 == 0).unwrap();
+        assert_eq!(
+            first.2,
+            Place::Peer("b"),
+            "b already holds the inputs: {d:?}"
+        );
+    }
+
+    #[test]
+    fn the_job_finishes_when_every_subgraph_is_done() {
+        let p = plan();
+        let mut s = Scheduler::new(&p, no_local());
+        s.peer("a", 1e9, 1e9, 8);
+        let mut now = 0.0;
+        while !s.finished() {
+            let d = dispatched(&s.schedule(now));
+            assert!(!d.is_empty(), "stuck at {now}");
+            for (t, ..) in d {
+                now += 0.001;
+                s.on_done(t, now, &[]);
+            }
+        }
+        assert_eq!(s.stats()[&Place::Peer("a")].tasks, p.subgraphs.len());
+    }
+}
