@@ -68,16 +68,8 @@ impl BuildError {
 pub enum EvalError {
     #[error("graph '{graph}' has a tensor that failed to build: {error}")]
     Build { graph: String, error: BuildError },
-    #[error(
-        "cannot partition: op '{op}' at {at} makes {meta} ({bytes} bytes), over the executor's limit of {limit} bytes"
-    )]
-    TooLarge {
-        op: String,
-        at: Site,
-        meta: TensorMeta,
-        bytes: u64,
-        limit: u64,
-    },
+    #[error("cannot partition: {0}")]
+    Partition(crate::partition::PartitionError),
     #[error("subgraph {subgraph} ({ops}) failed on {place}: {error}")]
     Exec {
         subgraph: String,

@@ -311,19 +311,7 @@ impl Graph {
                     graph: self.name().into(),
                     error,
                 },
-                PartitionError::TooLarge {
-                    op,
-                    at,
-                    meta,
-                    bytes,
-                    limit,
-                } => EvalError::TooLarge {
-                    op,
-                    at,
-                    meta,
-                    bytes,
-                    limit,
-                },
+                e @ PartitionError::TooLarge { .. } => EvalError::Partition(e),
             })
             .and_then(|plan| executor.execute(&plan));
         match result {

@@ -217,13 +217,7 @@ impl Builder<'_> {
 
     /// Whether `op` over `args` keeps the tiled value's shape (other args only broadcast in).
     fn same_shape_out(&self, op: &Op, args: &[Val], tiled: &TensorMeta) -> bool {
-        let metas: Vec<TensorMeta> = args
-            .iter()
-            .map(|a| match a {
-                Val::Plain(p) => self.pnodes[*p].meta.clone(),
-                Val::Tiled(t) => t.meta.clone(),
-            })
-            .collect();
+        let metas: Vec<TensorMeta> = args.iter().map(|a| self.meta(a)).collect();
         let refs: Vec<&TensorMeta> = metas.iter().collect();
         shape::infer(op, &refs).is_ok_and(|m| m.shape == tiled.shape)
             && metas.iter().all(|m| m.rank() <= tiled.rank())
@@ -255,13 +249,7 @@ impl Builder<'_> {
             tiles.push(row);
         }
         let out_meta = {
-            let metas: Vec<TensorMeta> = args
-                .iter()
-                .map(|a| match a {
-                    Val::Plain(p) => self.pnodes[*p].meta.clone(),
-                    Val::Tiled(t) => t.meta.clone(),
-                })
-                .collect();
+            let metas: Vec<TensorMeta> = args.iter().map(|a| self.meta(a)).collect();
             shape::infer(op, &metas.iter().collect::<Vec<_>>()).expect("valid in the source graph")
         };
         let cols = if out_meta.rank() == 2 && out_meta.shape[1] != grid.meta.shape[1] {
