@@ -1,7 +1,7 @@
 //! Corvid's closed set of tensor ops.
 //!
 //! Each op is plain data ([`Op`]) with shape inference ([`shape::infer`]), a clear ndarray
-//! reference that defines it ([`reference`]), a fast CPU path ([`cpu`]) and a WGSL kernel run
+//! reference that defines it ([`mod@reference`]), a fast CPU path ([`cpu`]) and a WGSL kernel run
 //! through wgpu ([`gpu`]). [`registry()`] lists every op with its tolerance and a generator of
 //! random valid cases; the conformance tests, benchmarks and the network's verifier iterate it.
 //!
