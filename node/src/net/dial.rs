@@ -22,6 +22,8 @@ pub enum DialFailure {
     Unreachable { detail: String },
     /// A node answered, but not the one the address names.
     WrongPeerId { expected: String, obtained: String },
+    /// The remote holds a different private-network key (or none).
+    PskMismatch,
     /// TCP connected, then the PSK / noise / yamux handshake failed.
     Handshake { psk: bool, detail: String },
     /// Anything else (denied by limits, unsupported address, ...).
@@ -48,6 +50,9 @@ impl fmt::Display for DialFailure {
                 f,
                 "wrong peer id: expected {expected}, but the node there is {obtained} \
                  (copy the bootstrap line again)"
+            ),
+            DialFailure::PskMismatch => f.write_str(
+                "psk mismatch: the node there does not use the same --psk (both need the same key file)",
             ),
             DialFailure::Handshake { psk: true, detail } => write!(
                 f,
@@ -95,7 +100,7 @@ pub fn classify(
 /// Most specific first.
 fn rank(f: &DialFailure) -> u8 {
     match f {
-        DialFailure::WrongPeerId { .. } => 0,
+        DialFailure::WrongPeerId { .. } | DialFailure::PskMismatch => 0,
         DialFailure::Handshake { .. } => 1,
         DialFailure::Timeout { .. } => 2,
         DialFailure::Refused => 3,
@@ -117,11 +122,20 @@ fn classify_transport(e: &TransportError<io::Error>, psk: bool, timeout: Duratio
     };
     let chain = chain(io_err);
     let kinds: Vec<io::ErrorKind> = chain.iter().filter_map(|(k, _)| *k).collect();
-    let mut texts: Vec<&str> = chain.iter().map(|(_, t)| t.as_str()).collect();
-    texts.dedup();
-    let text = texts.join(": ");
+    let text = tidy(
+        &chain
+            .iter()
+            .map(|(_, t)| t.as_str())
+            .collect::<Vec<_>>()
+            .join(": "),
+    );
     let lower = text.to_ascii_lowercase();
-    if kinds.contains(&io::ErrorKind::ConnectionRefused) {
+    // The DNS layer aggregates per-address errors into text, so kinds are checked and then text.
+    if lower.contains("psk mismatch") {
+        DialFailure::PskMismatch
+    } else if kinds.contains(&io::ErrorKind::ConnectionRefused)
+        || lower.contains("connection refused")
+    {
         DialFailure::Refused
     } else if kinds.contains(&io::ErrorKind::TimedOut)
         || lower.contains("timeout has been reached")
@@ -138,13 +152,29 @@ fn classify_transport(e: &TransportError<io::Error>, psk: bool, timeout: Duratio
                 | io::ErrorKind::NetworkUnreachable
                 | io::ErrorKind::AddrNotAvailable
         )
-    }) {
+    }) || lower.contains("unreachable")
+    {
         DialFailure::Unreachable { detail: text }
     } else {
         // The TCP connection was made (otherwise the OS would have said why), so the failure
         // is in the upgrade: the PSK exchange, noise or the multiplexer.
         DialFailure::Handshake { psk, detail: text }
     }
+}
+
+/// One line: drops the DNS layer's "multiple dial errors" framing and repeated segments.
+fn tidy(text: &str) -> String {
+    let flat = text
+        .replace("Multiple dial errors occurred:", "")
+        .replace("\n - ", " ")
+        .replace('\n', " ");
+    let mut parts: Vec<&str> = flat
+        .split(": ")
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    parts.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
+    parts.join(": ")
 }
 
 /// Every error in the chain with its io kind. `io::Error::source` skips the error it wraps, so
@@ -211,6 +241,10 @@ mod tests {
         )));
         let f = classify(&eof, None, true, t);
         assert!(f.to_string().contains("same --psk"), "{f}");
+        assert_eq!(
+            tidy("Multiple dial errors occurred:\n - Handshake failed: Handshake failed: reset"),
+            "Handshake failed: reset"
+        );
     }
 
     #[test]

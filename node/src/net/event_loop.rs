@@ -284,7 +284,7 @@ impl EventLoop {
                             .copied()
                             .unwrap_or(0);
                         if n.is_power_of_two() {
-                            tracing::warn!(reason = %why, count = n, from = ?source, via = %propagation_source, "refused advert");
+                            tracing::warn!(reason = %why, count = n, from = %source.map(|p| p.to_string()).unwrap_or_default(), via = %propagation_source, "refused advert");
                         }
                         if why.is_fault() {
                             MessageAcceptance::Reject

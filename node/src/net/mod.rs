@@ -1,9 +1,10 @@
-//! The libp2p swarm: TCP (+ optional PSK) + noise + yamux, identify, ping, Kademlia and
+//! The libp2p swarm: TCP (+ [`psk`] for private networks) + noise + yamux, identify, ping, Kademlia and
 //! gossipsub. [`event_loop::EventLoop`] owns it; [`dial`] turns connection errors into reasons a
 //! person can act on.
 
 pub mod dial;
 pub(crate) mod event_loop;
+pub mod psk;
 
 use std::time::Duration;
 
@@ -13,7 +14,6 @@ use libp2p::core::upgrade::Version;
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, MessageId, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
-use libp2p::pnet::PnetConfig;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, Swarm, connection_limits, identify, noise, ping, tcp, yamux};
 
@@ -81,9 +81,9 @@ pub(crate) fn build_swarm(
             // TCP, wrapped in the PSK handshake when the network is private.
             let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
             let base = match psk {
-                Some(psk) => Either::Left(
-                    tcp.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket)),
-                ),
+                Some(psk) => {
+                    Either::Left(tcp.and_then(move |socket, _| psk::handshake(psk, socket)))
+                }
                 None => Either::Right(tcp),
             };
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
