@@ -24,7 +24,7 @@ pub const MAX_TEXT: usize = 256;
 /// Adverts stamped further than this in the future are rejected (clock skew allowance).
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// Domain separation for advert signatures.
-const SIGNING_CONTEXT: &[u8] = b"corvid-advert-v1:";
+pub const SIGNING_CONTEXT: &[u8] = b"corvid-advert-v1:";
 /// Ceilings on advertised numbers: far above any real machine, low enough to catch nonsense.
 const MAX_GFLOPS: f32 = 1.0e7;
 const MAX_GBPS: f32 = 1.0e6;

@@ -30,6 +30,8 @@ use crate::peers::PeerInfo;
 const COMMAND_QUEUE: usize = 64;
 /// Listeners must report an address within this.
 const LISTEN_DEADLINE: Duration = Duration::from_secs(5);
+/// After the first address of each listener, further addresses are awaited this long.
+const MORE_ADDRS_WAIT: Duration = Duration::from_millis(50);
 
 /// Why a node could not start, or a request to it failed.
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +234,15 @@ async fn listen(
                 }
             }
             _ => {}
+        }
+    }
+    // A listener on 0.0.0.0 reports one address per interface in quick succession: collect
+    // them so the bootstrap line can name a routable one.
+    for _ in 0..64 {
+        match tokio::time::timeout(MORE_ADDRS_WAIT, swarm.select_next_some()).await {
+            Ok(SwarmEvent::NewListenAddr { address, .. }) => out.push(address),
+            Ok(_) => {}
+            Err(_) => break,
         }
     }
     Ok(out)

@@ -27,7 +27,7 @@ fn corvid(args: &[&str]) -> Output {
 }
 
 fn start_node(dir: &Path, bootstrap: Option<&str>) -> Guard {
-    // The config file sets what has no flag: a short benchmark.
+    // The config file layer: a short benchmark (it has no flag) and the slot count.
     std::fs::write(
         dir.join("config.toml"),
         "bench_budget = \"300ms\"\nslots = 3\n",
@@ -37,7 +37,8 @@ fn start_node(dir: &Path, bootstrap: Option<&str>) -> Guard {
     cmd.arg("node")
         .arg("--data-dir")
         .arg(dir)
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--backend", "cpu"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .env("CORVID_BACKEND", "cpu") // the environment layer
         .args(["--advert-interval", "1s", "--peer-expiry", "5s"])
         .env("CORVID_LOG", "info")
         .stdin(Stdio::null())

@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{init_logs, known, spawn, wait_for};
+use corvid_node::{Node, NodeConfig};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,8 +18,11 @@ async fn five_nodes_see_each_other_and_expire_a_stopped_one() {
     let mut nodes = vec![first];
     let start = Instant::now();
     for i in 1..5 {
-        let node = spawn(i, Some(&nodes[0]), &shutdown).await;
-        nodes.push(node);
+        let mut config = NodeConfig::for_test(i);
+        config.bootstrap = vec![nodes[0].bootstrap_addr()];
+        // Node 3 is a requester only.
+        config.contribute = i != 3;
+        nodes.push(Node::spawn(config, shutdown.clone()).await.unwrap());
     }
     let ids: Vec<String> = nodes.iter().map(|n| n.peer_id().to_string()).collect();
 
@@ -48,6 +52,12 @@ async fn five_nodes_see_each_other_and_expire_a_stopped_one() {
     println!(
         "all 5 nodes saw the 4 others {:?} after the first node was up",
         start.elapsed()
+    );
+    let requester = nodes[0].peers().await.unwrap();
+    let requester = requester.iter().find(|p| p.peer_id == ids[3]).unwrap();
+    assert!(
+        !requester.contributes && requester.slots_total == 0,
+        "{requester:?}"
     );
     for n in &nodes {
         let status = n.status().await.unwrap();

@@ -344,6 +344,11 @@ impl EventLoop {
             .sign(&self.key)
             .map_err(|e| e.to_string())
             .and_then(|bytes| {
+                tracing::debug!(
+                    bytes = bytes.len(),
+                    seq = self.advert.seq,
+                    "publishing advert"
+                );
                 self.swarm
                     .behaviour_mut()
                     .gossipsub

@@ -1,5 +1,5 @@
 //! The libp2p swarm: TCP (+ [`psk`] for private networks) + noise + yamux, identify, ping, Kademlia and
-//! gossipsub. [`event_loop::EventLoop`] owns it; [`dial`] turns connection errors into reasons a
+//! gossipsub. The event loop (`event_loop`) owns it; [`dial`] turns connection errors into reasons a
 //! person can act on.
 
 pub mod dial;
