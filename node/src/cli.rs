@@ -345,6 +345,7 @@ pub fn peer_table(status: &Status, peers: &[PeerInfo]) -> String {
 struct ConfigDump<'a> {
     peer_id: String,
     data_dir: Option<String>,
+    config_file: Option<String>,
     key: String,
     listen: Vec<String>,
     bootstrap: Vec<String>,
@@ -378,6 +379,7 @@ fn dump_config(args: &NodeArgs) -> Result<(), CliError> {
     let dump = ConfigDump {
         peer_id,
         data_dir: c.data_dir.as_ref().map(|d| d.display().to_string()),
+        config_file: c.config_file.as_ref().map(|d| d.display().to_string()),
         key,
         listen: c.listen.iter().map(ToString::to_string).collect(),
         bootstrap: c.bootstrap.iter().map(ToString::to_string).collect(),

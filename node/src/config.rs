@@ -110,6 +110,8 @@ impl Default for Timing {
 pub struct NodeConfig {
     /// Where the key, `control.addr` and the default config file live; `None` writes nothing.
     pub data_dir: Option<PathBuf>,
+    /// The config file that was read, if any.
+    pub config_file: Option<PathBuf>,
     pub identity: IdentitySource,
     pub listen: Vec<Multiaddr>,
     /// Each ends in `/p2p/<peer id>`.
@@ -134,6 +136,7 @@ impl NodeConfig {
     pub fn for_test(i: u64) -> NodeConfig {
         NodeConfig {
             data_dir: None,
+            config_file: None,
             identity: IdentitySource::Seed(i),
             listen: vec![loopback_tcp(0)],
             bootstrap: Vec::new(),
@@ -161,7 +164,7 @@ impl NodeConfig {
             Some(d) => d.clone(),
             None => default_data_dir().ok_or(ConfigError::NoDataDir)?,
         };
-        let (file, _path) = FileConfig::load(args.config.as_deref(), &data_dir)?;
+        let (file, config_file) = FileConfig::load(args.config.as_deref(), &data_dir)?;
         let defaults = Timing::default();
         let dur = |field, flag: Option<Duration>, file: Option<Duration>, def| {
             positive(field, flag.or(file).unwrap_or(def))
@@ -233,6 +236,7 @@ impl NodeConfig {
                     .unwrap_or_else(|| data_dir.join("identity.key")),
             ),
             data_dir: Some(data_dir),
+            config_file,
             listen,
             bootstrap: parse_addrs("bootstrap", pick(&args.bootstrap, &file.bootstrap))?,
             backend,

@@ -159,6 +159,11 @@ impl PeerTable {
         self.entries.is_empty()
     }
 
+    /// How many adverts were refused for `why`.
+    pub fn rejection_count(&self, why: Rejection) -> u64 {
+        self.rejections.get(&why).copied().unwrap_or(0)
+    }
+
     /// Refused adverts by reason.
     pub fn rejections(&self) -> BTreeMap<String, u64> {
         self.rejections

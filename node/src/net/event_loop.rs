@@ -277,12 +277,7 @@ impl EventLoop {
                     (Ok(_), None) => MessageAcceptance::Reject, // unreachable: validate needs a source
                     (Err(why), source) => {
                         self.table.reject(why);
-                        let n = self
-                            .table
-                            .rejections()
-                            .get(why.name())
-                            .copied()
-                            .unwrap_or(0);
+                        let n = self.table.rejection_count(why);
                         if n.is_power_of_two() {
                             tracing::warn!(reason = %why, count = n, from = %source.map(|p| p.to_string()).unwrap_or_default(), via = %propagation_source, "refused advert");
                         }
