@@ -1,1 +1,34 @@
-//! Placeholder: filled in by later issues.
+//! `corvid-node`: the `corvid` binary as a library. A node joins a libp2p swarm from bootstrap
+//! addresses, benchmarks its backend and gossips a signed capability advert; every node keeps a
+//! table of the others' adverts.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), corvid_node::NodeError> {
+//! use corvid_node::{Node, NodeConfig};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let first = Node::spawn(NodeConfig::for_test(0), CancellationToken::new()).await?;
+//! let mut config = NodeConfig::for_test(1);
+//! config.bootstrap = vec![first.bootstrap_addr()];
+//! let second = Node::spawn(config, CancellationToken::new()).await?;
+//! println!("{:?}", second.peers().await?);
+//! second.join().await;
+//! first.join().await;
+//! # Ok(()) }
+//! ```
+
+pub mod advert;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod identity;
+pub mod net;
+pub mod node;
+pub mod peers;
+
+pub use advert::{ADVERT_TOPIC, Advert, Rejection, SignedAdvert};
+pub use bench::BenchReport;
+pub use config::{NodeArgs, NodeConfig};
+pub use node::{BootstrapStatus, Node, NodeClient, NodeError, NodeHandle, Status};
+pub use peers::PeerInfo;

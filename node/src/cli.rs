@@ -1,0 +1,458 @@
+//! The `corvid` command line: clap definitions and one function per subcommand.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use corvid_kernels::{Backend, BackendChoice};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::bench::{self, BenchError, BenchReport};
+use crate::config::{ConfigError, IdentitySource, NodeArgs, NodeConfig, Timing, default_data_dir};
+use crate::control::{self, ControlError};
+use crate::identity::{IdentityError, Psk, load_keypair};
+use crate::node::{Node, NodeError, Status, short_id};
+use crate::peers::PeerInfo;
+
+/// Corvid: a peer-to-peer volunteer compute network.
+#[derive(Debug, Parser)]
+#[command(name = "corvid", version, propagate_version = true)]
+pub struct Cli {
+    /// Log filter, e.g. "info" or "corvid_node=debug,libp2p=info"
+    #[arg(long, env = "CORVID_LOG", default_value = "info", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node in the foreground
+    Node(NodeArgs),
+    /// Run the benchmark and print the scores
+    Bench {
+        /// Backend: auto, gpu or cpu
+        #[arg(long, env = "CORVID_BACKEND", default_value = "auto")]
+        backend: String,
+        /// Time allowed
+        #[arg(long, default_value = "2s")]
+        budget: humantime::Duration,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the peer id and the bootstrap address others should use
+    Id {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the peers a running local node knows
+    Peers {
+        #[command(flatten)]
+        target: ControlArgs,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the resolved configuration
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Private-network keys
+    #[command(subcommand)]
+    Psk(PskCommand),
+    /// Print shell completions
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the resolved config as TOML (the key's path and peer id, never the key)
+    Dump(NodeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PskCommand {
+    /// Write a new random pre-shared key file (mode 0600) for `--psk`
+    New { path: PathBuf },
+}
+
+/// Which running node to ask.
+#[derive(Debug, clap::Args)]
+pub struct ControlArgs {
+    /// The node's control address [default: read from DATA_DIR/control.addr]
+    #[arg(long, env = "CORVID_CONTROL", value_name = "ADDR")]
+    pub control: Option<SocketAddr>,
+    /// The node's data directory
+    #[arg(long, env = "CORVID_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Bench(#[from] BenchError),
+    #[error("cannot open the '{choice}' backend: {source}")]
+    Backend {
+        choice: String,
+        source: corvid_kernels::BackendError,
+    },
+    #[error("cannot write output: {0}")]
+    Output(String),
+}
+
+impl CliError {
+    /// Process exit code: 2 for bad configuration, 3 when no node answers, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Config(_) | CliError::Identity(_) | CliError::Node(NodeError::Config(_)) => 2,
+            CliError::Control(_) => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Node(args) => run_node(&args).await,
+        Command::Bench {
+            backend,
+            budget,
+            json,
+        } => run_bench(&backend, budget.into(), json).await,
+        Command::Id { node, json } => run_id(&node, json).await,
+        Command::Peers { target, json } => run_peers(&target, json).await,
+        Command::Config(ConfigCommand::Dump(args)) => dump_config(&args),
+        Command::Psk(PskCommand::New { path }) => {
+            let psk = Psk::generate(&path)?;
+            out(format!(
+                "wrote {} (fingerprint {})\nstart every node of the private swarm with --psk {}\n",
+                path.display(),
+                psk.fingerprint(),
+                path.display()
+            ))
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "corvid", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+async fn run_node(args: &NodeArgs) -> Result<(), CliError> {
+    let config = NodeConfig::resolve(args)?;
+    let shutdown = CancellationToken::new();
+    let node = Node::spawn(config, shutdown.clone()).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    node.join().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn run_bench(backend: &str, budget: Duration, json: bool) -> Result<(), CliError> {
+    let choice: BackendChoice = backend.parse().map_err(|source| CliError::Backend {
+        choice: backend.to_string(),
+        source,
+    })?;
+    let report = tokio::task::spawn_blocking(move || -> Result<BenchReport, CliError> {
+        let b = Backend::open(choice).map_err(|source| CliError::Backend {
+            choice: choice.to_string(),
+            source,
+        })?;
+        Ok(bench::run(&b, budget, None)?)
+    })
+    .await
+    .map_err(|e| CliError::Output(e.to_string()))??;
+    if json {
+        return out(json_string(&report)?);
+    }
+    out(format!(
+        "backend      {}\nclass        {}\nmatmul       {:.1} GFLOP/s (f32, {n}x{n})\nelementwise  {:.2} GB/s (add, {} elements)\nmemory       {} available\ntook         {}\n",
+        report.adapter,
+        report.class,
+        report.matmul_gflops,
+        report.elementwise_gbps,
+        report.elementwise_len,
+        bytesize::ByteSize(report.memory_bytes).display().iec(),
+        humantime::format_duration(Duration::from_millis(report.took.as_millis() as u64)),
+        n = report.matmul_n,
+    ))
+}
+
+#[derive(Serialize)]
+struct IdOut {
+    peer_id: String,
+    /// Addresses others can use, from the running node or the config's fixed ports.
+    bootstrap: Vec<String>,
+    bootstrap_line: Option<String>,
+    running: bool,
+}
+
+async fn run_id(args: &NodeArgs, json: bool) -> Result<(), CliError> {
+    let config = NodeConfig::resolve(args)?;
+    let peer = load_keypair(&config.identity)?.public().to_peer_id();
+    let status: Option<Status> = match config.control_file() {
+        Some(f) => match control::read_control_file(&f) {
+            Ok(addr) => control::get_json(addr, "/status").await.ok(),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let status = status.filter(|s| s.peer_id == peer.to_string());
+    let (bootstrap, line) = match &status {
+        Some(s) => (
+            s.listen_addrs
+                .iter()
+                .map(|a| format!("{a}/p2p/{peer}"))
+                .collect(),
+            s.bootstrap_line.clone(),
+        ),
+        None => {
+            let fixed: Vec<_> = config
+                .listen
+                .iter()
+                .filter(|a| !a.iter().any(|p| p == libp2p::multiaddr::Protocol::Tcp(0)))
+                .cloned()
+                .collect();
+            let line = crate::node::bootstrap_line(
+                &fixed,
+                &peer,
+                config.psk.as_ref().map(|p| p.path.as_path()),
+            );
+            (
+                fixed.iter().map(|a| format!("{a}/p2p/{peer}")).collect(),
+                line,
+            )
+        }
+    };
+    let id = IdOut {
+        peer_id: peer.to_string(),
+        bootstrap,
+        bootstrap_line: line,
+        running: status.is_some(),
+    };
+    if json {
+        return out(json_string(&id)?);
+    }
+    let mut s = format!("peer id    {}\n", id.peer_id);
+    for a in &id.bootstrap {
+        s.push_str(&format!("address    {a}\n"));
+    }
+    match &id.bootstrap_line {
+        Some(l) => s.push_str(&format!("others run {l}\n")),
+        None => s.push_str("the node is not running and listens on a port chosen at start: run `corvid node`, then `corvid id` again (or set --listen with a fixed port)\n"),
+    }
+    out(s)
+}
+
+async fn run_peers(target: &ControlArgs, json: bool) -> Result<(), CliError> {
+    let addr = match target.control {
+        Some(a) => a,
+        None => {
+            let dir = match &target.data_dir {
+                Some(d) => d.clone(),
+                None => default_data_dir().ok_or(ConfigError::NoDataDir)?,
+            };
+            control::read_control_file(&dir.join(crate::config::CONTROL_FILE))?
+        }
+    };
+    let status: Status = control::get_json(addr, "/status").await?;
+    let peers: Vec<PeerInfo> = control::get_json(addr, "/peers").await?;
+    if json {
+        return out(json_string(
+            &serde_json::json!({ "status": status, "peers": peers }),
+        )?);
+    }
+    out(peer_table(&status, &peers))
+}
+
+/// The human-readable `corvid peers` output.
+pub fn peer_table(status: &Status, peers: &[PeerInfo]) -> String {
+    let mut s = format!(
+        "{:<16} {:<7} {:<28} {:>8} {:>7} {:>6} {:>9}\n",
+        "PEER", "BACKEND", "ADAPTER", "GFLOP/S", "GB/S", "SLOTS", "LAST SEEN"
+    );
+    for p in peers {
+        let short = p
+            .peer_id
+            .parse()
+            .map(|id| short_id(&id))
+            .unwrap_or_else(|_| p.peer_id.clone());
+        let adapter: String = p.adapter.chars().take(28).collect();
+        s.push_str(&format!(
+            "{:<16} {:<7} {:<28} {:>8.1} {:>7.2} {:>6} {:>9}\n",
+            short,
+            p.backend,
+            adapter,
+            p.matmul_gflops,
+            p.elementwise_gbps,
+            format!("{}/{}", p.slots_free, p.slots_total),
+            format!("{:.1}s ago", p.last_seen_ms as f64 / 1000.0),
+        ));
+    }
+    let refused: u64 = status.rejections.values().sum();
+    s.push_str(&format!(
+        "{} peers known, {} connected; this node {} ({:.1} GFLOP/s); {refused} adverts refused\n",
+        peers.len(),
+        status.connected_peers,
+        status.peer_id,
+        status.advert.matmul_gflops,
+    ));
+    for b in &status.bootstrap {
+        if let Some(e) = &b.error {
+            s.push_str(&format!("bootstrap {}: {e}\n", b.addr));
+        }
+    }
+    s
+}
+
+#[derive(Serialize)]
+struct ConfigDump<'a> {
+    peer_id: String,
+    data_dir: Option<String>,
+    config_file: Option<String>,
+    key: String,
+    listen: Vec<String>,
+    bootstrap: Vec<String>,
+    backend: String,
+    max_memory: Option<String>,
+    psk: Option<String>,
+    psk_fingerprint: Option<String>,
+    contribute: bool,
+    slots: u32,
+    control: String,
+    max_connections: u32,
+    timing: &'a Timing,
+}
+
+fn dump_config(args: &NodeArgs) -> Result<(), CliError> {
+    let c = NodeConfig::resolve(args)?;
+    let (key, peer_id) = match &c.identity {
+        IdentitySource::File(p) if p.exists() => (
+            p.display().to_string(),
+            load_keypair(&c.identity)?.public().to_peer_id().to_string(),
+        ),
+        IdentitySource::File(p) => (
+            p.display().to_string(),
+            "(no key yet: created on first `corvid node`)".to_string(),
+        ),
+        IdentitySource::Seed(i) => (
+            format!("(test key {i})"),
+            load_keypair(&c.identity)?.public().to_peer_id().to_string(),
+        ),
+    };
+    let dump = ConfigDump {
+        peer_id,
+        data_dir: c.data_dir.as_ref().map(|d| d.display().to_string()),
+        config_file: c.config_file.as_ref().map(|d| d.display().to_string()),
+        key,
+        listen: c.listen.iter().map(ToString::to_string).collect(),
+        bootstrap: c.bootstrap.iter().map(ToString::to_string).collect(),
+        backend: c.backend.to_string(),
+        max_memory: c
+            .max_memory
+            .map(|m| bytesize::ByteSize(m).display().iec().to_string()),
+        psk: c.psk.as_ref().map(|p| p.path.display().to_string()),
+        psk_fingerprint: c.psk.as_ref().map(Psk::fingerprint),
+        contribute: c.contribute,
+        slots: c.slots,
+        control: c.control.to_string(),
+        max_connections: c.max_connections,
+        timing: &c.timing,
+    };
+    out(toml::to_string(&dump).map_err(|e| CliError::Output(e.to_string()))?)
+}
+
+fn json_string<T: Serialize>(v: &T) -> Result<String, CliError> {
+    let mut s = serde_json::to_string_pretty(v).map_err(|e| CliError::Output(e.to_string()))?;
+    s.push('\n');
+    Ok(s)
+}
+
+fn out(s: String) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(s.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|e| CliError::Output(e.to_string()))
+}
+
+/// Logs to stderr with `filter` (an `EnvFilter` directive; `RUST_LOG` wins when set).
+pub fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn node_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "corvid",
+            "node",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/1",
+            "--backend",
+            "cpu",
+            "--no-contribute",
+            "--max-memory",
+            "1 GiB",
+        ])
+        .unwrap();
+        let Command::Node(a) = cli.command else {
+            panic!("not node")
+        };
+        assert_eq!(a.listen.len(), 2);
+        assert!(a.no_contribute);
+        assert_eq!(a.max_memory.unwrap().as_u64(), 1 << 30);
+    }
+}

@@ -1,0 +1,555 @@
+//! Node configuration: TOML file < environment < flags, resolved once into a validated
+//! [`NodeConfig`].
+//!
+//! Flags and their `CORVID_*` environment variables are parsed by clap ([`NodeArgs`]); whatever
+//! neither sets is taken from the config file, then from the defaults.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use corvid_kernels::BackendChoice;
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{IdentityError, Psk};
+
+/// Largest config file we read.
+const MAX_CONFIG_BYTES: u64 = 64 * 1024;
+/// Most execution slots a node may advertise.
+pub const MAX_SLOTS: u32 = 1024;
+
+/// Why the configuration was rejected. Each message quotes the bad value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file '{path}': {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file '{path}' is {bytes} bytes, over the {MAX_CONFIG_BYTES}-byte limit")]
+    TooLarge { path: PathBuf, bytes: u64 },
+    #[error("config file '{path}': {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{field}: invalid multiaddr '{value}': {reason}")]
+    Multiaddr {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "bootstrap address '{0}' has no /p2p/<peer id> suffix (copy the node's bootstrap line)"
+    )]
+    BootstrapWithoutPeerId(Multiaddr),
+    #[error("{field}: invalid value '{value}': {reason}")]
+    Value {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("control address '{0}' is not a loopback address (the endpoint is unauthenticated)")]
+    ControlNotLoopback(SocketAddr),
+    #[error("no data directory: set --data-dir or CORVID_DATA_DIR")]
+    NoDataDir,
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// Where the node's ed25519 identity comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// A protobuf-encoded keypair file, created with mode 0600 on first start.
+    File(PathBuf),
+    /// A key derived from a number: for tests only, never secret.
+    Seed(u64),
+}
+
+/// Intervals and limits; short in tests, laptop-friendly by default.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Timing {
+    /// How often the node re-publishes its advert.
+    #[serde(with = "humantime_serde")]
+    pub advert_interval: Duration,
+    /// Peers not heard from for this long leave the peer table; adverts older than this are stale.
+    #[serde(with = "humantime_serde")]
+    pub peer_expiry: Duration,
+    /// How often Kademlia re-bootstraps its routing table.
+    #[serde(with = "humantime_serde")]
+    pub kad_refresh: Duration,
+    /// Connection setup (TCP, PSK, noise, yamux) deadline.
+    #[serde(with = "humantime_serde")]
+    pub dial_timeout: Duration,
+    /// How often unreachable bootstrap addresses are dialled again.
+    #[serde(with = "humantime_serde")]
+    pub bootstrap_retry: Duration,
+    /// Time allowed for the start-up benchmark.
+    #[serde(with = "humantime_serde")]
+    pub bench_budget: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            advert_interval: Duration::from_secs(30),
+            peer_expiry: Duration::from_secs(90),
+            kad_refresh: Duration::from_secs(300),
+            dial_timeout: Duration::from_secs(10),
+            bootstrap_retry: Duration::from_secs(15),
+            bench_budget: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The validated configuration of one node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Where the key, `control.addr` and the default config file live; `None` writes nothing.
+    pub data_dir: Option<PathBuf>,
+    /// The config file that was read, if any.
+    pub config_file: Option<PathBuf>,
+    pub identity: IdentitySource,
+    pub listen: Vec<Multiaddr>,
+    /// Each ends in `/p2p/<peer id>`.
+    pub bootstrap: Vec<Multiaddr>,
+    pub backend: BackendChoice,
+    /// Memory offered to the network; `None` advertises what the machine has available.
+    pub max_memory: Option<u64>,
+    /// Private-network key; only nodes holding the same key connect.
+    pub psk: Option<Psk>,
+    /// `false` for a requester-only peer: advertises no slots.
+    pub contribute: bool,
+    pub slots: u32,
+    /// Loopback address of the JSON control endpoint (port 0: chosen, written to `control.addr`).
+    pub control: SocketAddr,
+    pub max_connections: u32,
+    pub timing: Timing,
+}
+
+impl NodeConfig {
+    /// Node `i` of a loopback test swarm: a key derived from `i`, port 0 everywhere, the CPU
+    /// backend, a short benchmark and second-scale intervals, no files written.
+    pub fn for_test(i: u64) -> NodeConfig {
+        NodeConfig {
+            data_dir: None,
+            config_file: None,
+            identity: IdentitySource::Seed(i),
+            listen: vec![loopback_tcp(0)],
+            bootstrap: Vec::new(),
+            backend: BackendChoice::Cpu,
+            max_memory: Some(1 << 30),
+            psk: None,
+            contribute: true,
+            slots: 2,
+            control: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            max_connections: 64,
+            timing: Timing {
+                advert_interval: Duration::from_millis(500),
+                peer_expiry: Duration::from_secs(3),
+                kad_refresh: Duration::from_secs(10),
+                dial_timeout: Duration::from_secs(5),
+                bootstrap_retry: Duration::from_secs(1),
+                bench_budget: Duration::from_millis(150),
+            },
+        }
+    }
+
+    /// Resolves flags and environment (already in `args`) over the config file and defaults.
+    pub fn resolve(args: &NodeArgs) -> Result<NodeConfig, ConfigError> {
+        let data_dir = match &args.data_dir {
+            Some(d) => d.clone(),
+            None => default_data_dir().ok_or(ConfigError::NoDataDir)?,
+        };
+        let (file, config_file) = FileConfig::load(args.config.as_deref(), &data_dir)?;
+        let defaults = Timing::default();
+        let dur = |field, flag: Option<Duration>, file: Option<Duration>, def| {
+            positive(field, flag.or(file).unwrap_or(def))
+        };
+        let timing = Timing {
+            advert_interval: dur(
+                "advert_interval",
+                args.advert_interval.map(Into::into),
+                file.advert_interval,
+                defaults.advert_interval,
+            )?,
+            peer_expiry: dur(
+                "peer_expiry",
+                args.peer_expiry.map(Into::into),
+                file.peer_expiry,
+                defaults.peer_expiry,
+            )?,
+            kad_refresh: dur("kad_refresh", None, file.kad_refresh, defaults.kad_refresh)?,
+            dial_timeout: dur(
+                "dial_timeout",
+                None,
+                file.dial_timeout,
+                defaults.dial_timeout,
+            )?,
+            bootstrap_retry: dur(
+                "bootstrap_retry",
+                None,
+                file.bootstrap_retry,
+                defaults.bootstrap_retry,
+            )?,
+            bench_budget: dur(
+                "bench_budget",
+                None,
+                file.bench_budget,
+                defaults.bench_budget,
+            )?,
+        };
+        let listen = pick(&args.listen, &file.listen);
+        let listen = if listen.is_empty() {
+            vec![
+                Multiaddr::empty()
+                    .with(Protocol::Ip4(Ipv4Addr::UNSPECIFIED))
+                    .with(Protocol::Tcp(0)),
+            ]
+        } else {
+            parse_addrs("listen", listen)?
+        };
+        let backend = match args.backend.as_deref().or(file.backend.as_deref()) {
+            Some(b) => b.parse().map_err(|e| ConfigError::Value {
+                field: "backend",
+                value: b.to_string(),
+                reason: format!("{e}"),
+            })?,
+            None => BackendChoice::Auto,
+        };
+        let psk = match args.psk.as_ref().or(file.psk.as_ref()) {
+            Some(p) => Some(Psk::load(p)?),
+            None => None,
+        };
+        let control = match args.control.or(file.control) {
+            Some(c) => c,
+            None => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        };
+        let config = NodeConfig {
+            identity: IdentitySource::File(
+                args.key
+                    .clone()
+                    .or(file.key)
+                    .unwrap_or_else(|| data_dir.join("identity.key")),
+            ),
+            data_dir: Some(data_dir),
+            config_file,
+            listen,
+            bootstrap: parse_addrs("bootstrap", pick(&args.bootstrap, &file.bootstrap))?,
+            backend,
+            max_memory: args.max_memory.or(file.max_memory).map(|b| b.as_u64()),
+            psk,
+            contribute: !args.no_contribute && file.contribute.unwrap_or(true),
+            slots: args.slots.or(file.slots).unwrap_or(1),
+            control,
+            max_connections: file.max_connections.unwrap_or(128),
+            timing,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the cross-field rules; [`NodeConfig::resolve`] and [`crate::Node::spawn`] call it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for addr in &self.bootstrap {
+            if !matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+                return Err(ConfigError::BootstrapWithoutPeerId(addr.clone()));
+            }
+        }
+        if !self.control.ip().is_loopback() {
+            return Err(ConfigError::ControlNotLoopback(self.control));
+        }
+        if self.listen.is_empty() {
+            return Err(value(
+                "listen",
+                "[]",
+                "at least one listen address is needed",
+            ));
+        }
+        if self.slots > MAX_SLOTS {
+            return Err(value(
+                "slots",
+                &self.slots.to_string(),
+                &format!("at most {MAX_SLOTS}"),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(value("max_connections", "0", "must be at least 1"));
+        }
+        let t = &self.timing;
+        if t.peer_expiry < t.advert_interval * 2 {
+            return Err(value(
+                "peer_expiry",
+                &humantime::format_duration(t.peer_expiry).to_string(),
+                &format!(
+                    "must be at least twice advert_interval ({})",
+                    humantime::format_duration(t.advert_interval)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where the running node writes its control endpoint address.
+    pub fn control_file(&self) -> Option<PathBuf> {
+        self.data_dir.as_ref().map(|d| d.join(CONTROL_FILE))
+    }
+}
+
+/// File in the data dir holding the running node's control address.
+pub const CONTROL_FILE: &str = "control.addr";
+
+/// The platform's data dir for corvid (`~/.local/share/corvid` on Linux).
+pub fn default_data_dir() -> Option<PathBuf> {
+    directories::ProjectDirs::from("", "", "corvid").map(|d| d.data_dir().to_path_buf())
+}
+
+/// `/ip4/127.0.0.1/tcp/{port}`.
+pub fn loopback_tcp(port: u16) -> Multiaddr {
+    Multiaddr::empty()
+        .with(Protocol::Ip4(Ipv4Addr::LOCALHOST))
+        .with(Protocol::Tcp(port))
+}
+
+/// Flags of `corvid node` (and of the commands that read the same config); each also reads a
+/// `CORVID_*` environment variable.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct NodeArgs {
+    /// Config file (TOML) [default: DATA_DIR/config.toml if it exists]
+    #[arg(long, env = "CORVID_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for the key, config and control.addr
+    #[arg(long, env = "CORVID_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Listen multiaddr, repeatable [default: /ip4/0.0.0.0/tcp/0]
+    #[arg(
+        long,
+        env = "CORVID_LISTEN",
+        value_name = "MULTIADDR",
+        value_delimiter = ','
+    )]
+    pub listen: Vec<String>,
+    /// Bootstrap multiaddr ending in /p2p/PEER_ID, repeatable
+    #[arg(
+        long,
+        env = "CORVID_BOOTSTRAP",
+        value_name = "MULTIADDR",
+        value_delimiter = ','
+    )]
+    pub bootstrap: Vec<String>,
+    /// ed25519 identity file, created (mode 0600) if missing [default: DATA_DIR/identity.key]
+    #[arg(long, env = "CORVID_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Execution backend: auto, gpu or cpu
+    #[arg(long, env = "CORVID_BACKEND", value_name = "BACKEND")]
+    pub backend: Option<String>,
+    /// Memory offered to the network, e.g. "8 GiB" [default: what is available]
+    #[arg(long, env = "CORVID_MAX_MEMORY", value_name = "SIZE")]
+    pub max_memory: Option<ByteSize>,
+    /// Private-network pre-shared key file: only nodes with the same key connect
+    #[arg(long, env = "CORVID_PSK", value_name = "FILE")]
+    pub psk: Option<PathBuf>,
+    /// Join as a requester only: advertise no execution slots
+    #[arg(long, env = "CORVID_NO_CONTRIBUTE")]
+    pub no_contribute: bool,
+    /// Execution slots offered [default: 1]
+    #[arg(long, env = "CORVID_SLOTS", value_name = "N")]
+    pub slots: Option<u32>,
+    /// Loopback address of the control endpoint [default: 127.0.0.1:0]
+    #[arg(long, env = "CORVID_CONTROL", value_name = "ADDR")]
+    pub control: Option<SocketAddr>,
+    /// How often to re-publish the advert, e.g. "30s"
+    #[arg(long, env = "CORVID_ADVERT_INTERVAL", value_name = "DURATION")]
+    pub advert_interval: Option<humantime::Duration>,
+    /// Forget peers not heard from for this long, e.g. "90s"
+    #[arg(long, env = "CORVID_PEER_EXPIRY", value_name = "DURATION")]
+    pub peer_expiry: Option<humantime::Duration>,
+}
+
+/// The config file: every field optional, unknown fields rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<Vec<String>>,
+    bootstrap: Option<Vec<String>>,
+    key: Option<PathBuf>,
+    backend: Option<String>,
+    max_memory: Option<ByteSize>,
+    psk: Option<PathBuf>,
+    contribute: Option<bool>,
+    slots: Option<u32>,
+    control: Option<SocketAddr>,
+    max_connections: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    advert_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    peer_expiry: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    kad_refresh: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    dial_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    bootstrap_retry: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    bench_budget: Option<Duration>,
+}
+
+impl FileConfig {
+    /// Reads `explicit`, else `DATA_DIR/config.toml` if it exists, else nothing.
+    fn load(
+        explicit: Option<&Path>,
+        data_dir: &Path,
+    ) -> Result<(FileConfig, Option<PathBuf>), ConfigError> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => {
+                let p = data_dir.join("config.toml");
+                if !p.exists() {
+                    return Ok((FileConfig::default(), None));
+                }
+                p
+            }
+        };
+        let read_err = |source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        };
+        let bytes = std::fs::metadata(&path).map_err(read_err)?.len();
+        if bytes > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge { path, bytes });
+        }
+        let text = std::fs::read_to_string(&path).map_err(read_err)?;
+        let file = FileConfig::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        Ok((file, Some(path)))
+    }
+
+    fn parse(text: &str) -> Result<FileConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+/// Flags/env win when given at all; otherwise the file's list.
+fn pick<'a>(flags: &'a [String], file: &'a Option<Vec<String>>) -> &'a [String] {
+    if flags.is_empty() {
+        file.as_deref().unwrap_or(&[])
+    } else {
+        flags
+    }
+}
+
+fn parse_addrs(field: &'static str, values: &[String]) -> Result<Vec<Multiaddr>, ConfigError> {
+    values
+        .iter()
+        .map(|v| {
+            v.trim().parse().map_err(|e| ConfigError::Multiaddr {
+                field,
+                value: v.clone(),
+                reason: format!("{e}"),
+            })
+        })
+        .collect()
+}
+
+fn positive(field: &'static str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        Err(value(field, "0s", "must be positive"))
+    } else {
+        Ok(d)
+    }
+}
+
+fn value(field: &'static str, value: &str, reason: &str) -> ConfigError {
+    ConfigError::Value {
+        field,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &Path) -> NodeArgs {
+        NodeArgs {
+            data_dir: Some(dir.to_path_buf()),
+            ..NodeArgs::default()
+        }
+    }
+
+    #[test]
+    fn defaults_without_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = NodeConfig::resolve(&args(dir.path())).unwrap();
+        assert_eq!(c.listen[0].to_string(), "/ip4/0.0.0.0/tcp/0");
+        assert_eq!(
+            c.identity,
+            IdentitySource::File(dir.path().join("identity.key"))
+        );
+        assert!(c.contribute);
+        assert_eq!(c.timing, Timing::default());
+    }
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.toml"),
+            "slots = 4\nbackend = \"cpu\"\nadvert_interval = \"10s\"\npeer_expiry = \"1m\"\n\
+             listen = [\"/ip4/127.0.0.1/tcp/4001\"]\nmax_memory = \"2 GiB\"\n",
+        )
+        .unwrap();
+        let mut a = args(dir.path());
+        a.slots = Some(8);
+        let c = NodeConfig::resolve(&a).unwrap();
+        assert_eq!(c.slots, 8);
+        assert_eq!(c.backend, BackendChoice::Cpu);
+        assert_eq!(c.timing.advert_interval, Duration::from_secs(10));
+        assert_eq!(c.listen, vec![loopback_tcp(4001)]);
+        assert_eq!(c.max_memory, Some(2 << 30));
+    }
+
+    #[test]
+    fn bad_values_are_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args(dir.path());
+        a.bootstrap = vec!["/ip4/127.0.0.1/tcp/1".into()];
+        let e = NodeConfig::resolve(&a).unwrap_err().to_string();
+        assert!(
+            e.contains("'/ip4/127.0.0.1/tcp/1'") && e.contains("/p2p/"),
+            "{e}"
+        );
+
+        let mut a = args(dir.path());
+        a.listen = vec!["/ip4/nonsense".into()];
+        let e = NodeConfig::resolve(&a).unwrap_err().to_string();
+        assert!(e.contains("'/ip4/nonsense'"), "{e}");
+
+        let mut a = args(dir.path());
+        a.backend = Some("tpu".into());
+        let e = NodeConfig::resolve(&a).unwrap_err().to_string();
+        assert!(e.contains("'tpu'"), "{e}");
+
+        let mut a = args(dir.path());
+        a.control = Some("10.0.0.1:80".parse().unwrap());
+        let e = NodeConfig::resolve(&a).unwrap_err().to_string();
+        assert!(e.contains("'10.0.0.1:80'"), "{e}");
+    }
+
+    #[test]
+    fn unknown_file_fields_are_rejected() {
+        let e = FileConfig::parse("slotz = 3\n").unwrap_err().to_string();
+        assert!(e.contains("slotz"), "{e}");
+    }
+
+    #[test]
+    fn test_config_is_valid() {
+        NodeConfig::for_test(3).validate().unwrap();
+    }
+}

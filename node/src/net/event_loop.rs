@@ -1,0 +1,461 @@
+//! The one task that owns the swarm and the peer table. Everything else talks to it through
+//! [`Command`]s on a bounded channel, each carrying its own reply channel.
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::gossipsub::{self, MessageAcceptance, PublishError};
+use libp2p::identity::Keypair;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+
+use super::dial::{self, DialFailure};
+use super::{Behaviour, BehaviourEvent, advert_topic};
+use crate::advert::{self, Advert};
+use crate::config::Timing;
+use crate::node::{BootstrapStatus, Status, bootstrap_line};
+use crate::peers::{Accepted, PeerInfo, PeerTable};
+
+/// Most peers kept in the table.
+const MAX_PEERS: usize = 10_000;
+/// Publishing waits this long after a peer subscribes, so several arrivals share one advert.
+const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(200);
+/// When the start-up summary of who is there is logged.
+const SUMMARY_AFTER: Duration = Duration::from_secs(5);
+
+/// Requests to the event loop.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Peers {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
+    /// Updates the advertised free slots; a change is published at once.
+    SetFreeSlots {
+        free: u32,
+        reply: oneshot::Sender<()>,
+    },
+    /// Publishes raw bytes on the advert topic (tests of the receivers' validation).
+    PublishRaw {
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+#[derive(Debug)]
+struct Bootstrap {
+    /// Full address, with `/p2p/`.
+    addr: Multiaddr,
+    base: Multiaddr,
+    peer: PeerId,
+    dial: Option<ConnectionId>,
+    connected: bool,
+    last_error: Option<DialFailure>,
+}
+
+/// The swarm's owner.
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    key: Keypair,
+    table: PeerTable,
+    advert: Advert,
+    timing: Timing,
+    psk_path: Option<std::path::PathBuf>,
+    bootstrap: Vec<Bootstrap>,
+    listen_addrs: Vec<Multiaddr>,
+    next_publish: Pin<Box<Sleep>>,
+    published: u64,
+    started: Instant,
+    summary_logged: bool,
+}
+
+impl EventLoop {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        swarm: Swarm<Behaviour>,
+        commands: mpsc::Receiver<Command>,
+        key: Keypair,
+        advert: Advert,
+        timing: Timing,
+        psk_path: Option<std::path::PathBuf>,
+        bootstrap: &[Multiaddr],
+        listen_addrs: Vec<Multiaddr>,
+    ) -> EventLoop {
+        let bootstrap = bootstrap
+            .iter()
+            .filter_map(|addr| {
+                let (base, peer) = dial::split_peer(addr);
+                peer.map(|peer| Bootstrap {
+                    addr: addr.clone(),
+                    base,
+                    peer,
+                    dial: None,
+                    connected: false,
+                    last_error: None,
+                })
+            })
+            .collect();
+        EventLoop {
+            swarm,
+            commands,
+            key,
+            table: PeerTable::new(MAX_PEERS),
+            advert,
+            timing,
+            psk_path,
+            bootstrap,
+            listen_addrs,
+            next_publish: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            published: 0,
+            started: Instant::now(),
+            summary_logged: false,
+        }
+    }
+
+    /// Runs until `cancel` fires or every handle is dropped.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        for i in 0..self.bootstrap.len() {
+            let b = &self.bootstrap[i];
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&b.peer, b.base.clone());
+            self.dial_bootstrap(i);
+        }
+        let mut expire =
+            tokio::time::interval((self.timing.peer_expiry / 4).max(Duration::from_millis(100)));
+        let mut retry = tokio::time::interval(self.timing.bootstrap_retry);
+        retry.tick().await; // the first tick is immediate; the dials above were the first try
+        let summary = tokio::time::sleep(SUMMARY_AFTER);
+        tokio::pin!(summary);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.handle_command(cmd),
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.handle_event(event),
+                _ = &mut self.next_publish => self.publish(),
+                _ = expire.tick() => self.expire(),
+                _ = retry.tick() => self.retry_bootstrap(),
+                _ = &mut summary, if !self.summary_logged => self.log_summary(),
+            }
+        }
+        tracing::info!(peers = self.table.len(), "node stopped");
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Peers { reply } => {
+                let _ = reply.send(self.table.list(Instant::now()));
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::SetFreeSlots { free, reply } => {
+                let free = free.min(self.advert.slots_total);
+                if free != self.advert.slots_free {
+                    self.advert.slots_free = free;
+                    self.schedule_publish(Duration::ZERO);
+                }
+                let _ = reply.send(());
+            }
+            Command::PublishRaw { data, reply } => {
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(advert_topic(), data)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.handle_gossip(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) if info.protocols.contains(&super::KAD_PROTOCOL) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::Bootstrap(Err(e)),
+                ..
+            })) => tracing::debug!(error = %e, "kademlia bootstrap"),
+            SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
+                tracing::info!(%address, "listening");
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                let mut was_bootstrap = false;
+                for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
+                    if !b.connected {
+                        tracing::info!(addr = %b.addr, "connected to bootstrap node");
+                    }
+                    b.connected = true;
+                    b.last_error = None;
+                    if b.dial == Some(connection_id) {
+                        b.dial = None;
+                    }
+                    was_bootstrap = true;
+                }
+                if was_bootstrap {
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
+                    b.connected = false;
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => self.dial_failed(connection_id, peer_id, &error),
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                let hint = if self.psk_path.is_some() {
+                    " (a node without this network's --psk, or with another key?)"
+                } else {
+                    ""
+                };
+                tracing::debug!(from = %send_back_addr, error = %error, "incoming connection failed{hint}");
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let verdict = advert::validate(
+                    &message.data,
+                    message.source.as_ref(),
+                    advert::now_ms(),
+                    self.timing.peer_expiry,
+                );
+                let acceptance = match (verdict, message.source) {
+                    (Ok(advert), Some(peer)) => self.accept(peer, advert),
+                    (Ok(_), None) => MessageAcceptance::Reject, // unreachable: validate needs a source
+                    (Err(why), source) => {
+                        self.table.reject(why);
+                        let n = self.table.rejection_count(why);
+                        if n.is_power_of_two() {
+                            tracing::warn!(reason = %why, count = n, from = %source.map(|p| p.to_string()).unwrap_or_default(), via = %propagation_source, "refused advert");
+                        }
+                        if why.is_fault() {
+                            MessageAcceptance::Reject
+                        } else {
+                            MessageAcceptance::Ignore
+                        }
+                    }
+                };
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+            }
+            gossipsub::Event::Subscribed { peer_id, topic } if topic == advert_topic().hash() => {
+                tracing::debug!(peer = %peer_id, "peer subscribed to adverts");
+                self.schedule_publish(PUBLISH_DEBOUNCE);
+            }
+            _ => {}
+        }
+    }
+
+    fn accept(&mut self, peer: PeerId, advert: Advert) -> MessageAcceptance {
+        let (gflops, gbps, slots) = (
+            advert.matmul_gflops,
+            advert.elementwise_gbps,
+            advert.slots_free,
+        );
+        match self.table.accept(peer, advert, Instant::now()) {
+            Ok(Accepted::New) => {
+                tracing::info!(peer = %peer, gflops, gbps, slots, peers = self.table.len(), "peer joined");
+                MessageAcceptance::Accept
+            }
+            Ok(Accepted::Changed) => {
+                tracing::info!(peer = %peer, gflops, gbps, slots, "peer changed its offer");
+                MessageAcceptance::Accept
+            }
+            Ok(Accepted::Refreshed) => MessageAcceptance::Accept,
+            Err(why) => {
+                self.table.reject(why);
+                MessageAcceptance::Ignore
+            }
+        }
+    }
+
+    fn schedule_publish(&mut self, after: Duration) {
+        let at = tokio::time::Instant::now() + after;
+        if at < self.next_publish.deadline() {
+            self.next_publish.as_mut().reset(at);
+        }
+    }
+
+    fn publish(&mut self) {
+        self.advert.seq += 1;
+        self.advert.timestamp_ms = advert::now_ms();
+        let result = self
+            .advert
+            .sign(&self.key)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                tracing::debug!(
+                    bytes = bytes.len(),
+                    seq = self.advert.seq,
+                    "publishing advert"
+                );
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(advert_topic(), bytes)
+                    .map_err(|e| match e {
+                        PublishError::NoPeersSubscribedToTopic => String::new(),
+                        e => e.to_string(),
+                    })
+            });
+        match result {
+            Ok(_) => self.published += 1,
+            Err(e) if e.is_empty() => tracing::trace!("no peers to advertise to yet"),
+            Err(e) => tracing::warn!(error = %e, "could not publish the advert"),
+        }
+        let next = tokio::time::Instant::now() + self.timing.advert_interval;
+        self.next_publish.as_mut().reset(next);
+    }
+
+    fn expire(&mut self) {
+        for peer in self.table.expire(Instant::now(), self.timing.peer_expiry) {
+            tracing::info!(peer = %peer, peers = self.table.len(), "peer expired: not heard from in {}",
+                humantime::format_duration(self.timing.peer_expiry));
+        }
+    }
+
+    fn dial_bootstrap(&mut self, i: usize) {
+        let b = &mut self.bootstrap[i];
+        let opts = DialOpts::peer_id(b.peer)
+            .addresses(vec![b.base.clone()])
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => b.dial = Some(id),
+            Err(e) => tracing::debug!(addr = %b.addr, error = %e, "bootstrap dial not started"),
+        }
+    }
+
+    fn retry_bootstrap(&mut self) {
+        for i in 0..self.bootstrap.len() {
+            let b = &self.bootstrap[i];
+            if !b.connected && !self.swarm.is_connected(&b.peer) {
+                self.dial_bootstrap(i);
+            }
+        }
+    }
+
+    fn dial_failed(
+        &mut self,
+        id: ConnectionId,
+        peer: Option<PeerId>,
+        error: &libp2p::swarm::DialError,
+    ) {
+        let psk = self.psk_path.is_some();
+        let timeout = self.timing.dial_timeout;
+        for b in self
+            .bootstrap
+            .iter_mut()
+            .filter(|b| b.dial == Some(id) || Some(b.peer) == peer)
+        {
+            let failure = dial::classify(error, Some(&b.peer), psk, timeout);
+            if b.last_error.as_ref() != Some(&failure) {
+                tracing::warn!(addr = %b.addr, "cannot reach bootstrap node: {failure}");
+            }
+            b.dial = None;
+            b.last_error = Some(failure);
+        }
+    }
+
+    fn log_summary(&mut self) {
+        self.summary_logged = true;
+        let peers = self.table.list(Instant::now());
+        let connected = self.swarm.connected_peers().count();
+        if peers.is_empty() && !self.bootstrap.is_empty() && connected == 0 {
+            for b in &self.bootstrap {
+                let why = b
+                    .last_error
+                    .as_ref()
+                    .map_or_else(|| "no answer yet".to_string(), ToString::to_string);
+                tracing::warn!(addr = %b.addr, "still not connected after {}s: {why}", SUMMARY_AFTER.as_secs());
+            }
+            return;
+        }
+        tracing::info!(peers = peers.len(), connected, "part of the swarm");
+        for p in &peers {
+            tracing::info!(peer = %p.peer_id, backend = %p.backend, gflops = p.matmul_gflops, gbps = p.elementwise_gbps, slots = p.slots_free, "peer");
+        }
+    }
+
+    fn status(&self) -> Status {
+        let me = *self.swarm.local_peer_id();
+        let own = PeerInfo::from_advert(&me, &self.advert, Duration::ZERO);
+        Status {
+            peer_id: me.to_string(),
+            listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
+            bootstrap_line: bootstrap_line(&self.listen_addrs, &me, self.psk_path.as_deref()),
+            connected_peers: self.swarm.connected_peers().count(),
+            known_peers: self.table.len(),
+            advert: own,
+            adverts_published: self.published,
+            rejections: self.table.rejections(),
+            bootstrap: self
+                .bootstrap
+                .iter()
+                .map(|b| BootstrapStatus {
+                    addr: b.addr.to_string(),
+                    connected: b.connected,
+                    error: b.last_error.as_ref().map(ToString::to_string),
+                    failure: b.last_error.clone(),
+                })
+                .collect(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The libp2p swarm: TCP (+ [`psk`] for private networks) + noise + yamux, identify, ping, Kademlia and
+//! gossipsub. The event loop (`event_loop`) owns it; [`dial`] turns connection errors into reasons a
+//! person can act on.
+
+pub mod dial;
+pub(crate) mod event_loop;
+pub mod psk;
+
+use std::time::Duration;
+
+use either::Either;
+use libp2p::core::Transport;
+use libp2p::core::upgrade::Version;
+use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, MessageId, ValidationMode};
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{StreamProtocol, Swarm, connection_limits, identify, noise, ping, tcp, yamux};
+
+use crate::advert::{ADVERT_TOPIC, MAX_ADVERT_BYTES};
+use crate::config::NodeConfig;
+
+/// Identify protocol version: nodes of other networks are told apart by it.
+pub const PROTOCOL_VERSION: &str = "/corvid/1.0.0";
+/// Our Kademlia protocol name (a private DHT, not the public IPFS one).
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corvid/kad/1.0.0");
+/// Gossipsub frames larger than this are dropped by the codec before decoding. Above
+/// [`MAX_ADVERT_BYTES`] so that oversized adverts reach (and are counted by) our validator.
+pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+const _: () = assert!(MAX_ADVERT_BYTES < MAX_GOSSIP_BYTES);
+
+/// Established connections per peer.
+const MAX_CONNECTIONS_PER_PEER: u32 = 2;
+/// Connections being set up at once, each way.
+const MAX_PENDING: u32 = 32;
+/// Idle connections are closed after this.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the swarm could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("could not build the transport: {0}")]
+    Transport(String),
+    #[error("could not build the network behaviour: {0}")]
+    Behaviour(String),
+    #[error("cannot listen on '{addr}': {reason}")]
+    Listen {
+        addr: libp2p::Multiaddr,
+        reason: String,
+    },
+    #[error("could not subscribe to '{ADVERT_TOPIC}': {0}")]
+    Subscribe(String),
+}
+
+/// Every protocol the node speaks.
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub limits: connection_limits::Behaviour,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub kad: kad::Behaviour<MemoryStore>,
+    pub gossipsub: gossipsub::Behaviour,
+}
+
+/// The advert topic.
+pub fn advert_topic() -> IdentTopic {
+    IdentTopic::new(ADVERT_TOPIC)
+}
+
+/// Builds the swarm for `config` (not yet listening or dialling).
+pub(crate) fn build_swarm(
+    key: &Keypair,
+    config: &NodeConfig,
+) -> Result<Swarm<Behaviour>, NetError> {
+    let psk = config.psk.as_ref().map(|p| p.key);
+    let dial_timeout = config.timing.dial_timeout;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
+        .with_tokio()
+        .with_other_transport(|key| {
+            let noise = noise::Config::new(key)?;
+            // TCP, wrapped in the PSK handshake when the network is private.
+            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+            let base = match psk {
+                Some(psk) => {
+                    Either::Left(tcp.and_then(move |socket, _| psk::handshake(psk, socket)))
+                }
+                None => Either::Right(tcp),
+            };
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                base.upgrade(Version::V1Lazy)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .timeout(dial_timeout),
+            )
+        })
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_dns()
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_behaviour(|key| behaviour(key, config))
+        .map_err(|e| NetError::Behaviour(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
+        .build();
+    Ok(swarm)
+}
+
+fn behaviour(
+    key: &Keypair,
+    config: &NodeConfig,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let peer_id = key.public().to_peer_id();
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+        .with_max_pending_incoming(Some(MAX_PENDING))
+        .with_max_pending_outgoing(Some(MAX_PENDING));
+
+    let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+    kad_config.set_periodic_bootstrap_interval(Some(config.timing.kad_refresh));
+    let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+    // Answer queries even before confirming an external address (loopback, LANs).
+    kad.set_mode(Some(kad::Mode::Server));
+
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .validation_mode(ValidationMode::Strict)
+        .validate_messages()
+        .max_transmit_size(MAX_GOSSIP_BYTES)
+        .message_id_fn(|m: &gossipsub::Message| {
+            MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+        })
+        // Small swarms: a mesh of two is enough; flood publishing reaches everyone subscribed.
+        .mesh_n_low(2)
+        .mesh_outbound_min(1)
+        .flood_publish(true)
+        .heartbeat_interval(Duration::from_millis(500))
+        // An advert's useful life: a duplicate arriving later is still dropped.
+        .duplicate_cache_time(config.timing.peer_expiry)
+        .build()
+        .map_err(|e| format!("gossipsub config: {e}"))?;
+    let mut gossipsub =
+        gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+    gossipsub
+        .subscribe(&advert_topic())
+        .map_err(|e| format!("subscribe: {e}"))?;
+
+    Ok(Behaviour {
+        limits: connection_limits::Behaviour::new(limits),
+        identify: identify::Behaviour::new(
+            identify::Config::new(PROTOCOL_VERSION.to_string(), key.public())
+                .with_agent_version(format!("corvid/{}", env!("CARGO_PKG_VERSION"))),
+        ),
+        ping: ping::Behaviour::default(),
+        kad,
+        gossipsub,
+    })
+}

@@ -1,0 +1,427 @@
+//! [`Node::spawn`]: identity, benchmark, swarm, control endpoint, event loop; and the
+//! [`NodeHandle`] everything else uses.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::advert::{ADVERT_VERSION, Advert};
+use crate::bench::{BenchError, BenchReport};
+use crate::config::{ConfigError, NodeConfig};
+use crate::control;
+use crate::identity::{IdentityError, load_keypair};
+use crate::net::dial::DialFailure;
+use crate::net::event_loop::{Command, EventLoop};
+use crate::net::{NetError, build_swarm};
+use crate::peers::PeerInfo;
+
+/// Commands queued for the event loop at most.
+const COMMAND_QUEUE: usize = 64;
+/// Listeners must report an address within this.
+const LISTEN_DEADLINE: Duration = Duration::from_secs(5);
+/// After the first address of each listener, further addresses are awaited this long.
+const MORE_ADDRS_WAIT: Duration = Duration::from_millis(50);
+
+/// Why a node could not start, or a request to it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("cannot open the '{choice}' backend: {source}")]
+    Backend {
+        choice: corvid_kernels::BackendChoice,
+        source: corvid_kernels::BackendError,
+    },
+    #[error(transparent)]
+    Bench(#[from] BenchError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("control endpoint on '{addr}': {source}")]
+    Control {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the node has stopped")]
+    Stopped,
+    #[error("a blocking task failed: {0}")]
+    Task(String),
+}
+
+/// A node's view of itself, served at `GET /status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+    /// The command others run to join through this node.
+    pub bootstrap_line: Option<String>,
+    pub connected_peers: usize,
+    pub known_peers: usize,
+    /// This node's own advert.
+    pub advert: PeerInfo,
+    pub adverts_published: u64,
+    /// Refused adverts by reason.
+    pub rejections: BTreeMap<String, u64>,
+    pub bootstrap: Vec<BootstrapStatus>,
+    pub uptime_ms: u64,
+}
+
+/// One configured bootstrap address and why it was last unreachable.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BootstrapStatus {
+    pub addr: String,
+    pub connected: bool,
+    pub error: Option<String>,
+    pub failure: Option<DialFailure>,
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node;
+
+impl Node {
+    /// Starts a node: loads its identity, benchmarks its backend, starts listening, then runs
+    /// the event loop and control endpoint until `shutdown` is cancelled. Returns once listening.
+    pub async fn spawn(
+        config: NodeConfig,
+        shutdown: CancellationToken,
+    ) -> Result<NodeHandle, NodeError> {
+        config.validate()?;
+        let key = load_keypair(&config.identity)?;
+        let peer_id = key.public().to_peer_id();
+        let span = tracing::info_span!("node", id = %short_id(&peer_id));
+        async move {
+            let bench = benchmark(&config).await?;
+            let advert = Advert {
+                version: ADVERT_VERSION,
+                peer_id: peer_id.to_bytes(),
+                timestamp_ms: 0,
+                seq: 0,
+                backend: bench.backend,
+                adapter: bench.adapter.clone(),
+                class: bench.class.clone(),
+                matmul_gflops: bench.matmul_gflops as f32,
+                elementwise_gbps: bench.elementwise_gbps as f32,
+                memory_bytes: bench.memory_bytes,
+                max_tensor_bytes: bench.max_tensor_bytes,
+                slots_total: if config.contribute { config.slots } else { 0 },
+                slots_free: if config.contribute { config.slots } else { 0 },
+                contributes: config.contribute,
+            };
+            let mut swarm = build_swarm(&key, &config)?;
+            let listen_addrs = listen(&mut swarm, &config.listen).await?;
+
+            let cancel = shutdown.child_token();
+            let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+            let client = NodeClient { tx };
+            let (control_addr, control_task) =
+                control::serve(config.control, client.clone(), cancel.clone()).await?;
+            let control_file = config.control_file();
+            if let Some(path) = &control_file
+                && let Err(e) = std::fs::write(path, format!("{control_addr}\n"))
+            {
+                tracing::warn!(path = %path.display(), error = %e, "could not write the control address");
+            }
+            let psk_path = config.psk.as_ref().map(|p| p.path.clone());
+            let line = bootstrap_line(&listen_addrs, &peer_id, psk_path.as_deref());
+            tracing::info!(%peer_id, addrs = ?listen_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                control = %control_addr, gflops = advert.matmul_gflops, gbps = advert.elementwise_gbps,
+                adapter = %advert.adapter, "node started");
+            if let Some(line) = &line {
+                tracing::info!("others join this swarm with:  {line}");
+            }
+            let event_loop = EventLoop::new(
+                swarm,
+                rx,
+                key,
+                advert,
+                config.timing.clone(),
+                psk_path,
+                &config.bootstrap,
+                listen_addrs.clone(),
+            );
+            let task = tokio::spawn(event_loop.run(cancel.clone()).in_current_span());
+            Ok(NodeHandle {
+                client,
+                peer_id,
+                listen_addrs,
+                bootstrap_line: line,
+                control_addr,
+                control_file,
+                bench,
+                cancel,
+                tasks: vec![task, control_task],
+            })
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+async fn benchmark(config: &NodeConfig) -> Result<BenchReport, NodeError> {
+    let choice = config.backend;
+    let budget = config.timing.bench_budget;
+    let max_memory = config.max_memory;
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || {
+        let _g = span.enter();
+        let backend = corvid_kernels::Backend::open(choice)
+            .map_err(|source| NodeError::Backend { choice, source })?;
+        let report = crate::bench::run(&backend, budget, max_memory)?;
+        tracing::info!(matmul_gflops = report.matmul_gflops, matmul_n = report.matmul_n,
+            elementwise_gbps = report.elementwise_gbps, took = ?report.took, "benchmark done");
+        Ok(report)
+    })
+    .await
+    .map_err(|e| NodeError::Task(e.to_string()))?
+}
+
+/// Starts every listener and waits until each reports its address.
+async fn listen(
+    swarm: &mut libp2p::Swarm<crate::net::Behaviour>,
+    addrs: &[Multiaddr],
+) -> Result<Vec<Multiaddr>, NodeError> {
+    let mut waiting = Vec::new();
+    for addr in addrs {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        waiting.push((id, addr.clone()));
+    }
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + LISTEN_DEADLINE;
+    while !waiting.is_empty() {
+        let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .map_err(|_| NetError::Listen {
+                addr: waiting[0].1.clone(),
+                reason: "no address reported in time".into(),
+            })?;
+        match event {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                waiting.retain(|(id, _)| *id != listener_id);
+                out.push(address);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some((_, addr)) = waiting.iter().find(|(id, _)| *id == listener_id) {
+                    return Err(NetError::Listen {
+                        addr: addr.clone(),
+                        reason: format!("{reason:?}"),
+                    }
+                    .into());
+                }
+            }
+            _ => {}
+        }
+    }
+    // A listener on 0.0.0.0 reports one address per interface in quick succession: collect
+    // them so the bootstrap line can name a routable one.
+    for _ in 0..64 {
+        match tokio::time::timeout(MORE_ADDRS_WAIT, swarm.select_next_some()).await {
+            Ok(SwarmEvent::NewListenAddr { address, .. }) => out.push(address),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    Ok(out)
+}
+
+/// `corvid node --bootstrap ADDR/p2p/ID [--psk FILE]`, with the most reachable address:
+/// a non-loopback one if there is one.
+pub fn bootstrap_line(addrs: &[Multiaddr], peer: &PeerId, psk: Option<&Path>) -> Option<String> {
+    let loopback = |a: &Multiaddr| {
+        a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_loopback(),
+            Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        })
+    };
+    let addr = addrs
+        .iter()
+        .find(|a| !loopback(a))
+        .or_else(|| addrs.first())?;
+    let mut line = format!(
+        "corvid node --bootstrap {}",
+        addr.clone().with_p2p(*peer).ok()?
+    );
+    if let Some(p) = psk {
+        line.push_str(&format!(" --psk {}", p.display()));
+    }
+    Some(line)
+}
+
+/// The first 8 and last 6 characters of a peer id.
+pub fn short_id(peer: &PeerId) -> String {
+    let s = peer.to_string();
+    if s.len() > 16 {
+        format!("{}…{}", &s[..8], &s[s.len() - 6..])
+    } else {
+        s
+    }
+}
+
+/// A cheap, cloneable way to ask the event loop things.
+#[derive(Clone, Debug)]
+pub struct NodeClient {
+    tx: mpsc::Sender<Command>,
+}
+
+impl NodeClient {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Every peer with a valid, unexpired advert.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
+        self.ask(|reply| Command::Peers { reply }).await
+    }
+
+    pub async fn status(&self) -> Result<Status, NodeError> {
+        self.ask(|reply| Command::Status { reply }).await
+    }
+
+    /// Sets the advertised free execution slots; a change is re-published at once.
+    pub async fn set_free_slots(&self, free: u32) -> Result<(), NodeError> {
+        self.ask(|reply| Command::SetFreeSlots { free, reply })
+            .await
+    }
+
+    /// Publishes arbitrary bytes on the advert topic. For tests of other nodes' validation.
+    #[doc(hidden)]
+    pub async fn publish_raw_advert(&self, data: Vec<u8>) -> Result<Result<(), String>, NodeError> {
+        self.ask(|reply| Command::PublishRaw { data, reply }).await
+    }
+}
+
+/// The handle of a running node: ask it things, then [`NodeHandle::shutdown`] and
+/// [`NodeHandle::join`].
+#[derive(Debug)]
+pub struct NodeHandle {
+    client: NodeClient,
+    peer_id: PeerId,
+    listen_addrs: Vec<Multiaddr>,
+    bootstrap_line: Option<String>,
+    control_addr: SocketAddr,
+    control_file: Option<PathBuf>,
+    bench: BenchReport,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl NodeHandle {
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The addresses the node listened on at start.
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.listen_addrs
+    }
+
+    /// The first listen address with `/p2p/<peer id>`: what others pass to `--bootstrap`.
+    pub fn bootstrap_addr(&self) -> Multiaddr {
+        let mut a = self
+            .listen_addrs
+            .first()
+            .cloned()
+            .unwrap_or_else(Multiaddr::empty);
+        a.push(Protocol::P2p(self.peer_id));
+        a
+    }
+
+    /// The ready-to-copy `corvid node --bootstrap …` line.
+    pub fn bootstrap_line(&self) -> Option<&str> {
+        self.bootstrap_line.as_deref()
+    }
+
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control_addr
+    }
+
+    /// The start-up benchmark.
+    pub fn bench(&self) -> &BenchReport {
+        &self.bench
+    }
+
+    pub fn client(&self) -> NodeClient {
+        self.client.clone()
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
+        self.client.peers().await
+    }
+
+    pub async fn status(&self) -> Result<Status, NodeError> {
+        self.client.status().await
+    }
+
+    /// Asks the node to stop; [`NodeHandle::join`] waits for it.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Stops the node and waits until its tasks have ended.
+    pub async fn join(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            if let Err(e) = t.await {
+                tracing::warn!(error = %e, "node task ended abnormally");
+            }
+        }
+        if let Some(path) = &self.control_file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_line_prefers_a_routable_address() {
+        let peer = PeerId::random();
+        let addrs: Vec<Multiaddr> = vec![
+            "/ip4/127.0.0.1/tcp/4001".parse().unwrap(),
+            "/ip4/192.168.1.7/tcp/4001".parse().unwrap(),
+        ];
+        let line = bootstrap_line(&addrs, &peer, Some(Path::new("/k/swarm.key"))).unwrap();
+        assert_eq!(
+            line,
+            format!(
+                "corvid node --bootstrap /ip4/192.168.1.7/tcp/4001/p2p/{peer} --psk /k/swarm.key"
+            )
+        );
+        assert!(bootstrap_line(&[], &peer, None).is_none());
+    }
+}

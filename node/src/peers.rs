@@ -1,0 +1,231 @@
+//! The peer table: the latest valid advert of every peer heard from, expired when silent, and
+//! counts of refused adverts by reason. Owned by the network event loop; plain data, no tokio.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::advert::{Advert, Rejection};
+
+/// One peer as shown by `corvid peers` and the control endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub peer_id: String,
+    pub backend: String,
+    pub adapter: String,
+    pub class: String,
+    pub matmul_gflops: f32,
+    pub elementwise_gbps: f32,
+    pub memory_bytes: u64,
+    pub slots_total: u32,
+    pub slots_free: u32,
+    pub contributes: bool,
+    pub seq: u64,
+    /// Milliseconds since the last valid advert arrived.
+    pub last_seen_ms: u64,
+}
+
+impl PeerInfo {
+    /// The row for `peer`'s advert `a`, last heard from `last_seen` ago.
+    pub fn from_advert(peer: &PeerId, a: &Advert, last_seen: Duration) -> PeerInfo {
+        PeerInfo {
+            peer_id: peer.to_string(),
+            backend: a.backend.to_string(),
+            adapter: a.adapter.clone(),
+            class: a.class.to_string(),
+            matmul_gflops: a.matmul_gflops,
+            elementwise_gbps: a.elementwise_gbps,
+            memory_bytes: a.memory_bytes,
+            slots_total: a.slots_total,
+            slots_free: a.slots_free,
+            contributes: a.contributes,
+            seq: a.seq,
+            last_seen_ms: last_seen.as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    advert: Advert,
+    last_seen: Instant,
+}
+
+/// What [`PeerTable::accept`] did with an advert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// A peer not in the table.
+    New,
+    /// A newer advert from a known peer whose offer changed.
+    Changed,
+    /// A newer advert with the same offer.
+    Refreshed,
+}
+
+/// Latest adverts by peer, and rejection counts.
+#[derive(Debug)]
+pub struct PeerTable {
+    entries: HashMap<PeerId, Entry>,
+    rejections: BTreeMap<Rejection, u64>,
+    max_peers: usize,
+}
+
+impl PeerTable {
+    /// A table holding at most `max_peers` peers; adverts from further peers are dropped.
+    pub fn new(max_peers: usize) -> PeerTable {
+        PeerTable {
+            entries: HashMap::new(),
+            rejections: BTreeMap::new(),
+            max_peers,
+        }
+    }
+
+    /// Stores a validated advert unless it is older than (or as old as) the one held.
+    pub fn accept(
+        &mut self,
+        peer: PeerId,
+        advert: Advert,
+        now: Instant,
+    ) -> Result<Accepted, Rejection> {
+        if let Some(e) = self.entries.get_mut(&peer) {
+            if advert.seq <= e.advert.seq && advert.timestamp_ms <= e.advert.timestamp_ms {
+                return Err(Rejection::Replayed);
+            }
+            let changed = !same_offer(&e.advert, &advert);
+            e.advert = advert;
+            e.last_seen = now;
+            return Ok(if changed {
+                Accepted::Changed
+            } else {
+                Accepted::Refreshed
+            });
+        }
+        if self.entries.len() >= self.max_peers {
+            return Err(Rejection::TableFull);
+        }
+        self.entries.insert(
+            peer,
+            Entry {
+                advert,
+                last_seen: now,
+            },
+        );
+        Ok(Accepted::New)
+    }
+
+    /// Counts a refused advert.
+    pub fn reject(&mut self, why: Rejection) {
+        *self.rejections.entry(why).or_default() += 1;
+    }
+
+    /// Removes peers silent for longer than `expiry`; returns them.
+    pub fn expire(&mut self, now: Instant, expiry: Duration) -> Vec<PeerId> {
+        let gone: Vec<PeerId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| now.saturating_duration_since(e.last_seen) > expiry)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &gone {
+            self.entries.remove(p);
+        }
+        gone
+    }
+
+    /// Every peer, fastest matmul first.
+    pub fn list(&self, now: Instant) -> Vec<PeerInfo> {
+        let mut out: Vec<PeerInfo> = self
+            .entries
+            .iter()
+            .map(|(p, e)| {
+                PeerInfo::from_advert(p, &e.advert, now.saturating_duration_since(e.last_seen))
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.matmul_gflops
+                .total_cmp(&a.matmul_gflops)
+                .then_with(|| a.peer_id.cmp(&b.peer_id))
+        });
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// How many adverts were refused for `why`.
+    pub fn rejection_count(&self, why: Rejection) -> u64 {
+        self.rejections.get(&why).copied().unwrap_or(0)
+    }
+
+    /// Refused adverts by reason.
+    pub fn rejections(&self) -> BTreeMap<String, u64> {
+        self.rejections
+            .iter()
+            .map(|(k, v)| (k.name().to_string(), *v))
+            .collect()
+    }
+}
+
+/// Same offer, ignoring the timestamp and sequence number.
+fn same_offer(a: &Advert, b: &Advert) -> bool {
+    Advert {
+        timestamp_ms: 0,
+        seq: 0,
+        ..a.clone()
+    } == Advert {
+        timestamp_ms: 0,
+        seq: 0,
+        ..b.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::identity::Keypair;
+
+    use super::*;
+    use crate::advert::tests::sample;
+
+    #[test]
+    fn accepts_newer_refuses_replays_and_expires() {
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let mut t = PeerTable::new(8);
+        let t0 = Instant::now();
+        let mut a = sample(&key, 1000);
+        assert_eq!(t.accept(peer, a.clone(), t0), Ok(Accepted::New));
+        assert_eq!(t.accept(peer, a.clone(), t0), Err(Rejection::Replayed));
+        a.seq += 1;
+        a.timestamp_ms += 1;
+        assert_eq!(t.accept(peer, a.clone(), t0), Ok(Accepted::Refreshed));
+        a.seq += 1;
+        a.slots_free = 1;
+        assert_eq!(t.accept(peer, a, t0), Ok(Accepted::Changed));
+        assert_eq!(t.list(t0)[0].slots_free, 1);
+        let later = t0 + Duration::from_secs(5);
+        assert!(t.expire(later, Duration::from_secs(10)).is_empty());
+        assert_eq!(t.expire(later, Duration::from_secs(1)), vec![peer]);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn table_is_bounded_and_counts_rejections() {
+        let mut t = PeerTable::new(1);
+        let now = Instant::now();
+        for _ in 0..2 {
+            let key = Keypair::generate_ed25519();
+            let _ = t.accept(key.public().to_peer_id(), sample(&key, 1), now);
+        }
+        assert_eq!(t.len(), 1);
+        t.reject(Rejection::BadSignature);
+        t.reject(Rejection::BadSignature);
+        assert_eq!(t.rejections()["bad_signature"], 2);
+    }
+}

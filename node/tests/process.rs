@@ -1,0 +1,147 @@
+//! Three real `corvid node` processes on loopback; `corvid peers` on the first lists the other
+//! two. Children are killed on drop, so a failing test leaks nothing.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_corvid");
+
+/// Kills and reaps the child when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn corvid(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("CORVID_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn start_node(dir: &Path, bootstrap: Option<&str>) -> Guard {
+    // The config file layer: a short benchmark (it has no flag) and the slot count.
+    std::fs::write(
+        dir.join("config.toml"),
+        "bench_budget = \"300ms\"\nslots = 3\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("node")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .env("CORVID_BACKEND", "cpu") // the environment layer
+        .args(["--advert-interval", "1s", "--peer-expiry", "5s"])
+        .env("CORVID_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    Guard(cmd.spawn().unwrap())
+}
+
+fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `corvid id --json` of the node running in `dir`, once its control endpoint answers.
+fn id_of(dir: &Path) -> serde_json::Value {
+    wait_until("the node to be running", Duration::from_secs(30), || {
+        if !dir.join("control.addr").exists() {
+            return None;
+        }
+        let out = corvid(&["id", "--json", "--data-dir", dir.to_str()?]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["running"] == true).then_some(v)
+    })
+}
+
+fn short(id: &str) -> String {
+    format!("{}…{}", &id[..8], &id[id.len() - 6..])
+}
+
+#[test]
+fn three_processes_and_corvid_peers() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut children = vec![start_node(dirs[0].path(), None)];
+    let first = id_of(dirs[0].path());
+    let bootstrap = first["bootstrap"][0].as_str().unwrap().to_string();
+    assert!(
+        first["bootstrap_line"]
+            .as_str()
+            .unwrap()
+            .contains(&bootstrap)
+    );
+    let start = Instant::now();
+    for d in &dirs[1..] {
+        children.push(start_node(d.path(), Some(&bootstrap)));
+    }
+    let others: Vec<String> = dirs[1..]
+        .iter()
+        .map(|d| id_of(d.path())["peer_id"].as_str().unwrap().to_string())
+        .collect();
+
+    let dir0 = dirs[0].path().to_str().unwrap();
+    let table = wait_until(
+        "`corvid peers` to list both others",
+        Duration::from_secs(20),
+        || {
+            let out = corvid(&["peers", "--data-dir", dir0]);
+            let text = String::from_utf8(out.stdout).ok()?;
+            others
+                .iter()
+                .all(|id| text.contains(&short(id)))
+                .then_some(text)
+        },
+    );
+    println!(
+        "peers listed {:?} after the joiners started:\n{table}",
+        start.elapsed()
+    );
+    assert!(table.starts_with("PEER"));
+    assert!(table.contains("3/3"), "slots from the config file: {table}");
+    assert!(table.contains("2 peers known"));
+
+    // JSON output carries the full peer ids and the scores.
+    let out = corvid(&["peers", "--json", "--data-dir", dir0]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for p in v["peers"].as_array().unwrap() {
+        assert!(p["matmul_gflops"].as_f64().unwrap() > 0.0);
+    }
+
+    // `corvid config dump` shows the key's path and peer id, never the key.
+    let out = corvid(&["config", "dump", "--data-dir", dir0]);
+    let dump = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        dump.contains("identity.key") && dump.contains(first["peer_id"].as_str().unwrap()),
+        "{dump}"
+    );
+    let key = std::fs::read(dirs[0].path().join("identity.key")).unwrap();
+    assert!(!dump.contains(&format!("{key:?}")));
+
+    drop(children);
+    // With the node gone, `corvid peers` says why it cannot answer.
+    let out = corvid(&["peers", "--control", "127.0.0.1:9"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:9"));
+}
