@@ -87,7 +87,7 @@ pub struct BootstrapStatus {
     pub failure: Option<DialFailure>,
 }
 
-/// A running node.
+/// Starts nodes: see [`Node::spawn`].
 #[derive(Debug)]
 pub struct Node;
 
@@ -391,9 +391,9 @@ impl NodeHandle {
     }
 
     /// Stops the node and waits until its tasks have ended.
-    pub async fn join(self) {
+    pub async fn join(mut self) {
         self.cancel.cancel();
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             if let Err(e) = t.await {
                 tracing::warn!(error = %e, "node task ended abnormally");
             }
@@ -401,6 +401,14 @@ impl NodeHandle {
         if let Some(path) = &self.control_file {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// Dropping the handle stops the node (the control endpoint's client would otherwise keep the
+/// event loop's inbox open).
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }
 
