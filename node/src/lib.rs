@@ -26,6 +26,7 @@ pub mod identity;
 pub mod net;
 pub mod node;
 pub mod peers;
+mod work;
 
 pub use advert::{ADVERT_TOPIC, Advert, Rejection, SignedAdvert};
 pub use bench::BenchReport;

@@ -56,6 +56,8 @@ pub enum NodeError {
     },
     #[error("the node has stopped")]
     Stopped,
+    #[error("task to peer {peer} failed: {error}")]
+    Remote { peer: String, error: String },
     #[error("a blocking task failed: {0}")]
     Task(String),
 }
@@ -103,7 +105,7 @@ impl Node {
         let peer_id = key.public().to_peer_id();
         let span = tracing::info_span!("node", id = %short_id(&peer_id));
         async move {
-            let bench = benchmark(&config).await?;
+            let (bench, backend) = benchmark(&config).await?;
             let advert = Advert {
                 version: ADVERT_VERSION,
                 peer_id: peer_id.to_bytes(),
@@ -124,6 +126,7 @@ impl Node {
             let listen_addrs = listen(&mut swarm, &config.listen).await?;
 
             let cancel = shutdown.child_token();
+            let mut worker_task = None;
             let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
             let client = NodeClient { tx };
             let (control_addr, control_task) =
@@ -142,6 +145,17 @@ impl Node {
             if let Some(line) = &line {
                 tracing::info!("others join this swarm with:  {line}");
             }
+            // The worker: tasks from peers run on this node's backend, `slots` at a time.
+            let work = if config.contribute {
+                let slots = config.slots as usize;
+                let (work_tx, work_rx) = mpsc::channel(2 * slots.max(1));
+                let executor = std::sync::Arc::new(corvid_sdk::LocalExecutor::new(backend));
+                let worker = crate::work::run(work_rx, client.tx.clone(), executor, slots, cancel.clone());
+                worker_task = Some(tokio::spawn(worker.in_current_span()));
+                Some(work_tx)
+            } else {
+                None
+            };
             let event_loop = EventLoop::new(
                 swarm,
                 rx,
@@ -151,6 +165,7 @@ impl Node {
                 psk_path,
                 &config.bootstrap,
                 listen_addrs.clone(),
+                work,
             );
             let task = tokio::spawn(event_loop.run(cancel.clone()).in_current_span());
             Ok(NodeHandle {
@@ -162,7 +177,7 @@ impl Node {
                 control_file,
                 bench,
                 cancel,
-                tasks: vec![task, control_task],
+                tasks: [Some(task), Some(control_task), worker_task].into_iter().flatten().collect(),
             })
         }
         .instrument(span)
@@ -170,7 +185,10 @@ impl Node {
     }
 }
 
-async fn benchmark(config: &NodeConfig) -> Result<BenchReport, NodeError> {
+/// Opens the backend and benchmarks it; the backend then serves tasks.
+async fn benchmark(
+    config: &NodeConfig,
+) -> Result<(BenchReport, corvid_kernels::Backend), NodeError> {
     let choice = config.backend;
     let budget = config.timing.bench_budget;
     let max_memory = config.max_memory;
@@ -182,7 +200,7 @@ async fn benchmark(config: &NodeConfig) -> Result<BenchReport, NodeError> {
         let report = crate::bench::run(&backend, budget, max_memory)?;
         tracing::info!(matmul_gflops = report.matmul_gflops, matmul_n = report.matmul_n,
             elementwise_gbps = report.elementwise_gbps, took = ?report.took, "benchmark done");
-        Ok(report)
+        Ok((report, backend))
     })
     .await
     .map_err(|e| NodeError::Task(e.to_string()))?
@@ -314,6 +332,24 @@ impl NodeClient {
     pub async fn set_free_slots(&self, free: u32) -> Result<(), NodeError> {
         self.ask(|reply| Command::SetFreeSlots { free, reply })
             .await
+    }
+
+    /// Sends `peer` a task and waits for its answer.
+    pub async fn run_task(
+        &self,
+        peer: PeerId,
+        request: corvid_sdk::wire::TaskRequest,
+    ) -> Result<corvid_sdk::wire::TaskResponse, NodeError> {
+        self.ask(|reply| Command::SendTask {
+            peer,
+            request: Box::new(request),
+            reply,
+        })
+        .await?
+        .map_err(|error| NodeError::Remote {
+            peer: peer.to_string(),
+            error,
+        })
     }
 
     /// Publishes arbitrary bytes on the advert topic. For tests of other nodes' validation.

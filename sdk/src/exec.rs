@@ -61,17 +61,28 @@ impl LocalExecutor {
         sg: &Subgraph,
         inputs: &[Arc<Data>],
     ) -> Result<Arc<Vec<Arc<Data>>>, ExecError> {
-        if let Some(hit) = self.cache().get(&sg.id) {
+        self.run_program(sg.id, &sg.program, inputs)
+    }
+
+    /// Runs a program known by its subgraph id (what a worker receives), cached by that id.
+    /// The caller vouches that `id` is the program's id over these inputs.
+    pub fn run_program(
+        &self,
+        id: SubgraphId,
+        program: &corvid_kernels::Program,
+        inputs: &[Arc<Data>],
+    ) -> Result<Arc<Vec<Arc<Data>>>, ExecError> {
+        if let Some(hit) = self.cache().get(&id) {
             return Ok(hit);
         }
         let out: Vec<Arc<Data>> = self
             .backend
-            .run_shared(&sg.program, inputs)?
+            .run_shared(program, inputs)?
             .into_iter()
             .map(Arc::new)
             .collect();
         let out = Arc::new(out);
-        self.cache().put(sg.id, out.clone());
+        self.cache().put(id, out.clone());
         Ok(out)
     }
 

@@ -20,6 +20,10 @@ use crate::advert::{self, Advert};
 use crate::config::Timing;
 use crate::node::{BootstrapStatus, Status, bootstrap_line};
 use crate::peers::{Accepted, PeerInfo, PeerTable};
+use crate::work::Work;
+use corvid_sdk::wire::{TaskRequest, TaskResponse};
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use std::collections::HashMap;
 
 /// Most peers kept in the table.
 const MAX_PEERS: usize = 10_000;
@@ -46,6 +50,17 @@ pub(crate) enum Command {
     PublishRaw {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Sends a task to a peer; the reply is its answer or why there is none.
+    SendTask {
+        peer: PeerId,
+        request: Box<TaskRequest>,
+        reply: oneshot::Sender<Result<TaskResponse, String>>,
+    },
+    /// The worker's answer to a task a peer sent.
+    Respond {
+        channel: ResponseChannel<TaskResponse>,
+        response: TaskResponse,
     },
 }
 
@@ -75,6 +90,10 @@ pub(crate) struct EventLoop {
     published: u64,
     started: Instant,
     summary_logged: bool,
+    /// Where received tasks go; `None` on a requester-only node.
+    work: Option<mpsc::Sender<Work>>,
+    /// Replies owed for tasks this node sent.
+    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<TaskResponse, String>>>,
 }
 
 impl EventLoop {
@@ -88,6 +107,7 @@ impl EventLoop {
         psk_path: Option<std::path::PathBuf>,
         bootstrap: &[Multiaddr],
         listen_addrs: Vec<Multiaddr>,
+        work: Option<mpsc::Sender<Work>>,
     ) -> EventLoop {
         let bootstrap = bootstrap
             .iter()
@@ -117,6 +137,8 @@ impl EventLoop {
             published: 0,
             started: Instant::now(),
             summary_logged: false,
+            work,
+            pending: HashMap::new(),
         }
     }
 
@@ -180,12 +202,91 @@ impl EventLoop {
                     .map_err(|e| e.to_string());
                 let _ = reply.send(r);
             }
+            Command::SendTask {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .task
+                    .send_request(&peer, *request);
+                self.pending.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                // Fails only if the requester has gone; nothing to do then.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .task
+                    .send_response(channel, response);
+            }
+        }
+    }
+
+    fn handle_task(&mut self, event: request_response::Event<TaskRequest, TaskResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let task = request.task;
+                    let refusal = match self.work.clone() {
+                        None => Some((channel, "this node does not contribute (--no-contribute)")),
+                        Some(queue) => match queue.try_send(Work {
+                            peer,
+                            request,
+                            channel,
+                        }) {
+                            Ok(()) => None,
+                            Err(mpsc::error::TrySendError::Full(w)) => {
+                                Some((w.channel, "busy: every execution slot is taken"))
+                            }
+                            Err(mpsc::error::TrySendError::Closed(w)) => {
+                                Some((w.channel, "the worker has stopped"))
+                            }
+                        },
+                    };
+                    if let Some((channel, error)) = refusal {
+                        tracing::debug!(%peer, task, %error, "task refused");
+                        let r = TaskResponse::Failed {
+                            task,
+                            error: error.into(),
+                        };
+                        let _ = self.swarm.behaviour_mut().task.send_response(channel, r);
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(format!("{peer}: {error}")));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound task failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
         }
     }
 
     fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.handle_gossip(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Task(e)) => self.handle_task(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,

@@ -5,6 +5,7 @@
 pub mod dial;
 pub(crate) mod event_loop;
 pub mod psk;
+pub mod task;
 
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use libp2p::core::upgrade::Version;
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, MessageId, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
+use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, Swarm, connection_limits, identify, noise, ping, tcp, yamux};
 
@@ -33,6 +35,8 @@ const _: () = assert!(MAX_ADVERT_BYTES < MAX_GOSSIP_BYTES);
 const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 /// Connections being set up at once, each way.
 const MAX_PENDING: u32 = 32;
+/// A task request not answered within this fails on the requester.
+const TASK_TIMEOUT: Duration = Duration::from_secs(600);
 /// Idle connections are closed after this.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -60,6 +64,7 @@ pub(crate) struct Behaviour {
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<MemoryStore>,
     pub gossipsub: gossipsub::Behaviour,
+    pub task: request_response::Behaviour<task::TaskCodec>,
 }
 
 /// The advert topic.
@@ -151,5 +156,17 @@ fn behaviour(
         ping: ping::Behaviour::default(),
         kad,
         gossipsub,
+        task: request_response::Behaviour::with_codec(
+            task::TaskCodec::default(),
+            [(
+                task::TASK_PROTOCOL,
+                if config.contribute {
+                    ProtocolSupport::Full
+                } else {
+                    ProtocolSupport::Outbound
+                },
+            )],
+            request_response::Config::default().with_request_timeout(TASK_TIMEOUT),
+        ),
     })
 }
