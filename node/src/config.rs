@@ -128,6 +128,17 @@ pub struct NodeConfig {
     pub control: SocketAddr,
     pub max_connections: u32,
     pub timing: Timing,
+    /// Misbehaviour for tests of requesters' defences; never set from files, env or flags.
+    #[doc(hidden)]
+    pub fault: Option<Fault>,
+}
+
+/// Ways a test worker misbehaves.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Accepts tasks and never answers.
+    Hang,
 }
 
 impl NodeConfig {
@@ -155,6 +166,7 @@ impl NodeConfig {
                 bootstrap_retry: Duration::from_secs(1),
                 bench_budget: Duration::from_millis(150),
             },
+            fault: None,
         }
     }
 
@@ -247,6 +259,7 @@ impl NodeConfig {
             control,
             max_connections: file.max_connections.unwrap_or(128),
             timing,
+            fault: None,
         };
         config.validate()?;
         Ok(config)

@@ -20,6 +20,7 @@
 pub mod advert;
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod identity;
@@ -30,6 +31,7 @@ mod work;
 
 pub use advert::{ADVERT_TOPIC, Advert, Rejection, SignedAdvert};
 pub use bench::BenchReport;
-pub use config::{NodeArgs, NodeConfig};
+pub use client::{Client, ClientError, JobSummary, SwarmExecutor};
+pub use config::{Fault, NodeArgs, NodeConfig};
 pub use node::{BootstrapStatus, Node, NodeClient, NodeError, NodeHandle, Status};
 pub use peers::PeerInfo;

@@ -150,7 +150,7 @@ impl Node {
                 let slots = config.slots as usize;
                 let (work_tx, work_rx) = mpsc::channel(2 * slots.max(1));
                 let executor = std::sync::Arc::new(corvid_sdk::LocalExecutor::new(backend));
-                let worker = crate::work::run(work_rx, client.tx.clone(), executor, slots, cancel.clone());
+                let worker = crate::work::run(work_rx, client.tx.clone(), executor, slots, config.fault, cancel.clone());
                 worker_task = Some(tokio::spawn(worker.in_current_span()));
                 Some(work_tx)
             } else {

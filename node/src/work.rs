@@ -11,6 +11,7 @@ use libp2p::request_response::ResponseChannel;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Fault;
 use crate::net::event_loop::Command;
 
 /// One request to run, with the channel its answer goes back on.
@@ -27,9 +28,12 @@ pub(crate) async fn run(
     commands: mpsc::Sender<Command>,
     executor: Arc<LocalExecutor>,
     slots: usize,
+    fault: Option<Fault>,
     cancel: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(slots.max(1)));
+    // A hanging test worker keeps the channels it never answers on.
+    let mut hung = Vec::new();
     loop {
         let work = tokio::select! {
             biased;
@@ -39,6 +43,10 @@ pub(crate) async fn run(
                 None => break,
             },
         };
+        if fault == Some(Fault::Hang) {
+            hung.push(work.channel);
+            continue;
+        }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };

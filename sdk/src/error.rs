@@ -77,6 +77,8 @@ pub enum EvalError {
         place: String,
         error: Box<ExecError>,
     },
+    #[error("swarm job failed: {report}")]
+    Swarm { report: String },
     #[error("the tensor to evaluate is {got}, not {expected}")]
     DType { expected: String, got: TensorMeta },
 }

@@ -52,8 +52,12 @@ pub struct SchedConfig {
     /// A task's deadline is `slack × estimate + grace` seconds after dispatch.
     pub deadline_slack: f64,
     pub deadline_grace: f64,
-    /// A running task gets a speculative copy past `straggler × estimate` seconds.
+    /// A running task gets a speculative copy past `straggler × estimate` seconds, and never
+    /// before `straggler_min` seconds.
     pub straggler: f64,
+    pub straggler_min: f64,
+    /// Round-trip time added to every remote estimate, seconds.
+    pub latency: f64,
 }
 
 impl Default for SchedConfig {
@@ -65,6 +69,8 @@ impl Default for SchedConfig {
             deadline_slack: 4.0,
             deadline_grace: 2.0,
             straggler: 2.0,
+            straggler_min: 0.5,
+            latency: 0.002,
         }
     }
 }
@@ -257,6 +263,12 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         &self.peers
     }
 
+    /// Whether `task` is still running as far as the scheduler knows (not expired, failed,
+    /// cancelled or finished).
+    pub fn knows(&self, task: TaskId) -> bool {
+        self.tasks.contains_key(&task)
+    }
+
     /// Whether every subgraph has an accepted result.
     pub fn finished(&self) -> bool {
         self.state.iter().all(|s| *s == State::Done)
@@ -279,6 +291,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
                     .map(|(_, b)| b)
                     .sum();
                 now.max(info.busy_until)
+                    + self.cfg.latency
                     + flops / info.flops.max(1.0)
                     + (moved + self.bytes_out[sg]) as f64 / info.link.max(1.0)
             }
@@ -313,8 +326,11 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
                 best = Some((t, place));
             }
         }
+        // Locally only when no peer could ever take it (none known, or all failed it); busy
+        // peers are waited for.
+        let no_peer = self.peers.keys().all(|p| avoid.contains(&Place::Peer(p.clone())));
         let local_free = self.local_in_flight == 0;
-        if self.cfg.allow_local && local_free && best.is_none() {
+        if self.cfg.allow_local && local_free && no_peer {
             best = Some((self.estimate(sg, &Place::Local, now), Place::Local));
         }
         best.map(|(_, p)| p)
@@ -491,7 +507,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             .filter(|(id, t)| {
                 !expired.contains(id)
                     && !t.speculative_sent
-                    && now - t.started > self.cfg.straggler * t.estimate
+                    && now - t.started > (self.cfg.straggler * t.estimate).max(self.cfg.straggler_min)
             })
             .map(|(&id, t)| (id, t.subgraph, t.place.clone()))
             .collect();
@@ -651,15 +667,15 @@ mod tests {
         assert_eq!(d.len(), 1);
         let (task, sg, _) = d[0].clone();
         s.peer("spare", 1e6, 1e9, 1);
-        // ~82 kFLOP at 1 MFLOP/s: estimated 0.08 s, deadline 4 x 0.08 + 2 s. At 0.5 s the task
+        // ~82 kFLOP at 1 MFLOP/s: estimated 0.08 s, deadline 4 x 0.08 + 2 s. At 0.6 s the task
         // straggles but has not expired: a speculative copy goes to the spare peer.
-        let (expired, copies) = s.tick(0.5);
+        let (expired, copies) = s.tick(0.6);
         assert!(expired.is_empty());
         let copy = dispatched(&copies);
         assert_eq!(copy.len(), 1, "{copies:?}");
         assert_eq!((copy[0].1, copy[0].2.clone()), (sg, Place::Peer("spare")));
         // The copy wins; the original is cancelled and its late result ignored.
-        let cancels = s.on_done(copy[0].0, 0.6, &[]);
+        let cancels = s.on_done(copy[0].0, 0.7, &[]);
         assert_eq!(
             cancels,
             vec![Decision::Cancel {
@@ -667,7 +683,7 @@ mod tests {
                 place: Place::Peer("slow")
             }]
         );
-        assert!(s.on_done(task, 0.7, &[]).is_empty());
+        assert!(s.on_done(task, 0.8, &[]).is_empty());
         assert_eq!(s.stats()[&Place::Peer("spare")].tasks, 1);
         assert!(!s.stats().contains_key(&Place::Peer("slow")));
         // A task that never answers expires at its deadline.

@@ -1,0 +1,119 @@
+//! Graphs evaluated across a loopback swarm: the same bits as local evaluation (one
+//! determinism class: every node runs the CPU backend), work spread over the workers, and a
+//! worker that accepts tasks but never answers is routed around.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use corvid_kernels::{Backend, CpuBackend};
+use corvid_node::{Client, Fault, Node, NodeConfig};
+use corvid_sdk::{Graph, LocalExecutor, Settings, Tensor};
+use tokio_util::sync::CancellationToken;
+
+/// An MLP over 130 rows and a 96x70 @ 70x100 product, cut into 32-blocks.
+fn workload(g: &Graph) -> Vec<Tensor> {
+    let x = g.random(&[130, 40], -1.0, 1.0, 1);
+    let h = (x.matmul(&g.random(&[40, 64], -0.5, 0.5, 2)).unwrap()
+        + &g.random(&[64], -0.1, 0.1, 3))
+        .relu()
+        .unwrap();
+    let probs = h
+        .matmul(&g.random(&[64, 10], -0.5, 0.5, 4))
+        .unwrap()
+        .softmax(1)
+        .unwrap();
+    let c = g
+        .random(&[96, 70], -1.0, 1.0, 5)
+        .matmul(&g.random(&[70, 100], -1.0, 1.0, 6))
+        .unwrap();
+    vec![probs, c.tanh().unwrap()]
+}
+
+fn settings() -> Settings {
+    Settings {
+        block: 32,
+        ..Settings::default()
+    }
+}
+
+fn local_results() -> Vec<corvid_kernels::Tensor> {
+    let exec = LocalExecutor::new(Backend::Cpu(CpuBackend::new())).with_settings(settings());
+    let g = Graph::new("local").with_executor(Arc::new(exec));
+    let outs = workload(&g);
+    g.eval(&outs.iter().collect::<Vec<_>>()).unwrap()
+}
+
+#[test]
+fn a_four_node_swarm_gives_exactly_the_local_result() {
+    let client = Client::local(4).unwrap().with_settings(settings());
+    let g = Graph::new("swarm").with_executor(client.executor());
+    let outs = workload(&g);
+    let got = g.eval(&outs.iter().collect::<Vec<_>>()).unwrap();
+    let want = local_results();
+    for (a, b) in got.iter().zip(&want) {
+        assert_eq!(a.meta(), b.meta());
+        assert_eq!(a.words(), b.words(), "swarm and local results differ");
+    }
+    let summary = client.last_summary().unwrap();
+    println!("{summary}");
+    let workers_used = summary
+        .places
+        .iter()
+        .filter(|(p, s)| p.as_str() != "local" && s.tasks > 0)
+        .count();
+    assert!(
+        workers_used >= 2,
+        "work should spread over the workers:\n{summary}"
+    );
+    assert!(summary.redispatches.is_empty(), "{summary}");
+    assert!(g.end().is_ok());
+}
+
+#[test]
+fn a_worker_that_never_answers_is_routed_around() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let shutdown = CancellationToken::new();
+    let (good, bad) = rt.block_on(async {
+        let mut c = NodeConfig::for_test(2000);
+        c.slots = 2;
+        let good = Node::spawn(c, shutdown.clone()).await.unwrap();
+        let mut c = NodeConfig::for_test(2001);
+        c.slots = 4;
+        c.fault = Some(Fault::Hang);
+        c.bootstrap = vec![good.bootstrap_addr()];
+        let bad = Node::spawn(c, shutdown.clone()).await.unwrap();
+        (good, bad)
+    });
+    let client = Client::connect(vec![good.bootstrap_addr()])
+        .unwrap()
+        .with_settings(settings());
+    client.wait_for_workers(2, Duration::from_secs(20)).unwrap();
+    let g = Graph::new("hang").with_executor(client.executor());
+    let outs = workload(&g);
+    let got = g.eval(&outs.iter().collect::<Vec<_>>()).unwrap();
+    let want = local_results();
+    for (a, b) in got.iter().zip(&want) {
+        assert_eq!(a.words(), b.words());
+    }
+    let summary = client.last_summary().unwrap();
+    println!("{summary}");
+    let bad_id = bad.peer_id().to_string();
+    assert!(
+        summary.places.get(&bad_id).is_none_or(|s| s.tasks == 0),
+        "{summary}"
+    );
+    assert!(
+        summary
+            .redispatches
+            .iter()
+            .any(|(_, why)| why.contains("no answer") || why.contains("straggling")),
+        "the hung tasks must show as re-dispatched:\n{summary}"
+    );
+    shutdown.cancel();
+    drop(client);
+    rt.block_on(async {
+        good.join().await;
+        bad.join().await;
+    });
+}
