@@ -68,6 +68,16 @@ pub enum Command {
     Psk(PskCommand),
     /// Print shell completions
     Completions { shell: clap_complete::Shell },
+    /// Corvid's main job on this machine: start worker processes, run a blocked matmul and an
+    /// MLP across them, check the results against local evaluation, print who did what
+    Demo {
+        /// Worker processes to start
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Size of the square matmul (cut into 2x2 blocks)
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +123,8 @@ pub enum CliError {
     },
     #[error("cannot write output: {0}")]
     Output(String),
+    #[error(transparent)]
+    Demo(#[from] crate::demo::DemoError),
 }
 
 impl CliError {
@@ -146,6 +158,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 psk.fingerprint(),
                 path.display()
             ))
+        }
+        Command::Demo { workers, size } => {
+            tokio::task::spawn_blocking(move || crate::demo::run(workers, size))
+                .await
+                .map_err(|e| CliError::Output(e.to_string()))?
+                .map_err(CliError::from)
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "corvid", &mut std::io::stdout());

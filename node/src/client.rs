@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 use crate::NodeConfig;
 use crate::node::{Node, NodeClient, NodeError, NodeHandle};
 
+/// Prefix of errors that mean the peer cannot be reached: it leaves the job's placement.
+const UNREACHABLE: &str = "unreachable: ";
+
 /// How often running tasks are checked against their deadlines.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -293,6 +296,7 @@ struct Job {
     results: Vec<Option<Arc<Vec<Arc<Data>>>>>,
     running: JoinSet<TaskOutcome>,
     task_subgraph: BTreeMap<u64, usize>,
+    task_peer: BTreeMap<u64, PeerId>,
     started: Instant,
 }
 
@@ -333,6 +337,7 @@ async fn run_job(
         local,
         running: JoinSet::new(),
         task_subgraph: BTreeMap::new(),
+        task_peer: BTreeMap::new(),
         started: Instant::now(),
     };
     let result = job.run().await;
@@ -385,6 +390,12 @@ impl Job {
     }
 
     fn fail(&mut self, task: u64, error: String) -> Result<(), EvalError> {
+        if error.starts_with(UNREACHABLE)
+            && let Some(peer) = self.task_peer.get(&task).copied()
+        {
+            tracing::warn!(%peer, %error, "peer unreachable; no more tasks go to it in this job");
+            self.sched.remove_peer(&peer);
+        }
         self.sched
             .on_failed(task, error)
             .map_err(|failure| EvalError::Swarm {
@@ -441,12 +452,16 @@ impl Job {
                 });
             }
             Place::Peer(peer) => {
+                self.task_peer.insert(task, peer);
                 let node = self.node.clone();
                 self.running.spawn(async move {
                     let data = inputs.iter().map(|t| Input::Data((**t).clone())).collect();
                     let req = TaskRequest::new(task, &sg, data);
                     let r = match tokio::time::timeout(timeout, node.run_task(peer, req)).await {
                         Err(_) => Err(format!("no answer within {:.1} s", timeout.as_secs_f64())),
+                        Ok(Err(NodeError::Remote { error, .. })) => {
+                            Err(format!("{UNREACHABLE}{error}"))
+                        }
                         Ok(Err(e)) => Err(e.to_string()),
                         Ok(Ok(TaskResponse::Done { outputs, .. })) => Ok(outputs),
                         Ok(Ok(TaskResponse::Failed { error, .. })) => Err(error),

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod identity;
 pub mod net;
 pub mod node;

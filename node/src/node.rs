@@ -78,6 +78,9 @@ pub struct Status {
     pub rejections: BTreeMap<String, u64>,
     pub bootstrap: Vec<BootstrapStatus>,
     pub uptime_ms: u64,
+    /// Tasks from peers this node has answered (done or failed).
+    #[serde(default)]
+    pub tasks_answered: u64,
 }
 
 /// One configured bootstrap address and why it was last unreachable.

@@ -328,7 +328,10 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         }
         // Locally only when no peer could ever take it (none known, or all failed it); busy
         // peers are waited for.
-        let no_peer = self.peers.keys().all(|p| avoid.contains(&Place::Peer(p.clone())));
+        let no_peer = self
+            .peers
+            .keys()
+            .all(|p| avoid.contains(&Place::Peer(p.clone())));
         let local_free = self.local_in_flight == 0;
         if self.cfg.allow_local && local_free && no_peer {
             best = Some((self.estimate(sg, &Place::Local, now), Place::Local));
@@ -507,7 +510,8 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             .filter(|(id, t)| {
                 !expired.contains(id)
                     && !t.speculative_sent
-                    && now - t.started > (self.cfg.straggler * t.estimate).max(self.cfg.straggler_min)
+                    && now - t.started
+                        > (self.cfg.straggler * t.estimate).max(self.cfg.straggler_min)
             })
             .map(|(&id, t)| (id, t.subgraph, t.place.clone()))
             .collect();

@@ -94,6 +94,7 @@ pub(crate) struct EventLoop {
     work: Option<mpsc::Sender<Work>>,
     /// Replies owed for tasks this node sent.
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<TaskResponse, String>>>,
+    tasks_answered: u64,
 }
 
 impl EventLoop {
@@ -139,6 +140,7 @@ impl EventLoop {
             summary_logged: false,
             work,
             pending: HashMap::new(),
+            tasks_answered: 0,
         }
     }
 
@@ -221,6 +223,7 @@ impl EventLoop {
                     .behaviour_mut()
                     .task
                     .send_response(channel, response);
+                self.tasks_answered += 1;
             }
         }
     }
@@ -273,7 +276,8 @@ impl EventLoop {
                 ..
             } => {
                 if let Some(reply) = self.pending.remove(&request_id) {
-                    let _ = reply.send(Err(format!("{peer}: {error}")));
+                    tracing::debug!(%peer, %error, "task request failed");
+                    let _ = reply.send(Err(error.to_string()));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -557,6 +561,7 @@ impl EventLoop {
                 })
                 .collect(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
+            tasks_answered: self.tasks_answered,
         }
     }
 }
