@@ -158,7 +158,7 @@ impl Client {
             handle: runtime.handle().clone(),
             node: requester.client(),
             local: Arc::new(LocalExecutor::new(local)),
-            settings: Settings::default(),
+            settings: Mutex::new(Settings::default()),
             sched: SchedConfig::default(),
             last: Mutex::new(None),
         });
@@ -200,10 +200,12 @@ impl Client {
     }
 
     /// Same client, plans cut with other settings (block size).
-    pub fn with_settings(mut self, settings: Settings) -> Self {
-        if let Some(e) = Arc::get_mut(&mut self.executor) {
-            e.settings = settings;
-        }
+    pub fn with_settings(self, settings: Settings) -> Self {
+        *self
+            .executor
+            .settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = settings;
         self
     }
 
@@ -255,14 +257,17 @@ pub struct SwarmExecutor {
     handle: tokio::runtime::Handle,
     node: NodeClient,
     local: Arc<LocalExecutor>,
-    settings: Settings,
+    settings: Mutex<Settings>,
     sched: SchedConfig,
     last: Mutex<Option<JobSummary>>,
 }
 
 impl Executor for SwarmExecutor {
     fn settings(&self) -> Settings {
-        self.settings.clone()
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn execute(&self, plan: &Plan) -> Result<Vec<Arc<Data>>, EvalError> {

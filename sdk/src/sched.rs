@@ -530,16 +530,10 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
                 }
                 self.redispatches
                     .push((sg, format!("straggling on {place}")));
-                copies.push(self.dispatch_copy(sg, other, now));
+                copies.push(self.dispatch(sg, other, now));
             }
         }
         (expired, copies)
-    }
-
-    fn dispatch_copy(&mut self, sg: usize, place: Place<P>, now: f64) -> Decision<P> {
-        let d = self.dispatch(sg, place, now);
-        self.state[sg] = State::Running;
-        d
     }
 
     /// What each place did in this job.
