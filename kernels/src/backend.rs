@@ -186,6 +186,37 @@ impl Backend {
         }
     }
 
+    /// Runs a program and also returns the content id of every node's output, in program
+    /// order: what a worker signs so that two disagreeing results can be traced to the first op
+    /// where they differ. Intermediates are kept until the end of the program.
+    pub fn run_traced(
+        &self,
+        program: &Program,
+        inputs: &[Arc<Tensor>],
+    ) -> Result<(Vec<Tensor>, Vec<crate::ContentId>), ExecError> {
+        let n_in = program.inputs.len() as u32;
+        let mut all = program.clone();
+        all.outputs = (n_in..n_in + program.nodes.len() as u32).collect();
+        let mut values = self.run_shared(&all, inputs)?;
+        let hashes: Vec<crate::ContentId> = values.iter().map(Tensor::content_id).collect();
+        let mut outs = Vec::with_capacity(program.outputs.len());
+        for &o in &program.outputs {
+            let t = if o < n_in {
+                (*inputs[o as usize]).clone()
+            } else {
+                let k = (o - n_in) as usize;
+                // Move the value out unless a later output also names it.
+                if program.outputs.iter().filter(|&&p| p == o).count() > 1 {
+                    values[k].clone()
+                } else {
+                    std::mem::replace(&mut values[k], Tensor::scalar(0.0))
+                }
+            };
+            outs.push(t);
+        }
+        Ok((outs, hashes))
+    }
+
     pub fn class(&self) -> &DeterminismClass {
         match self {
             Backend::Cpu(c) => c.class(),

@@ -27,6 +27,7 @@ pub mod reference;
 pub mod registry;
 pub mod shape;
 pub mod tensor;
+pub mod verify;
 
 pub use backend::{Backend, BackendChoice, BackendError, ExecError};
 pub use class::{BackendKind, DeterminismClass};

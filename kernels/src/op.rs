@@ -367,7 +367,8 @@ impl Op {
         }
     }
 
-    /// Multiply-adds and other arithmetic the op performs, for cost estimates.
+    /// Multiply-adds and other arithmetic the op performs, for cost estimates. Ops that only
+    /// move data (reshape, permute, slice, concat, pad, broadcast) count zero.
     pub fn flops(&self, inputs: &[&crate::TensorMeta], out: &crate::TensorMeta) -> u64 {
         let n = out.numel() as u64;
         match self {
@@ -382,6 +383,12 @@ impl Op {
             Op::Reduce { .. } | Op::ArgMax { .. } => inputs[0].numel() as u64,
             Op::Softmax { .. } | Op::LogSoftmax { .. } | Op::LayerNorm { .. } => 5 * n,
             Op::MaxPool2d { kernel, .. } => n * (kernel[0] * kernel[1]) as u64,
+            Op::Permute { .. }
+            | Op::Reshape { .. }
+            | Op::BroadcastTo { .. }
+            | Op::Slice { .. }
+            | Op::Concat { .. }
+            | Op::Pad { .. } => 0,
             _ => n,
         }
     }

@@ -342,7 +342,13 @@ impl Tensor {
             h.update(&(*d as u64).to_le_bytes());
         }
         if cfg!(target_endian = "little") {
-            h.update(bytemuck::cast_slice(self.words()));
+            let bytes: &[u8] = bytemuck::cast_slice(self.words());
+            // blake3 hashes a tree: the same id whether the chunks run on one thread or many.
+            if bytes.len() >= 1 << 20 {
+                h.update_rayon(bytes);
+            } else {
+                h.update(bytes);
+            }
         } else {
             h.update(&self.to_le_bytes());
         }

@@ -1,0 +1,405 @@
+//! Checking a claimed result without trusting whoever computed it.
+//!
+//! - **Freivalds** for `c = a @ b`: project both sides on random ±1 vectors `r` and compare
+//!   `c·r` with `a·(b·r)`, accumulating in f64. [`FREIVALDS_ROUNDS`] vectors run as one thin
+//!   matrix product. Each row gets a threshold `t_i` from the op's error bound (see
+//!   [`Projection::row_tolerance`]); an entry wrong by more than `t_i` passes one round with
+//!   probability at most 1/2 (the sign of its `r_j` decides whether it adds to or cancels the
+//!   honest noise), so it passes all rounds with probability at most 2⁻²⁰.
+//! - **Sampled recompute** for other programs: when every output row depends only on the same
+//!   row of some inputs (elementwise ops, row-wise softmax/reductions/layer norm, `rows @ W`),
+//!   recompute a random sample of rows with the reference and compare within tolerance.
+//!
+//! The random choices are the caller's: it must draw them after the result arrived and never
+//! reveal them to the worker.
+
+use std::fmt;
+
+use rand::Rng;
+use rayon::prelude::*;
+
+use crate::op::{Op, Tolerance};
+use crate::program::Program;
+use crate::reference;
+use crate::registry;
+use crate::tensor::{Tensor, TensorMeta};
+
+/// Random ±1 vectors per Freivalds check: a wrong entry survives with probability ≤ 2⁻²⁰.
+pub const FREIVALDS_ROUNDS: usize = 20;
+/// Row threshold in standard deviations of the honest projection error (Hoeffding: a false
+/// alarm per row and round has probability ≤ 2·exp(-σ²/2) ≈ 5·10⁻¹¹).
+pub const FREIVALDS_SIGMAS: f64 = 7.0;
+/// Unit roundoff of f32.
+const U32: f64 = f32::EPSILON as f64 / 2.0;
+
+/// A value that is outside its tolerance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mismatch {
+    /// What was checked: `matmul (freivalds)`, or the output and op of a recomputed program.
+    pub what: String,
+    /// Row (Freivalds) or element index (recompute) in the output.
+    pub index: Vec<usize>,
+    pub got: f64,
+    pub want: f64,
+    pub tolerance: f64,
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} at {:?}: got {}, want {} (tolerance {:.3e})",
+            self.what, self.index, self.got, self.want, self.tolerance
+        )
+    }
+}
+
+/// Why a check could not be applied (the caller falls back to recomputing everything).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum NotApplicable {
+    #[error("not a 2-d f32 matmul of the given shapes")]
+    Shapes,
+    #[error("the inputs hold NaN or infinity")]
+    NonFinite,
+    #[error("outputs do not depend row by row on the inputs")]
+    NotRowLocal,
+}
+
+/// The outcome of one check.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Pass,
+    Fail(Mismatch),
+}
+
+/// The `b` side of Freivalds' check for `a @ b` with `b` of shape `[k, n]`: random ±1 columns
+/// `r` (`n × rounds`), `b·r` (`k × rounds`) and the column norms of `b`. Results sharing a
+/// weight matrix share one projection.
+#[derive(Clone, Debug)]
+pub struct Projection {
+    k: usize,
+    n: usize,
+    r: Vec<f64>,
+    br: Vec<f64>,
+    b_col_norms: Vec<f64>,
+}
+
+impl Projection {
+    /// Draws the random vectors and projects `b`.
+    pub fn new(b: &Tensor, rng: &mut impl Rng) -> Result<Projection, NotApplicable> {
+        let [k, n] = b.shape() else {
+            return Err(NotApplicable::Shapes);
+        };
+        let (k, n) = (*k, *n);
+        let bd = b.as_f32().map_err(|_| NotApplicable::Shapes)?;
+        if bd.iter().any(|x| !x.is_finite()) {
+            return Err(NotApplicable::NonFinite);
+        }
+        let r: Vec<f64> = (0..n * FREIVALDS_ROUNDS)
+            .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
+            .collect();
+        let b64: Vec<f64> = bd.par_iter().map(|&x| f64::from(x)).collect();
+        let mut br = vec![0.0; k * FREIVALDS_ROUNDS];
+        gemm_f64(k, FREIVALDS_ROUNDS, n, &b64, &r, &mut br);
+        let mut sq = vec![0.0f64; n];
+        for row in b64.chunks_exact(n.max(1)) {
+            for (s, x) in sq.iter_mut().zip(row) {
+                *s += x * x;
+            }
+        }
+        Ok(Projection {
+            k,
+            n,
+            r,
+            br,
+            b_col_norms: sq.into_iter().map(f64::sqrt).collect(),
+        })
+    }
+
+    /// Checks a claimed `c = a @ b` (`a` of shape `[m, k]`).
+    pub fn check(&self, a: &Tensor, c: &Tensor) -> Result<Verdict, NotApplicable> {
+        let (k, n) = (self.k, self.n);
+        let [m, ka] = a.shape() else {
+            return Err(NotApplicable::Shapes);
+        };
+        let m = *m;
+        if *ka != k || c.shape() != [m, n] {
+            return Err(NotApplicable::Shapes);
+        }
+        let ad = a.as_f32().map_err(|_| NotApplicable::Shapes)?;
+        let cd = c.as_f32().map_err(|_| NotApplicable::Shapes)?;
+        if ad.par_iter().any(|x| !x.is_finite()) {
+            return Err(NotApplicable::NonFinite);
+        }
+        let rounds = FREIVALDS_ROUNDS;
+        let a64: Vec<f64> = ad.par_iter().map(|&x| f64::from(x)).collect();
+        let mut abr = vec![0.0; m * rounds];
+        gemm_f64(m, rounds, k, &a64, &self.br, &mut abr);
+        drop(a64);
+        let c64: Vec<f64> = cd.par_iter().map(|&x| f64::from(x)).collect();
+        let mut cr = vec![0.0; m * rounds];
+        gemm_f64(m, rounds, n, &c64, &self.r, &mut cr);
+        let tol = self.row_tolerance(ad, cd, m);
+        // A non-finite claimed entry (with finite inputs) shows up as a non-finite projection,
+        // which fails the comparison below.
+        for i in 0..m {
+            for j in 0..rounds {
+                let (got, want) = (cr[i * rounds + j], abr[i * rounds + j]);
+                if (got - want).abs() > tol[i] || !got.is_finite() {
+                    return Ok(Verdict::Fail(Mismatch {
+                        what: "matmul (freivalds)".into(),
+                        index: vec![i],
+                        got,
+                        want,
+                        tolerance: tol[i],
+                    }));
+                }
+            }
+        }
+        Ok(Verdict::Pass)
+    }
+
+    /// Per-row thresholds `t_i = σ·sqrt(Σ_j τ_ij²)` for `c = a @ b`, where the element bound
+    /// `τ_ij = atol + rtol·|c_ij| + u·√k·‖a_i‖·‖b_j‖` is matmul's registry tolerance plus the
+    /// rounding of a k-term f32 dot product. A worker may use it to know what "just over
+    /// tolerance" means (fault injection does).
+    pub fn row_tolerance(&self, a: &[f32], c: &[f32], m: usize) -> Vec<f64> {
+        let (k, n) = (self.k, self.n);
+        let tol = registry::tolerance(&Op::MatMul);
+        let (atol, rtol) = (f64::from(tol.atol), f64::from(tol.rtol));
+        let dot = U32 * (k as f64).sqrt();
+        (0..m)
+            .into_par_iter()
+            .map(|i| {
+                let a_norm = a[i * k..(i + 1) * k]
+                    .iter()
+                    .map(|&x| f64::from(x) * f64::from(x))
+                    .sum::<f64>()
+                    .sqrt();
+                let s: f64 = c[i * n..(i + 1) * n]
+                    .iter()
+                    .zip(&self.b_col_norms)
+                    .map(|(&cij, bn)| {
+                        let t = atol + rtol * f64::from(cij).abs() + dot * a_norm * bn;
+                        t * t
+                    })
+                    .sum();
+                FREIVALDS_SIGMAS * s.sqrt() + 1e-9
+            })
+            .collect()
+    }
+}
+
+/// Which program inputs carry the output rows, if every output row `i` depends only on row
+/// `i` of those inputs (and on all of the others). `None` if the program is not of that form.
+pub fn row_inputs(program: &Program) -> Option<Vec<bool>> {
+    let metas = program.infer().ok()?;
+    let first = *program.outputs.first()?;
+    let rows = *metas[first as usize].shape.first()?;
+    let n_in = program.inputs.len();
+    // Inputs whose first axis has the output's row count, then each of them alone.
+    let candidates: Vec<usize> = (0..n_in)
+        .filter(|&i| program.inputs[i].rank() >= 1 && program.inputs[i].shape[0] == rows)
+        .collect();
+    let mut tries: Vec<Vec<bool>> = vec![(0..n_in).map(|i| candidates.contains(&i)).collect()];
+    tries.extend(
+        candidates
+            .iter()
+            .map(|&c| (0..n_in).map(|i| i == c).collect::<Vec<bool>>()),
+    );
+    tries
+        .into_iter()
+        .find(|rowed| row_local(program, &metas, rowed, rows))
+}
+
+/// Whether, with `rowed` inputs carrying rows, every output is row-local.
+fn row_local(program: &Program, metas: &[TensorMeta], rowed: &[bool], rows: usize) -> bool {
+    if !rowed.iter().any(|&r| r) {
+        return false;
+    }
+    let n_in = program.inputs.len();
+    let mut row: Vec<bool> = rowed.to_vec();
+    for (i, node) in program.nodes.iter().enumerate() {
+        let out = &metas[n_in + i];
+        let args: Vec<bool> = node.args.iter().map(|&a| row[a as usize]).collect();
+        let arg_meta = |k: usize| &metas[node.args[k] as usize];
+        let any = args.iter().any(|&r| r);
+        let ok = if !any {
+            Some(false)
+        } else {
+            match &node.op {
+                Op::Unary(_) | Op::Clamp { .. } | Op::Cast { .. } => Some(true),
+                Op::Binary(_) | Op::Where => {
+                    // Rowed args align their first axis with the output's; the others
+                    // broadcast over it.
+                    let fine = (0..args.len()).all(|k| {
+                        let m = arg_meta(k);
+                        if args[k] {
+                            m.rank() == out.rank()
+                        } else {
+                            m.rank() < out.rank() || m.shape.first() == Some(&1)
+                        }
+                    });
+                    fine.then_some(true)
+                }
+                Op::MatMul => {
+                    (args == [true, false] && arg_meta(0).rank() == 2 && arg_meta(1).rank() == 2)
+                        .then_some(true)
+                }
+                Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::ArgMax { axis, .. } => {
+                    (*axis != 0).then_some(true)
+                }
+                Op::Reduce { axes, .. } => (!axes.contains(&0)).then_some(true),
+                Op::LayerNorm { .. } => {
+                    (args == [true, false, false] && arg_meta(0).rank() >= 2).then_some(true)
+                }
+                Op::Concat { axis } => (*axis != 0 && args.iter().all(|&r| r)).then_some(true),
+                _ => None,
+            }
+        };
+        match ok {
+            Some(r) => {
+                if r && out.shape.first() != Some(&rows) {
+                    return false;
+                }
+                row.push(r);
+            }
+            None => return false,
+        }
+    }
+    program.outputs.iter().all(|&o| row[o as usize])
+}
+
+/// The tolerance for comparing a program's outputs with the reference: the sum of its ops'.
+pub fn program_tolerance(program: &Program) -> Tolerance {
+    program.nodes.iter().fold(Tolerance::new(0.0, 0.0), |t, n| {
+        let o = registry::tolerance(&n.op);
+        Tolerance::new(t.atol + o.atol, t.rtol + o.rtol)
+    })
+}
+
+/// Recomputes rows `sample` (sorted, in range) of a row-local program's outputs with the
+/// reference and compares them with the claimed `outputs`.
+pub fn check_rows(
+    program: &Program,
+    rowed: &[bool],
+    inputs: &[&Tensor],
+    outputs: &[Tensor],
+    sample: &[usize],
+) -> Result<Verdict, NotApplicable> {
+    let mut sliced = Vec::with_capacity(inputs.len());
+    let mut small = program.clone();
+    for (i, t) in inputs.iter().enumerate() {
+        if rowed[i] {
+            let t = take_rows(t, sample).ok_or(NotApplicable::NotRowLocal)?;
+            small.inputs[i] = t.meta();
+            sliced.push(t);
+        } else {
+            sliced.push((*t).clone());
+        }
+    }
+    let n_in = small.inputs.len();
+    let mut values: Vec<Tensor> = sliced;
+    for node in &small.nodes {
+        let args: Vec<&Tensor> = node.args.iter().map(|&a| &values[a as usize]).collect();
+        let v = reference::eval(&node.op, &args).map_err(|_| NotApplicable::NotRowLocal)?;
+        values.push(v);
+    }
+    let tol = program_tolerance(program);
+    for (k, &o) in small.outputs.iter().enumerate() {
+        let want = &values[o as usize];
+        let got = take_rows(&outputs[k], sample).ok_or(NotApplicable::NotRowLocal)?;
+        if got.meta() != want.meta() {
+            return Err(NotApplicable::NotRowLocal);
+        }
+        let (Ok(g), Ok(w)) = (got.as_f32(), want.as_f32()) else {
+            // i32 outputs (argmax) compare exactly.
+            if got != *want {
+                return Ok(Verdict::Fail(Mismatch {
+                    what: format!("output {k} ({})", op_of(&small, o, n_in)),
+                    index: vec![],
+                    got: f64::NAN,
+                    want: f64::NAN,
+                    tolerance: 0.0,
+                }));
+            }
+            continue;
+        };
+        if let Some(e) = (0..g.len()).find(|&e| !tol.accepts(g[e], w[e])) {
+            let per_row = g.len() / sample.len().max(1);
+            let row = sample[e / per_row.max(1)];
+            return Ok(Verdict::Fail(Mismatch {
+                what: format!("output {k} ({})", op_of(&small, o, n_in)),
+                index: vec![row, e % per_row.max(1)],
+                got: f64::from(g[e]),
+                want: f64::from(w[e]),
+                tolerance: f64::from(tol.atol + tol.rtol * w[e].abs()),
+            }));
+        }
+    }
+    Ok(Verdict::Pass)
+}
+
+fn op_of(p: &Program, value: u32, n_in: usize) -> String {
+    (value as usize)
+        .checked_sub(n_in)
+        .map_or("input".into(), |i| p.nodes[i].op.to_string())
+}
+
+/// Rows `rows` of `t` (first axis), in that order.
+pub fn take_rows(t: &Tensor, rows: &[usize]) -> Option<Tensor> {
+    let shape = t.shape();
+    let n = *shape.first()?;
+    if rows.iter().any(|&r| r >= n) {
+        return None;
+    }
+    let per: usize = shape[1..].iter().product();
+    let words = t.words();
+    let mut out = Vec::with_capacity(rows.len() * per);
+    for &r in rows {
+        out.extend_from_slice(&words[r * per..(r + 1) * per]);
+    }
+    let mut s = shape.to_vec();
+    s[0] = rows.len();
+    Tensor::from_words(t.dtype(), s, &out).ok()
+}
+
+/// `dst (m×n) = lhs (m×k) · rhs (k×n)`, row-major f64.
+#[allow(unsafe_code)]
+fn gemm_f64(m: usize, n: usize, k: usize, lhs: &[f64], rhs: &[f64], dst: &mut [f64]) {
+    assert!(lhs.len() >= m * k && rhs.len() >= k * n && dst.len() >= m * n);
+    if k == 0 || m == 0 || n == 0 {
+        dst[..m * n].fill(0.0);
+        return;
+    }
+    let par = if m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the assert above proves every pointer covers its row-major m×k, k×n and m×n
+    // matrix with the strides given; `dst` does not alias the inputs (it is a &mut).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
