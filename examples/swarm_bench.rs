@@ -1,13 +1,15 @@
-//! Swarm execution figures, printed (not asserted): an embedded swarm of 2 workers on loopback.
+//! Swarm execution figures, printed (not asserted), on embedded swarms over loopback.
 //!
 //! `cargo run --release --example swarm_bench`
 //!
-//! The workers here are in-process nodes talking over real loopback TCP + noise + yamux; the
-//! machine's cores are shared by requester and workers alike.
+//! The workers are in-process nodes talking over real loopback TCP + noise + yamux; the
+//! machine's cores are shared by requester and workers alike. Every remote result is signed
+//! and verified (Freivalds for matmul tiles), and the verification cost is printed.
 
 use std::time::Instant;
 
-use corvid::node::Client;
+use corvid::kernels::verify::FREIVALDS_ROUNDS;
+use corvid::node::{Client, JobSummary};
 use corvid::sdk::{Graph, Settings};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -15,48 +17,92 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+fn verification(s: &JobSummary) -> String {
+    format!(
+        "requester CPU in checks {:.1} ms = {:.1} % of wall; {:.2} GFLOP extra remote work",
+        s.verify.cpu.as_secs_f64() * 1e3,
+        100.0 * s.verify.cpu.as_secs_f64() / s.wall.as_secs_f64(),
+        s.verify.extra_remote_flops as f64 / 1e9
+    )
+}
+
 fn main() -> anyhow::Result<()> {
+    // Cold start: 4 nodes and a requester, to the first result.
     let t = Instant::now();
+    let four = Client::local(4)?;
+    let g = Graph::new("first").with_executor(four.executor());
+    g.t(&[1.0, -2.0]).relu()?.eval_data()?;
+    println!(
+        "cold start of 4 local nodes and a requester to the first result: {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    drop(four);
+
     let client = Client::local(2)?.with_settings(Settings {
         block: 2048,
         ..Settings::default()
     });
-    println!(
-        "cold start of 2 workers and a requester: {:.2} s",
-        t.elapsed().as_secs_f64()
-    );
 
     // 4096² matmul as 2x2 blocks over 2 workers (inputs cut and shipped by the requester).
-    let g = Graph::new("matmul").with_executor(client.executor());
-    let c = g
-        .random(&[4096, 4096], -1.0, 1.0, 1)
-        .matmul(&g.random(&[4096, 4096], -1.0, 1.0, 2))?;
     let mut times = Vec::new();
-    for _ in 0..3 {
-        let g2 = Graph::new("matmul").with_executor(client.executor());
-        let seed = 10 + times.len() as u64;
-        let c2 = g2
-            .random(&[4096, 4096], -1.0, 1.0, seed)
-            .matmul(&g2.random(&[4096, 4096], -1.0, 1.0, seed + 1))?;
+    let mut last = None;
+    for i in 0..3 {
+        let g = Graph::new("matmul").with_executor(client.executor());
+        let seed = 10 + 2 * i;
+        let c = g.random(&[4096, 4096], -1.0, 1.0, seed).matmul(&g.random(
+            &[4096, 4096],
+            -1.0,
+            1.0,
+            seed + 1,
+        ))?;
         let t = Instant::now();
-        c2.eval_data()?;
+        c.eval_data()?;
         times.push(t.elapsed().as_secs_f64());
+        last = client.last_summary();
     }
-    let _ = c;
     println!(
         "4096² f32 matmul over 2 workers: {:.3} s median of 3 (target ≤ 0.40 s)",
         median(times)
     );
-    if let Some(s) = client.last_summary() {
+    if let Some(s) = last {
         print!("{s}");
+        println!(
+            "verification of the 4096² job: {} (target ≤ 7 %); each tile checked by Freivalds \
+             with {FREIVALDS_ROUNDS} ±1 vectors: an entry wrong by more than its row threshold \
+             passes with probability ≤ 2^-{FREIVALDS_ROUNDS}",
+            verification(&s)
+        );
+    }
+
+    // relu(x @ w1 + b1) @ w2 at 4096 and at 64.
+    for n in [4096usize, 64] {
+        let mut times = Vec::new();
+        for i in 0..3 {
+            let g = Graph::new("mlp").with_executor(client.executor());
+            let s = 100 + 10 * i;
+            let x = g.random(&[n, n], -1.0, 1.0, s);
+            let h = (x.matmul(&g.random(&[n, n], -0.05, 0.05, s + 1))?
+                + &g.random(&[n], -0.1, 0.1, s + 2))
+                .relu()?;
+            let y = h.matmul(&g.random(&[n, n], -0.05, 0.05, s + 3))?;
+            let t = Instant::now();
+            y.eval_data()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "relu(x@w1+b1)@w2 at {n}: {:.4} s median of 3",
+            median(times)
+        );
+        if let Some(s) = client.last_summary() {
+            println!("  {}", verification(&s));
+        }
     }
 
     // One tiny subgraph: the round trip.
     let mut rt = Vec::new();
     for i in 0..200 {
         let g = Graph::new("tiny").with_executor(client.executor());
-        let x = g.t(&[i as f32, 1.0, 2.0]);
-        let y = x.relu()?;
+        let y = g.t(&[i as f32, 1.0, 2.0]).relu()?;
         let t = Instant::now();
         y.eval_data()?;
         rt.push(t.elapsed().as_secs_f64());
@@ -67,10 +113,10 @@ fn main() -> anyhow::Result<()> {
     );
 
     // Many tiny independent subgraphs in one job: throughput.
-    let n = 2000;
+    let n = 10_000;
     let g = Graph::new("many").with_executor(client.executor());
     let outs: Vec<_> = (0..n)
-        .map(|i| g.t(&[i as f32, -1.0]).relu())
+        .map(|i| g.t(&[i as f32 + 0.5, -1.0]).relu())
         .collect::<Result<_, _>>()?;
     let t = Instant::now();
     g.eval(&outs.iter().collect::<Vec<_>>())?;
@@ -82,8 +128,7 @@ fn main() -> anyhow::Result<()> {
 
     // Transfer: a 64 MiB tensor in and out through a cheap op.
     let g = Graph::new("transfer").with_executor(client.executor());
-    let x = g.random(&[4096, 4096], -1.0, 1.0, 7);
-    let y = x.relu()?;
+    let y = g.random(&[4096, 4096], -1.0, 1.0, 7).relu()?;
     let t = Instant::now();
     y.eval_data()?;
     let dt = t.elapsed().as_secs_f64();

@@ -4,28 +4,43 @@
 //! (the default for development); `Client::connect(addrs)` joins an existing swarm as a
 //! requester-only peer. `client.executor()` plugs into [`corvid_sdk::Graph::with_executor`], so
 //! the same graph code runs locally or across the swarm.
+//!
+//! Every result a worker returns is signed and checked before it is used (see [`crate::trust`]);
+//! a peer caught lying is banned and its unconfirmed work in the job is redone. Verified
+//! results are cached by subgraph id, and workers keep the values they were sent, so a repeated
+//! job or a shared subgraph costs neither compute nor transfer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use corvid_kernels::{Backend, BackendChoice, Tensor as Data};
-use corvid_sdk::plan::{Plan, Settings, Source};
+use corvid_kernels::{Backend, BackendChoice, ContentId, Tensor as Data};
+use corvid_sdk::plan::{Plan, Settings, Source, Subgraph};
 use corvid_sdk::sched::{Decision, Place, SchedConfig, Scheduler};
-use corvid_sdk::wire::{Input, TaskRequest, TaskResponse};
-use corvid_sdk::{EvalError, Executor, LocalExecutor};
+use corvid_sdk::wire::{Input, Receipt, TaskRequest, TaskResponse};
+use corvid_sdk::{EvalError, Executor, LocalExecutor, ResultCache, ValueId};
+use indicatif::{ProgressBar, ProgressStyle};
 use libp2p::{Multiaddr, PeerId};
+use rand::Rng;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::NodeConfig;
 use crate::node::{Node, NodeClient, NodeError, NodeHandle};
+use crate::trust::{self, BanFileError, CheckKind, Refusal, Trust, Verifier};
 
 /// Prefix of errors that mean the peer cannot be reached: it leaves the job's placement.
 const UNREACHABLE: &str = "unreachable: ";
 
 /// How often running tasks are checked against their deadlines.
 const TICK: Duration = Duration::from_millis(50);
+
+/// Verified results the requester keeps across jobs, in bytes.
+const CACHE_BYTES: u64 = 1 << 30;
+
+/// Entries of the requester's "who holds what" and content-id tables before they are reset.
+const MAX_TABLE: usize = 100_000;
 
 /// Why a client could not start.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +51,8 @@ pub enum ClientError {
     Runtime(std::io::Error),
     #[error("no worker joined within {0:?}")]
     NoWorkers(Duration),
+    #[error(transparent)]
+    Bans(#[from] BanFileError),
 }
 
 /// What one place did in a job.
@@ -49,33 +66,61 @@ pub struct PlaceSummary {
     pub failures: usize,
 }
 
-/// What happened in one job: which peer did what, bytes moved, time, re-dispatches.
+/// How the job's results were verified.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VerifySummary {
+    /// Results checked, by how.
+    pub freivalds: usize,
+    pub sampled_rows: usize,
+    pub recomputed: usize,
+    /// Results also run on a second peer, and how many of those agreed.
+    pub replicated: usize,
+    pub replicas_agreed: usize,
+    /// Disagreements between two peers, settled by a local recompute.
+    pub disputes: usize,
+    /// Each refused result: peer, reason, evidence.
+    pub detections: Vec<String>,
+    /// Peers banned during the job.
+    pub bans: Vec<String>,
+    /// Subgraphs run again because their producer was banned.
+    pub reopened: usize,
+    /// Requester CPU time spent checking (summed over threads).
+    pub cpu: Duration,
+    /// FLOPs run remotely only to check (replicas).
+    pub extra_remote_flops: u64,
+}
+
+/// What happened in one job: which peer did what, bytes moved, time, re-dispatches, checks.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct JobSummary {
     pub subgraphs: usize,
+    /// Subgraphs whose verified result was already cached on the requester.
+    pub cached: usize,
     pub wall: Duration,
     pub places: BTreeMap<String, PlaceSummary>,
     /// Subgraph index and why it ran again.
     pub redispatches: Vec<(usize, String)>,
+    pub verify: VerifySummary,
 }
 
 impl std::fmt::Display for JobSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} subgraphs in {:.3} s",
+            "{} subgraphs ({} cached) in {:.3} s",
             self.subgraphs,
+            self.cached,
             self.wall.as_secs_f64()
         )?;
         writeln!(
             f,
-            "{:<24} {:>6} {:>10} {:>10} {:>10} {:>8}",
+            "{:<54} {:>6} {:>9} {:>9} {:>9} {:>7}",
             "place", "tasks", "GFLOP", "MiB in", "MiB out", "failed"
         )?;
         for (place, s) in &self.places {
             writeln!(
                 f,
-                "{:<24} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>8}",
+                "{:<54} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>7}",
                 place,
                 s.tasks,
                 s.flops as f64 / 1e9,
@@ -83,6 +128,31 @@ impl std::fmt::Display for JobSummary {
                 s.bytes_out as f64 / (1 << 20) as f64,
                 s.failures
             )?;
+        }
+        let v = &self.verify;
+        writeln!(
+            f,
+            "verified: {} freivalds, {} sampled rows, {} recomputed; {} replicated ({} agreed), \
+             {} disputes; checks took {:.1} ms of requester CPU ({:.1} % of wall), \
+             {:.2} GFLOP of extra remote work",
+            v.freivalds,
+            v.sampled_rows,
+            v.recomputed,
+            v.replicated,
+            v.replicas_agreed,
+            v.disputes,
+            v.cpu.as_secs_f64() * 1e3,
+            100.0 * v.cpu.as_secs_f64() / self.wall.as_secs_f64().max(1e-9),
+            v.extra_remote_flops as f64 / 1e9
+        )?;
+        for d in &v.detections {
+            writeln!(f, "detected: {d}")?;
+        }
+        for b in &v.bans {
+            writeln!(f, "banned: {b}")?;
+        }
+        if v.reopened > 0 {
+            writeln!(f, "re-ran {} subgraphs of banned peers", v.reopened)?;
         }
         for (sg, why) in &self.redispatches {
             writeln!(f, "re-dispatched subgraph {sg}: {why}")?;
@@ -105,6 +175,16 @@ impl Client {
     /// Starts `n` worker nodes and a requester in this process, on loopback, and waits until
     /// the requester sees every worker.
     pub fn local(n: usize) -> Result<Client, ClientError> {
+        Client::local_with(n, |_, _| {})
+    }
+
+    /// [`Client::local`], with each worker's config adjusted by `tweak(index, config)` first
+    /// (tests use it to make a worker misbehave).
+    #[doc(hidden)]
+    pub fn local_with(
+        n: usize,
+        tweak: impl Fn(usize, &mut NodeConfig),
+    ) -> Result<Client, ClientError> {
         let runtime = runtime()?;
         let shutdown = CancellationToken::new();
         let (requester, workers) = runtime.block_on(async {
@@ -115,6 +195,7 @@ impl Client {
                 if let Some(first) = workers.first() {
                     c.bootstrap = vec![first.bootstrap_addr()];
                 }
+                tweak(i, &mut c);
                 workers.push(Node::spawn(c, shutdown.clone()).await?);
             }
             let mut c = NodeConfig::for_test(999);
@@ -126,22 +207,35 @@ impl Client {
             let requester = Node::spawn(c, shutdown.clone()).await?;
             Ok::<_, ClientError>((requester, workers))
         })?;
-        let client = Client::from_parts(runtime, requester, workers, shutdown)?;
+        let client = Client::from_parts(runtime, requester, workers, shutdown, Trust::default())?;
         client.wait_for_workers(n, Duration::from_secs(20))?;
         Ok(client)
     }
 
-    /// Joins the swarm at `bootstrap` as a requester-only peer.
+    /// Joins the swarm at `bootstrap` as a requester-only peer. Bans are kept in memory; see
+    /// [`Client::connect_with_bans`] to keep them across runs.
     pub fn connect(bootstrap: Vec<Multiaddr>) -> Result<Client, ClientError> {
+        Client::connect_inner(bootstrap, Trust::default())
+    }
+
+    /// [`Client::connect`], reading and saving banned peers (with the evidence) in `bans`.
+    pub fn connect_with_bans(
+        bootstrap: Vec<Multiaddr>,
+        bans: &Path,
+    ) -> Result<Client, ClientError> {
+        Client::connect_inner(bootstrap, Trust::with_file(bans)?)
+    }
+
+    fn connect_inner(bootstrap: Vec<Multiaddr>, trust: Trust) -> Result<Client, ClientError> {
         let runtime = runtime()?;
         let shutdown = CancellationToken::new();
         let requester = runtime.block_on(async {
-            let mut c = NodeConfig::for_test(rand_seed());
+            let mut c = NodeConfig::for_test(rand::rng().random());
             c.contribute = false;
             c.bootstrap = bootstrap;
             Node::spawn(c, shutdown.clone()).await
         })?;
-        Client::from_parts(runtime, requester, Vec::new(), shutdown)
+        Client::from_parts(runtime, requester, Vec::new(), shutdown, trust)
     }
 
     fn from_parts(
@@ -149,6 +243,7 @@ impl Client {
         requester: NodeHandle,
         workers: Vec<NodeHandle>,
         shutdown: CancellationToken,
+        trust: Trust,
     ) -> Result<Client, ClientError> {
         let local = Backend::open(BackendChoice::Cpu).map_err(|source| NodeError::Backend {
             choice: BackendChoice::Cpu,
@@ -161,6 +256,8 @@ impl Client {
             settings: Mutex::new(Settings::default()),
             sched: SchedConfig::default(),
             last: Mutex::new(None),
+            memory: Arc::new(Mutex::new(Memory::default())),
+            trust: Arc::new(Mutex::new(trust)),
         });
         Ok(Client {
             runtime,
@@ -218,6 +315,16 @@ impl Client {
             .clone()
     }
 
+    /// Peers this client has banned, with the evidence.
+    pub fn bans(&self) -> Vec<trust::Ban> {
+        lock(&self.executor.trust).bans().cloned().collect()
+    }
+
+    /// Forgets cached results (the next job computes everything again).
+    pub fn clear_cache(&self) {
+        lock(&self.executor.memory).cache = ResultCache::new(CACHE_BYTES);
+    }
+
     pub fn requester(&self) -> &NodeHandle {
         &self.requester
     }
@@ -243,15 +350,36 @@ fn runtime() -> Result<tokio::runtime::Runtime, ClientError> {
         .map_err(ClientError::Runtime)
 }
 
-fn rand_seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    t ^ (u64::from(std::process::id()) << 32)
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the requester remembers between jobs.
+#[derive(Debug)]
+struct Memory {
+    /// Verified results by subgraph id.
+    cache: ResultCache,
+    /// Which peers hold which values.
+    held: HashMap<ValueId, BTreeSet<PeerId>>,
+    /// Content ids of values, so each is hashed once.
+    cids: HashMap<ValueId, ContentId>,
+    /// Measured FLOP/s and link bytes/s per peer.
+    measured: HashMap<PeerId, (Option<f64>, Option<f64>)>,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory {
+            cache: ResultCache::new(CACHE_BYTES),
+            held: HashMap::new(),
+            cids: HashMap::new(),
+            measured: HashMap::new(),
+        }
+    }
 }
 
 /// Runs plans across the swarm: places subgraphs with the SDK's scheduler, ships their inputs,
-/// collects results, retries failures elsewhere.
+/// verifies and collects results, retries failures elsewhere.
 #[derive(Debug)]
 pub struct SwarmExecutor {
     handle: tokio::runtime::Handle,
@@ -260,14 +388,13 @@ pub struct SwarmExecutor {
     settings: Mutex<Settings>,
     sched: SchedConfig,
     last: Mutex<Option<JobSummary>>,
+    memory: Arc<Mutex<Memory>>,
+    trust: Arc<Mutex<Trust>>,
 }
 
 impl Executor for SwarmExecutor {
     fn settings(&self) -> Settings {
-        self.settings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.settings).clone()
     }
 
     fn execute(&self, plan: &Plan) -> Result<Vec<Arc<Data>>, EvalError> {
@@ -278,6 +405,8 @@ impl Executor for SwarmExecutor {
             self.node.clone(),
             self.local.clone(),
             self.sched.clone(),
+            self.memory.clone(),
+            self.trust.clone(),
         );
         self.handle.spawn(async move {
             let _ = tx.send(job.await);
@@ -285,12 +414,58 @@ impl Executor for SwarmExecutor {
         let (result, summary) = rx.recv().map_err(|_| EvalError::Swarm {
             report: "the client stopped during the job".into(),
         })?;
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(summary);
+        *lock(&self.last) = Some(summary);
         result
     }
 }
 
-type TaskOutcome = (u64, Result<Vec<Data>, String>);
+/// A result that passed its checks.
+#[derive(Debug)]
+struct Accepted {
+    outputs: Vec<Data>,
+    cids: Vec<ContentId>,
+    op_hashes: Vec<ContentId>,
+    class: [u8; 32],
+    /// How it was checked (`None`: computed here).
+    check: Option<CheckKind>,
+    verify_secs: f64,
+    compute_secs: Option<f64>,
+    /// Round trip of the request, seconds.
+    elapsed_secs: f64,
+}
+
+type TaskOutcome = (u64, Result<Accepted, Refusal>);
+
+/// A replica's verdict on a result already accepted from `primary`.
+#[derive(Debug)]
+enum Replica {
+    Agreed,
+    /// The replica's own answer could not be used; nothing is known.
+    Unusable(String),
+    /// The replica proved itself a cheat (bad signature or replay).
+    Cheated(Refusal),
+    /// The two disagreed; a local recompute says who was wrong.
+    Dispute {
+        primary_wrong: Option<String>,
+        replica_wrong: Option<String>,
+    },
+}
+
+struct ReplicaOutcome {
+    subgraph: usize,
+    primary: PeerId,
+    replica: PeerId,
+    flops: u64,
+    verify_secs: f64,
+    verdict: Replica,
+}
+
+/// Who produced a subgraph's accepted result, and how it was checked.
+#[derive(Clone, Copy, Debug)]
+struct Producer {
+    peer: Option<PeerId>,
+    check: Option<CheckKind>,
+}
 
 /// One job in flight: the plan, its scheduler, results so far and the running tasks.
 struct Job {
@@ -298,11 +473,23 @@ struct Job {
     sched: Scheduler<PeerId>,
     node: NodeClient,
     local: Arc<LocalExecutor>,
+    verifier: Arc<Verifier>,
+    memory: Arc<Mutex<Memory>>,
+    trust: Arc<Mutex<Trust>>,
     results: Vec<Option<Arc<Vec<Arc<Data>>>>>,
+    accepted: Vec<Option<Arc<Accepted>>>,
+    producer: Vec<Option<Producer>>,
     running: JoinSet<TaskOutcome>,
+    replicas: JoinSet<ReplicaOutcome>,
     task_subgraph: BTreeMap<u64, usize>,
     task_peer: BTreeMap<u64, PeerId>,
+    /// Advertised determinism class of each peer: replicas go to the same class.
+    peer_class: HashMap<PeerId, String>,
+    next_check: u64,
     started: Instant,
+    cached: usize,
+    verify: VerifySummary,
+    progress: ProgressBar,
 }
 
 async fn run_job(
@@ -310,18 +497,25 @@ async fn run_job(
     node: NodeClient,
     local: Arc<LocalExecutor>,
     cfg: SchedConfig,
+    memory: Arc<Mutex<Memory>>,
+    trust: Arc<Mutex<Trust>>,
 ) -> (Result<Vec<Arc<Data>>, EvalError>, JobSummary) {
     let mut sched: Scheduler<PeerId> = Scheduler::new(&plan, cfg);
+    let mut peer_class = HashMap::new();
     match node.peers().await {
         Ok(peers) => {
+            let trust = lock(&trust);
             for p in peers.iter().filter(|p| p.contributes && p.slots_total > 0) {
-                if let Ok(id) = p.peer_id.parse::<PeerId>() {
+                if let Ok(id) = p.peer_id.parse::<PeerId>()
+                    && !trust.is_banned(&id)
+                {
                     sched.peer(
                         id,
                         f64::from(p.matmul_gflops) * 1e9,
                         1e9,
                         p.slots_total as usize,
                     );
+                    peer_class.insert(id, p.class.clone());
                 }
             }
         }
@@ -334,20 +528,61 @@ async fn run_job(
             );
         }
     }
+    let n = plan.subgraphs.len();
+    let mut results = vec![None; n];
+    let mut cached = 0;
+    {
+        let mem = lock(&memory);
+        for (&p, &(flops, link)) in &mem.measured {
+            sched.measured(&p, flops, link);
+        }
+        for (i, sg) in plan.subgraphs.iter().enumerate() {
+            if let Some(hit) = mem.cache.get(&sg.id) {
+                results[i] = Some(hit);
+                sched.completed(i);
+                cached += 1;
+            }
+            for id in &sg.input_ids {
+                for p in mem.held.get(id).into_iter().flatten() {
+                    sched.holds(*p, *id);
+                }
+            }
+        }
+    }
+    let progress = ProgressBar::new(n as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} subgraphs · {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    progress.set_position(cached as u64);
     let mut job = Job {
-        results: vec![None; plan.subgraphs.len()],
+        results,
+        accepted: vec![None; n],
+        producer: vec![None; n],
+        verifier: Arc::new(Verifier::new(local.clone())),
         plan,
         sched,
         node,
         local,
+        memory,
+        trust,
         running: JoinSet::new(),
+        replicas: JoinSet::new(),
         task_subgraph: BTreeMap::new(),
         task_peer: BTreeMap::new(),
+        peer_class,
+        next_check: 1 << 48,
         started: Instant::now(),
+        cached,
+        verify: VerifySummary::default(),
+        progress,
     };
     let result = job.run().await;
     job.running.abort_all();
+    job.replicas.abort_all();
+    job.progress.finish_and_clear();
     let outputs = result.map(|()| {
+        job.remember();
         job.plan
             .outputs
             .iter()
@@ -370,7 +605,9 @@ impl Job {
 
     async fn run(&mut self) -> Result<(), EvalError> {
         let mut tick = tokio::time::interval(TICK);
-        while !self.sched.finished() {
+        // Done when every subgraph has a result and every replica has reported: a replica
+        // may still prove a result wrong.
+        while !self.sched.finished() || !self.replicas.is_empty() {
             for d in self.sched.schedule(self.now()) {
                 self.dispatch(d);
             }
@@ -378,6 +615,11 @@ impl Job {
                 done = self.running.join_next(), if !self.running.is_empty() => {
                     if let Some(Ok((task, outcome))) = done {
                         self.outcome(task, outcome)?;
+                    }
+                }
+                r = self.replicas.join_next(), if !self.replicas.is_empty() => {
+                    if let Some(Ok(r)) = r {
+                        self.replica(r)?;
                     }
                 }
                 _ = tick.tick() => {
@@ -408,24 +650,218 @@ impl Job {
             })
     }
 
-    fn outcome(&mut self, task: u64, outcome: Result<Vec<Data>, String>) -> Result<(), EvalError> {
+    fn outcome(&mut self, task: u64, outcome: Result<Accepted, Refusal>) -> Result<(), EvalError> {
         let Some(&sg) = self.task_subgraph.get(&task) else {
             return Ok(());
         };
+        let peer = self.task_peer.get(&task).copied();
+        if let Ok(a) = &outcome {
+            self.verify.cpu += Duration::from_secs_f64(a.verify_secs);
+        }
         if !self.sched.knows(task) {
             return Ok(()); // expired or cancelled: its subgraph went elsewhere
         }
-        match outcome.and_then(|outs| check_outputs(&self.plan, sg, outs)) {
-            Ok(outs) => {
-                let ids = self.plan.subgraphs[sg].output_ids.clone();
-                if self.results[sg].is_none() {
-                    self.results[sg] = Some(Arc::new(outs.into_iter().map(Arc::new).collect()));
+        match outcome {
+            Ok(a) => {
+                match a.check {
+                    Some(CheckKind::Freivalds) => self.verify.freivalds += 1,
+                    Some(CheckKind::SampledRows) => self.verify.sampled_rows += 1,
+                    Some(CheckKind::Recomputed) => self.verify.recomputed += 1,
+                    None => {}
                 }
+                let ids = self.plan.subgraphs[sg].output_ids.clone();
+                {
+                    let mut mem = lock(&self.memory);
+                    if mem.cids.len() > MAX_TABLE {
+                        mem.cids.clear();
+                    }
+                    for (id, c) in ids.iter().zip(&a.cids) {
+                        mem.cids.insert(*id, *c);
+                    }
+                }
+                let a = Arc::new(a);
+                self.results[sg] = Some(Arc::new(
+                    a.outputs.iter().map(|t| Arc::new(t.clone())).collect(),
+                ));
+                self.accepted[sg] = Some(a.clone());
+                self.producer[sg] = Some(Producer {
+                    peer,
+                    check: a.check,
+                });
                 let now = self.now();
-                self.sched.on_done(task, now, &ids);
+                self.sched.on_done(task, now, &ids, a.compute_secs);
+                self.progress.inc(1);
+                self.progress.set_message(self.progress_message());
+                if let Some(p) = peer {
+                    let replicate = {
+                        let mut trust = lock(&self.trust);
+                        trust.credit(&p);
+                        // Only a sampled check leaves room for a lie; Freivalds (2^-20) and a
+                        // full recompute do not need a second opinion.
+                        a.check == Some(CheckKind::SampledRows)
+                            && trust.replicate(&p, &mut rand::rng())
+                    };
+                    if replicate {
+                        self.replicate(sg, p, a);
+                    }
+                }
                 Ok(())
             }
-            Err(error) => self.fail(task, error),
+            Err(Refusal::Failed(error)) => self.fail(task, error),
+            Err(Refusal::Cheated { reason, evidence }) => {
+                let peer = peer.expect("only remote results are refused as cheating");
+                self.fail(task, format!("{reason} (peer banned)"))?;
+                self.ban(peer, &reason, &evidence)
+            }
+        }
+    }
+
+    fn progress_message(&self) -> String {
+        let busy = self
+            .sched
+            .peers()
+            .values()
+            .filter(|i| i.in_flight > 0)
+            .count();
+        let flops: u64 = self.sched.stats().values().map(|s| s.flops).sum();
+        format!(
+            "{busy} peers busy · {:.1} GFLOP/s",
+            flops as f64 / 1e9 / self.now().max(1e-3)
+        )
+    }
+
+    /// Bans `peer`: no more work, its running tasks fail over, and its results in this job
+    /// that only a sample vouched for are computed again.
+    fn ban(&mut self, peer: PeerId, reason: &str, evidence: &str) -> Result<(), EvalError> {
+        self.verify
+            .detections
+            .push(format!("{peer}: {reason}: {evidence}"));
+        if !lock(&self.trust).ban(&peer, reason, evidence) {
+            return Ok(());
+        }
+        self.verify.bans.push(format!("{peer} ({reason})"));
+        self.sched.remove_peer(&peer);
+        let running: Vec<u64> = self
+            .task_peer
+            .iter()
+            .filter(|&(t, p)| *p == peer && self.sched.knows(*t))
+            .map(|(&t, _)| t)
+            .collect();
+        for t in running {
+            self.fail(t, format!("{peer} was banned"))?;
+        }
+        let suspect: Vec<usize> = (0..self.producer.len())
+            .filter(|&i| {
+                self.producer[i].is_some_and(|p| {
+                    p.peer == Some(peer) && p.check == Some(CheckKind::SampledRows)
+                })
+            })
+            .collect();
+        if !suspect.is_empty() {
+            let reopened = self.sched.reopen(&suspect);
+            self.verify.reopened += reopened.len();
+            for i in reopened {
+                if self.results[i].take().is_some() {
+                    self.progress.dec(1);
+                }
+                self.accepted[i] = None;
+                self.producer[i] = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `sg` again on another peer of the same class as `primary` and compares.
+    fn replicate(&mut self, sg: usize, primary: PeerId, first: Arc<Accepted>) {
+        let class = self.peer_class.get(&primary).cloned();
+        let candidates: Vec<PeerId> = self
+            .sched
+            .peers()
+            .iter()
+            .filter(|(p, _)| **p != primary && self.peer_class.get(p) == class.as_ref())
+            .map(|(p, _)| *p)
+            .collect();
+        // The candidate with the fewest failures, then the least loaded.
+        let Some(replica) = candidates
+            .iter()
+            .min_by_key(|p| {
+                let i = &self.sched.peers()[p];
+                (i.failed, i.in_flight)
+            })
+            .copied()
+        else {
+            return;
+        };
+        self.verify.replicated += 1;
+        let subgraph = self.plan.subgraphs[sg].clone();
+        let inputs = gather(&self.plan, sg, &self.results);
+        let node = self.node.clone();
+        let memory = self.memory.clone();
+        let verifier = self.verifier.clone();
+        let local = self.local.clone();
+        let task = self.next_check;
+        self.next_check += 1;
+        let flops = subgraph.cost.flops;
+        self.replicas.spawn(async move {
+            let started = Instant::now();
+            let verdict = replica_verdict(
+                node, memory, verifier, local, task, replica, subgraph, inputs, first,
+            )
+            .await;
+            ReplicaOutcome {
+                subgraph: sg,
+                primary,
+                replica,
+                flops,
+                verify_secs: started.elapsed().as_secs_f64(),
+                verdict,
+            }
+        });
+    }
+
+    fn replica(&mut self, r: ReplicaOutcome) -> Result<(), EvalError> {
+        self.verify.extra_remote_flops += r.flops;
+        match r.verdict {
+            Replica::Agreed => {
+                self.verify.replicas_agreed += 1;
+                lock(&self.trust).credit(&r.replica);
+                Ok(())
+            }
+            Replica::Unusable(why) => {
+                tracing::debug!(replica = %r.replica, %why, "replica gave no usable answer");
+                Ok(())
+            }
+            Replica::Cheated(Refusal::Cheated { reason, evidence }) => {
+                self.ban(r.replica, &reason, &evidence)
+            }
+            Replica::Cheated(Refusal::Failed(why)) => {
+                tracing::debug!(replica = %r.replica, %why, "replica failed");
+                Ok(())
+            }
+            Replica::Dispute {
+                primary_wrong,
+                replica_wrong,
+            } => {
+                self.verify.disputes += 1;
+                self.verify.cpu += Duration::from_secs_f64(r.verify_secs);
+                if let Some(e) = replica_wrong {
+                    self.ban(r.replica, "wrong result (replica dispute)", &e)?;
+                }
+                if let Some(e) = primary_wrong {
+                    // Its result was accepted: redo it and everything downstream.
+                    let reopened = self.sched.reopen(&[r.subgraph]);
+                    self.verify.reopened += reopened.len();
+                    for i in reopened {
+                        if self.results[i].take().is_some() {
+                            self.progress.dec(1);
+                        }
+                        self.accepted[i] = None;
+                        self.producer[i] = None;
+                    }
+                    self.ban(r.primary, "wrong result (replica dispute)", &e)?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -436,6 +872,7 @@ impl Job {
             subgraph,
             place,
             deadline,
+            held,
         } = d
         else {
             return;
@@ -452,31 +889,68 @@ impl Job {
                         .await
                         .map_err(|e| e.to_string())
                         .and_then(|r| r.map_err(|e| e.to_string()))
-                        .map(|v| v.iter().map(|t| (**t).clone()).collect());
+                        .map(|v| {
+                            let outputs: Vec<Data> = v.iter().map(|t| (**t).clone()).collect();
+                            Accepted {
+                                cids: outputs.iter().map(Data::content_id).collect(),
+                                outputs,
+                                op_hashes: Vec::new(),
+                                class: [0; 32],
+                                check: None,
+                                verify_secs: 0.0,
+                                compute_secs: None,
+                                elapsed_secs: 0.0,
+                            }
+                        })
+                        .map_err(Refusal::Failed);
                     (task, r)
                 });
             }
             Place::Peer(peer) => {
                 self.task_peer.insert(task, peer);
                 let node = self.node.clone();
+                let memory = self.memory.clone();
+                let verifier = self.verifier.clone();
                 self.running.spawn(async move {
-                    let data = inputs.iter().map(|t| Input::Data((**t).clone())).collect();
-                    let req = TaskRequest::new(task, &sg, data);
-                    let r = match tokio::time::timeout(timeout, node.run_task(peer, req)).await {
-                        Err(_) => Err(format!("no answer within {:.1} s", timeout.as_secs_f64())),
-                        Ok(Err(NodeError::Remote { error, .. })) => {
-                            Err(format!("{UNREACHABLE}{error}"))
-                        }
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Ok(Ok(TaskResponse::Done { outputs, .. })) => Ok(outputs),
-                        Ok(Ok(TaskResponse::Failed { error, .. })) => Err(error),
-                        Ok(Ok(TaskResponse::Missing { inputs, .. })) => {
-                            Err(format!("the worker lacks inputs {inputs:?}"))
-                        }
-                    };
+                    let r = remote(
+                        &node, &memory, &verifier, task, peer, &sg, inputs, held, timeout,
+                    )
+                    .await;
                     (task, r)
                 });
             }
+        }
+    }
+
+    /// Keeps what the next job can use: verified results, who holds what, measured speeds.
+    fn remember(&self) {
+        let mut mem = lock(&self.memory);
+        let trust = lock(&self.trust);
+        for (i, sg) in self.plan.subgraphs.iter().enumerate() {
+            let banned = self.producer[i]
+                .and_then(|p| p.peer)
+                .is_some_and(|p| trust.is_banned(&p));
+            if let (Some(r), false) = (&self.results[i], banned) {
+                mem.cache.put(sg.id, r.clone());
+            }
+        }
+        if mem.held.len() > MAX_TABLE {
+            mem.held.clear();
+        }
+        for (id, holders) in self.sched.held() {
+            mem.held
+                .entry(*id)
+                .or_default()
+                .extend(holders.iter().copied());
+        }
+        for (p, info) in self.sched.peers() {
+            mem.measured.insert(
+                *p,
+                (
+                    info.measured.then_some(info.flops),
+                    info.link_measured.then_some(info.link),
+                ),
+            );
         }
     }
 
@@ -497,10 +971,239 @@ impl Job {
         }
         JobSummary {
             subgraphs: self.plan.subgraphs.len(),
+            cached: self.cached,
             wall: self.started.elapsed(),
             places,
             redispatches: self.sched.redispatches().to_vec(),
+            verify: self.verify.clone(),
         }
+    }
+}
+
+/// Content ids of `inputs` (values `ids`), hashing only those not seen before.
+fn content_ids(memory: &Mutex<Memory>, ids: &[ValueId], inputs: &[Arc<Data>]) -> Vec<ContentId> {
+    let known: Vec<Option<ContentId>> = {
+        let mem = lock(memory);
+        ids.iter().map(|id| mem.cids.get(id).copied()).collect()
+    };
+    let cids: Vec<ContentId> = known
+        .iter()
+        .zip(inputs)
+        .map(|(k, t)| k.unwrap_or_else(|| t.content_id()))
+        .collect();
+    let mut mem = lock(memory);
+    if mem.cids.len() > MAX_TABLE {
+        mem.cids.clear();
+    }
+    for (id, c) in ids.iter().zip(&cids) {
+        mem.cids.insert(*id, *c);
+    }
+    cids
+}
+
+/// Sends a task, waits for the answer within `timeout`, and checks it.
+#[allow(clippy::too_many_arguments)]
+async fn remote(
+    node: &NodeClient,
+    memory: &Arc<Mutex<Memory>>,
+    verifier: &Arc<Verifier>,
+    task: u64,
+    peer: PeerId,
+    sg: &Subgraph,
+    inputs: Vec<Arc<Data>>,
+    held: Vec<bool>,
+    timeout: Duration,
+) -> Result<Accepted, Refusal> {
+    let nonce: [u8; 16] = rand::rng().random();
+    let sent = Instant::now();
+    let send = |held: &[bool]| {
+        let data = inputs
+            .iter()
+            .zip(held)
+            .map(|(t, &h)| {
+                if h {
+                    Input::Held
+                } else {
+                    Input::Data((**t).clone())
+                }
+            })
+            .collect();
+        TaskRequest::new(task, nonce, sg, data)
+    };
+    let ask = async {
+        let mut response = node.run_task(peer, send(&held)).await;
+        if let Ok(TaskResponse::Missing { .. }) = &response {
+            // The worker evicted a value: send everything.
+            response = node.run_task(peer, send(&vec![false; inputs.len()])).await;
+        }
+        response
+    };
+    let response = match tokio::time::timeout(timeout, ask).await {
+        Err(_) => {
+            return Err(Refusal::Failed(format!(
+                "no answer within {:.1} s",
+                timeout.as_secs_f64()
+            )));
+        }
+        Ok(Err(NodeError::Remote { error, .. })) => {
+            return Err(Refusal::Failed(format!("{UNREACHABLE}{error}")));
+        }
+        Ok(Err(e)) => return Err(Refusal::Failed(e.to_string())),
+        Ok(Ok(r)) => r,
+    };
+    let elapsed_secs = sent.elapsed().as_secs_f64();
+    let (outputs, compute_micros, receipt, signature, signer) = match response {
+        TaskResponse::Done {
+            outputs,
+            compute_micros,
+            receipt,
+            signature,
+            signer,
+            ..
+        } => (outputs, compute_micros, receipt, signature, signer),
+        TaskResponse::Failed { error, .. } => return Err(Refusal::Failed(error)),
+        TaskResponse::Missing { inputs, .. } => {
+            return Err(Refusal::Failed(format!(
+                "the worker lacks inputs {inputs:?} even when sent"
+            )));
+        }
+    };
+    let memory = memory.clone();
+    let verifier = verifier.clone();
+    let sg = sg.clone();
+    tokio::task::spawn_blocking(move || {
+        let clock = trust::Stopwatch::start();
+        check_shapes(&sg, &outputs).map_err(Refusal::Failed)?;
+        let input_cids = content_ids(&memory, &sg.input_ids, &inputs);
+        let cids: Vec<ContentId> = outputs.iter().map(Data::content_id).collect();
+        trust::open_receipt(
+            &peer,
+            &signer,
+            &signature,
+            &receipt,
+            &trust::key_of(&sg, &input_cids),
+            &nonce,
+            &cids,
+        )?;
+        let check = verifier.check(&sg, &inputs, &input_cids, &outputs, &receipt.class)?;
+        Ok(Accepted {
+            outputs,
+            cids,
+            op_hashes: receipt.op_hashes,
+            class: receipt.class,
+            check: Some(check),
+            verify_secs: clock.secs(),
+            compute_secs: Some(compute_micros as f64 / 1e6),
+            elapsed_secs,
+        })
+    })
+    .await
+    .map_err(|e| Refusal::Failed(format!("verification panicked: {e}")))?
+}
+
+/// Runs the replica and, if it disagrees with `first`, settles the dispute locally.
+#[allow(clippy::too_many_arguments)]
+async fn replica_verdict(
+    node: NodeClient,
+    memory: Arc<Mutex<Memory>>,
+    verifier: Arc<Verifier>,
+    local: Arc<LocalExecutor>,
+    task: u64,
+    peer: PeerId,
+    sg: Subgraph,
+    inputs: Vec<Arc<Data>>,
+    first: Arc<Accepted>,
+) -> Replica {
+    let nonce: [u8; 16] = rand::rng().random();
+    let req = TaskRequest::new(
+        task,
+        nonce,
+        &sg,
+        inputs.iter().map(|t| Input::Data((**t).clone())).collect(),
+    );
+    // As long as a task's deadline would be, from the primary's round trip.
+    let timeout = Duration::from_secs_f64(2.0 + 4.0 * first.elapsed_secs);
+    let (outputs, receipt, signature, signer) =
+        match tokio::time::timeout(timeout, node.run_task(peer, req)).await {
+            Ok(Ok(TaskResponse::Done {
+                outputs,
+                receipt,
+                signature,
+                signer,
+                ..
+            })) => (outputs, receipt, signature, signer),
+            Ok(Ok(other)) => return Replica::Unusable(format!("{other:?}")),
+            Ok(Err(e)) => return Replica::Unusable(e.to_string()),
+            Err(_) => return Replica::Unusable("timed out".into()),
+        };
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = check_shapes(&sg, &outputs) {
+            return Replica::Unusable(e);
+        }
+        let input_cids = content_ids(&memory, &sg.input_ids, &inputs);
+        let cids: Vec<ContentId> = outputs.iter().map(Data::content_id).collect();
+        if let Err(r) = trust::open_receipt(
+            &peer,
+            &signer,
+            &signature,
+            &receipt,
+            &trust::key_of(&sg, &input_cids),
+            &nonce,
+            &cids,
+        ) {
+            return Replica::Cheated(r);
+        }
+        if cids == first.cids {
+            return Replica::Agreed;
+        }
+        dispute(&verifier, &local, &sg, &inputs, &first, &outputs, &receipt)
+    })
+    .await
+    .unwrap_or_else(|e| Replica::Unusable(format!("dispute panicked: {e}")))
+}
+
+/// Two signed results disagree: find the first op where their per-op hashes differ and
+/// recompute here to decide who is wrong.
+fn dispute(
+    verifier: &Verifier,
+    local: &LocalExecutor,
+    sg: &Subgraph,
+    inputs: &[Arc<Data>],
+    first: &Accepted,
+    second: &[Data],
+    receipt: &Receipt,
+) -> Replica {
+    let op = first
+        .op_hashes
+        .iter()
+        .zip(&receipt.op_hashes)
+        .position(|(a, b)| a != b)
+        .map_or("an output".to_string(), |k| {
+            format!("op {k} ({})", sg.program.nodes[k].op)
+        });
+    let mine = local.backend().class().id();
+    let judge = |outputs: &[Data], op_hashes: &[ContentId], class: &[u8; 32]| -> Option<String> {
+        if *class == mine
+            && let Ok((_, hashes)) = local.backend().run_traced(&sg.program, inputs)
+        {
+            let k = hashes.iter().zip(op_hashes).position(|(a, b)| a != b)?;
+            return Some(format!(
+                "subgraph {} first differs from a local recompute at op {k} ({})",
+                sg.id.short(),
+                sg.program.nodes[k].op
+            ));
+        }
+        verifier
+            .recompute(sg, inputs, outputs, class)
+            .err()
+            .map(|m| format!("subgraph {}: {m}", sg.id.short()))
+    };
+    let primary_wrong = judge(&first.outputs, &first.op_hashes, &first.class);
+    let replica_wrong = judge(second, &receipt.op_hashes, &receipt.class);
+    tracing::warn!(subgraph = %sg.id.short(), %op, ?primary_wrong, ?replica_wrong, "replicas disagree");
+    Replica::Dispute {
+        primary_wrong,
+        replica_wrong,
     }
 }
 
@@ -520,8 +1223,8 @@ fn gather(plan: &Plan, sg: usize, results: &[Option<Arc<Vec<Arc<Data>>>>]) -> Ve
 }
 
 /// A result must have the program's output count, dtypes and shapes.
-fn check_outputs(plan: &Plan, sg: usize, outs: Vec<Data>) -> Result<Vec<Data>, String> {
-    let program = &plan.subgraphs[sg].program;
+fn check_shapes(sg: &Subgraph, outs: &[Data]) -> Result<(), String> {
+    let program = &sg.program;
     let metas = program.infer().map_err(|e| e.to_string())?;
     if outs.len() != program.outputs.len() {
         return Err(format!(
@@ -539,5 +1242,5 @@ fn check_outputs(plan: &Plan, sg: usize, outs: Vec<Data>) -> Result<Vec<Data>, S
             ));
         }
     }
-    Ok(outs)
+    Ok(())
 }

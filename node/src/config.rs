@@ -133,12 +133,26 @@ pub struct NodeConfig {
     pub fault: Option<Fault>,
 }
 
-/// Ways a test worker misbehaves.
+/// Ways a test worker misbehaves. Each cheat signs what it returns, as a real cheater would
+/// have to.
 #[doc(hidden)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Fault {
     /// Accepts tasks and never answers.
     Hang,
+    /// Every `every`-th result has one element moved by `factor` times the verifier's
+    /// tolerance for it (Freivalds' row threshold for a matmul, the element tolerance
+    /// otherwise). `factor` just over 1 is the subtlest detectable lie.
+    Corrupt { every: u32, factor: f32 },
+    /// Returns zeros of the right shapes.
+    Zeros,
+    /// Answers with the previous task's signed result (correct once, then replayed).
+    Replay,
+    /// Signs results with a key that is not its identity.
+    WrongKey,
+    /// A slow machine that says it is fast: advertises `factor` times its measured speed and
+    /// takes `delay_ms` longer over every task.
+    Inflate { factor: f32, delay_ms: u32 },
 }
 
 impl NodeConfig {

@@ -28,6 +28,7 @@ pub mod identity;
 pub mod net;
 pub mod node;
 pub mod peers;
+pub mod trust;
 mod work;
 
 pub use advert::{ADVERT_TOPIC, Advert, Rejection, SignedAdvert};

@@ -117,7 +117,10 @@ impl Node {
                 backend: bench.backend,
                 adapter: bench.adapter.clone(),
                 class: bench.class.clone(),
-                matmul_gflops: bench.matmul_gflops as f32,
+                matmul_gflops: match config.fault {
+                    Some(crate::config::Fault::Inflate { factor, .. }) => bench.matmul_gflops as f32 * factor,
+                    _ => bench.matmul_gflops as f32,
+                },
                 elementwise_gbps: bench.elementwise_gbps as f32,
                 memory_bytes: bench.memory_bytes,
                 max_tensor_bytes: bench.max_tensor_bytes,
@@ -153,7 +156,7 @@ impl Node {
                 let slots = config.slots as usize;
                 let (work_tx, work_rx) = mpsc::channel(2 * slots.max(1));
                 let executor = std::sync::Arc::new(corvid_sdk::LocalExecutor::new(backend));
-                let worker = crate::work::run(work_rx, client.tx.clone(), executor, slots, config.fault, cancel.clone());
+                let worker = crate::work::run(crate::work::Worker::new(work_rx, client.tx.clone(), executor, key.clone(), slots, config.fault), cancel.clone());
                 worker_task = Some(tokio::spawn(worker.in_current_span()));
                 Some(work_tx)
             } else {

@@ -1,18 +1,30 @@
 //! The worker: runs subgraphs that peers send, at most `slots` at a time, on the node's backend
-//! through the SDK's local executor (which caches results by subgraph id).
+//! through the SDK's local executor (which caches results), and signs every result.
+//!
+//! Values a requester sent or had computed here are kept per requester (by the requester's
+//! value ids), so its later tasks can name them instead of sending them again. Keeping them per
+//! requester means one requester cannot plant values under ids another one will use.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use corvid_sdk::LocalExecutor;
-use corvid_sdk::wire::{Input, TASK_VERSION, TaskRequest, TaskResponse};
+use corvid_kernels::Tensor as Data;
+use corvid_kernels::verify::Projection;
+use corvid_sdk::wire::{Input, Receipt, TASK_VERSION, TaskRequest, TaskResponse, task_key};
+use corvid_sdk::{LocalExecutor, ValueId};
 use libp2p::PeerId;
+use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
+use rand::SeedableRng;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Fault;
 use crate::net::event_loop::Command;
+
+/// Bytes of held values kept for all requesters together; the oldest go first.
+const HELD_BYTES: u64 = 1 << 30;
 
 /// One request to run, with the channel its answer goes back on.
 #[derive(Debug)]
@@ -22,36 +34,71 @@ pub(crate) struct Work {
     pub channel: ResponseChannel<TaskResponse>,
 }
 
-/// Runs work items until cancelled or the queue closes; answers go back through the event loop.
-pub(crate) async fn run(
-    mut queue: mpsc::Receiver<Work>,
+/// Everything the worker task owns.
+pub(crate) struct Worker {
+    queue: mpsc::Receiver<Work>,
     commands: mpsc::Sender<Command>,
-    executor: Arc<LocalExecutor>,
+    shared: Arc<Shared>,
     slots: usize,
+}
+
+/// What running tasks share.
+struct Shared {
+    executor: Arc<LocalExecutor>,
+    key: Keypair,
+    held: Mutex<Held>,
     fault: Option<Fault>,
-    cancel: CancellationToken,
-) {
-    let permits = Arc::new(Semaphore::new(slots.max(1)));
+    /// For faults: results answered so far, and the last answer (to replay).
+    answered: Mutex<(u64, Option<TaskResponse>)>,
+}
+
+impl Worker {
+    pub fn new(
+        queue: mpsc::Receiver<Work>,
+        commands: mpsc::Sender<Command>,
+        executor: Arc<LocalExecutor>,
+        key: Keypair,
+        slots: usize,
+        fault: Option<Fault>,
+    ) -> Worker {
+        Worker {
+            queue,
+            commands,
+            shared: Arc::new(Shared {
+                executor,
+                key,
+                held: Mutex::new(Held::default()),
+                fault,
+                answered: Mutex::new((0, None)),
+            }),
+            slots,
+        }
+    }
+}
+
+/// Runs work items until cancelled or the queue closes; answers go back through the event loop.
+pub(crate) async fn run(mut worker: Worker, cancel: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(worker.slots.max(1)));
     // A hanging test worker keeps the channels it never answers on.
     let mut hung = Vec::new();
     loop {
         let work = tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            w = queue.recv() => match w {
+            w = worker.queue.recv() => match w {
                 Some(w) => w,
                 None => break,
             },
         };
-        if fault == Some(Fault::Hang) {
+        if worker.shared.fault == Some(Fault::Hang) {
             hung.push(work.channel);
             continue;
         }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let executor = executor.clone();
-        let commands = commands.clone();
+        let shared = worker.shared.clone();
+        let commands = worker.commands.clone();
         tokio::spawn(async move {
             let Work {
                 peer,
@@ -59,7 +106,7 @@ pub(crate) async fn run(
                 channel,
             } = work;
             let task = request.task;
-            let response = tokio::task::spawn_blocking(move || execute(&executor, request))
+            let response = tokio::task::spawn_blocking(move || shared.execute(peer, request))
                 .await
                 .unwrap_or_else(|e| TaskResponse::Failed {
                     task,
@@ -74,61 +121,243 @@ pub(crate) async fn run(
     }
 }
 
-/// Checks and runs one request.
-pub(crate) fn execute(executor: &LocalExecutor, request: TaskRequest) -> TaskResponse {
-    let task = request.task;
-    let fail = |error: String| TaskResponse::Failed { task, error };
-    if request.version != TASK_VERSION {
-        return fail(format!(
-            "task protocol version {} is not {TASK_VERSION}",
-            request.version
-        ));
-    }
-    if !request.id_matches() {
-        return fail(format!(
-            "subgraph id {} does not match its program and inputs",
-            request.subgraph.short()
-        ));
-    }
-    if request.inputs.len() != request.program.inputs.len()
-        || request.input_ids.len() != request.inputs.len()
-    {
-        return fail(format!(
-            "the program takes {} inputs, the task carries {} (and {} ids)",
-            request.program.inputs.len(),
-            request.inputs.len(),
-            request.input_ids.len()
-        ));
-    }
-    let held: Vec<usize> = (0..request.inputs.len())
-        .filter(|&i| matches!(request.inputs[i], Input::Held))
-        .collect();
-    if !held.is_empty() {
-        return TaskResponse::Missing { task, inputs: held };
-    }
-    let inputs: Vec<Arc<corvid_kernels::Tensor>> = request
-        .inputs
-        .into_iter()
-        .map(|i| match i {
-            Input::Data(t) => Arc::new(t),
-            Input::Held => unreachable!("held inputs answered above"),
-        })
-        .collect();
-    // Cache by the subgraph id *and* the content of the inputs actually sent: a requester
-    // cannot plant a result under an id that other requesters will ask for.
-    let mut key = blake3::Hasher::new();
-    key.update(&request.subgraph.0);
-    for t in &inputs {
-        key.update(&t.content_id().0);
-    }
-    let key = corvid_sdk::SubgraphId(*key.finalize().as_bytes());
-    let started = Instant::now();
-    match executor.run_program(key, &request.program, &inputs) {
-        Ok(outputs) => TaskResponse::Done {
+impl Shared {
+    /// Checks, runs and signs one request.
+    fn execute(&self, peer: PeerId, request: TaskRequest) -> TaskResponse {
+        let task = request.task;
+        let fail = |error: String| TaskResponse::Failed { task, error };
+        if request.version != TASK_VERSION {
+            return fail(format!(
+                "task protocol version {} is not {TASK_VERSION}",
+                request.version
+            ));
+        }
+        if !request.id_matches() {
+            return fail(format!(
+                "subgraph id {} does not match its program and inputs",
+                request.subgraph.short()
+            ));
+        }
+        let n = request.program.inputs.len();
+        if request.inputs.len() != n || request.input_ids.len() != n {
+            return fail(format!(
+                "the program takes {n} inputs, the task carries {} (and {} ids)",
+                request.inputs.len(),
+                request.input_ids.len()
+            ));
+        }
+        if request.output_ids.len() != request.program.outputs.len() {
+            return fail(format!(
+                "the program has {} outputs, the task names {}",
+                request.program.outputs.len(),
+                request.output_ids.len()
+            ));
+        }
+        // Resolve held inputs; report every one that is gone.
+        let mut inputs: Vec<Arc<Data>> = Vec::with_capacity(n);
+        let mut missing = Vec::new();
+        {
+            let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, input) in request.inputs.into_iter().enumerate() {
+                match input {
+                    Input::Data(t) => inputs.push(Arc::new(t)),
+                    Input::Held => match held.get(peer, request.input_ids[i]) {
+                        Some(t) => inputs.push(t),
+                        None => missing.push(i),
+                    },
+                }
+            }
+        }
+        if !missing.is_empty() {
+            return TaskResponse::Missing {
+                task,
+                inputs: missing,
+            };
+        }
+        let input_cids: Vec<_> = inputs.iter().map(|t| t.content_id()).collect();
+        // Cache by the task key: the subgraph id *and* the content of the inputs, so a
+        // requester cannot plant a result under an id that other requesters will ask for.
+        let key = task_key(&request.subgraph, &input_cids);
+        let started = Instant::now();
+        let traced =
+            match self
+                .executor
+                .run_traced(corvid_sdk::SubgraphId(key), &request.program, &inputs)
+            {
+                Ok(t) => t,
+                Err(e) => return fail(e.to_string()),
+            };
+        if let Some(Fault::Inflate { delay_ms, .. }) = self.fault {
+            std::thread::sleep(std::time::Duration::from_millis(u64::from(delay_ms)));
+        }
+        let compute_micros = started.elapsed().as_micros() as u64;
+        {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, t) in request.input_ids.iter().zip(&inputs) {
+                held.put(peer, *id, t.clone());
+            }
+            for (id, t) in request.output_ids.iter().zip(traced.outputs.iter()) {
+                held.put(peer, *id, t.clone());
+            }
+        }
+        let mut outputs: Vec<Data> = traced.outputs.iter().map(|t| (**t).clone()).collect();
+        let mut op_hashes = traced.op_hashes.to_vec();
+        let count = {
+            let mut a = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+            a.0 += 1;
+            a.0
+        };
+        match self.fault {
+            Some(Fault::Corrupt { every, factor }) if count % u64::from(every.max(1)) == 0 => {
+                corrupt(&request.program, &inputs, &mut outputs, factor, count);
+                rehash_outputs(&request.program, &outputs, &mut op_hashes);
+            }
+            Some(Fault::Zeros) => {
+                for o in &mut outputs {
+                    *o = Data::full(o.shape().to_vec(), 0.0);
+                }
+                rehash_outputs(&request.program, &outputs, &mut op_hashes);
+            }
+            _ => {}
+        }
+        let class = self.executor.backend().class();
+        let receipt = Receipt {
+            task: key,
+            nonce: request.nonce,
+            outputs: outputs.iter().map(Data::content_id).collect(),
+            op_hashes,
+            class: class.id(),
+            class_name: class.to_string(),
+        };
+        let key = match self.fault {
+            Some(Fault::WrongKey) => Keypair::generate_ed25519(),
+            _ => self.key.clone(),
+        };
+        let signature = match key.sign(&receipt.message()) {
+            Ok(s) => s,
+            Err(e) => return fail(format!("could not sign the result: {e}")),
+        };
+        let response = TaskResponse::Done {
             task,
-            outputs: outputs.iter().map(|t| (**t).clone()).collect(),
-            compute_micros: started.elapsed().as_micros() as u64,
-        },
-        Err(e) => fail(e.to_string()),
+            outputs,
+            compute_micros,
+            receipt,
+            signature,
+            signer: key.public().encode_protobuf(),
+        };
+        if self.fault == Some(Fault::Replay) {
+            let mut a = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(TaskResponse::Done {
+                outputs,
+                compute_micros,
+                receipt,
+                signature,
+                signer,
+                ..
+            }) = a.1.clone()
+            {
+                return TaskResponse::Done {
+                    task,
+                    outputs,
+                    compute_micros,
+                    receipt,
+                    signature,
+                    signer,
+                };
+            }
+            a.1 = Some(response.clone());
+        }
+        response
+    }
+}
+
+/// A consistent cheat: the per-op hashes of the output ops match the altered outputs.
+fn rehash_outputs(
+    program: &corvid_kernels::Program,
+    outputs: &[Data],
+    op_hashes: &mut [corvid_kernels::ContentId],
+) {
+    let n_in = program.inputs.len();
+    for (k, &o) in program.outputs.iter().enumerate() {
+        if let Some(h) = (o as usize)
+            .checked_sub(n_in)
+            .and_then(|i| op_hashes.get_mut(i))
+        {
+            *h = outputs[k].content_id();
+        }
+    }
+}
+
+/// Moves one element of one output by `factor` times the tolerance the verifier will use.
+fn corrupt(
+    program: &corvid_kernels::Program,
+    inputs: &[Arc<Data>],
+    outputs: &mut [Data],
+    factor: f32,
+    count: u64,
+) {
+    let Some(out) = outputs.first_mut() else {
+        return;
+    };
+    let Ok(values) = out.as_f32() else {
+        return;
+    };
+    let mut values = values.to_vec();
+    if values.is_empty() {
+        return;
+    }
+    let e = (count as usize * 7919) % values.len();
+    let single_matmul = program.nodes.len() == 1
+        && matches!(program.nodes[0].op, corvid_kernels::Op::MatMul)
+        && program.nodes[0].args == [0, 1]
+        && inputs.len() == 2
+        && out.shape().len() == 2;
+    let delta = if single_matmul {
+        // Freivalds' threshold for this row, from the same public bound the verifier uses.
+        let n = out.shape()[1];
+        let m = out.shape()[0];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(count);
+        match (Projection::new(&inputs[1], &mut rng), inputs[0].as_f32()) {
+            (Ok(p), Ok(a)) => p.row_tolerance(a, &values, m)[e / n] as f32,
+            _ => 1.0,
+        }
+    } else {
+        let tol = corvid_kernels::verify::program_tolerance(program);
+        tol.atol + tol.rtol * values[e].abs()
+    };
+    values[e] += factor * delta.max(f32::MIN_POSITIVE);
+    if let Ok(t) = Data::from_f32(out.shape().to_vec(), values) {
+        *out = t;
+    }
+}
+
+/// Values kept for requesters, by (requester, value id), oldest evicted first.
+#[derive(Default)]
+struct Held {
+    map: HashMap<(PeerId, ValueId), Arc<Data>>,
+    order: VecDeque<(PeerId, ValueId, u64)>,
+    bytes: u64,
+}
+
+impl Held {
+    fn get(&self, peer: PeerId, id: ValueId) -> Option<Arc<Data>> {
+        self.map.get(&(peer, id)).cloned()
+    }
+
+    fn put(&mut self, peer: PeerId, id: ValueId, t: Arc<Data>) {
+        let size = t.meta().bytes();
+        if size > HELD_BYTES || self.map.contains_key(&(peer, id)) {
+            return;
+        }
+        while self.bytes + size > HELD_BYTES {
+            let Some((p, v, b)) = self.order.pop_front() else {
+                break;
+            };
+            self.map.remove(&(p, v));
+            self.bytes -= b;
+        }
+        self.map.insert((peer, id), t);
+        self.order.push_back((peer, id, size));
+        self.bytes += size;
     }
 }

@@ -117,3 +117,46 @@ fn a_worker_that_never_answers_is_routed_around() {
         bad.join().await;
     });
 }
+
+#[test]
+fn repeated_jobs_reuse_verified_results_and_values_workers_hold() {
+    let client = Client::local(2).unwrap().with_settings(settings());
+    let run = || {
+        let g = Graph::new("again").with_executor(client.executor());
+        let outs = workload(&g);
+        let got = g.eval(&outs.iter().collect::<Vec<_>>()).unwrap();
+        for (a, b) in got.iter().zip(&local_results()) {
+            assert_eq!(a.words(), b.words());
+        }
+        client.last_summary().unwrap()
+    };
+    let first = run();
+    let remote_in = |s: &corvid_node::JobSummary| -> u64 {
+        s.places
+            .iter()
+            .filter(|(p, _)| p.as_str() != "local")
+            .map(|(_, p)| p.bytes_in)
+            .sum()
+    };
+    assert!(remote_in(&first) > 0, "{first}");
+    // The same graph again: every subgraph comes from the requester's cache.
+    let second = run();
+    println!("{second}");
+    assert_eq!(second.cached, second.subgraphs, "{second}");
+    assert!(
+        second.places.values().all(|p| p.tasks == 0),
+        "nothing runs again:\n{second}"
+    );
+    // Without the requester's cache, the workers still hold the inputs they were sent: only
+    // ids travel for the tasks that land where their inputs are.
+    client.clear_cache();
+    let third = run();
+    println!("{third}");
+    assert_eq!(third.cached, 0);
+    assert!(
+        remote_in(&third) < remote_in(&first),
+        "held inputs are not sent again: {} then {} bytes\n{third}",
+        remote_in(&first),
+        remote_in(&third)
+    );
+}

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use common::{init_logs, spawn, wait_for};
 use corvid_kernels::{Backend, CpuBackend};
+use corvid_node::trust::{Refusal, open_receipt};
 use corvid_node::{Node, NodeConfig};
 use corvid_sdk::plan::Source;
-use corvid_sdk::wire::{Input, TaskRequest, TaskResponse};
+use corvid_sdk::wire::{Input, TaskRequest, TaskResponse, task_key};
 use corvid_sdk::{Executor, Graph, LocalExecutor, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -73,13 +74,57 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
             continue;
         };
         let response = client
-            .run_task(worker_id, TaskRequest::new(i as u64, sg, inputs))
+            .run_task(
+                worker_id,
+                TaskRequest::new(i as u64, [i as u8; 16], sg, inputs),
+            )
             .await
             .unwrap();
-        let TaskResponse::Done { task, outputs, .. } = response else {
+        let TaskResponse::Done {
+            task,
+            outputs,
+            receipt,
+            signature,
+            signer,
+            ..
+        } = response
+        else {
             panic!("{response:?}")
         };
         assert_eq!(task, i as u64);
+        // Signed by the worker, for this task, this nonce and these outputs.
+        let cids: Vec<_> = sg
+            .inputs
+            .iter()
+            .map(|s| match s {
+                Source::Leaf(l) => plan.leaves[*l].content_id(),
+                Source::Output { .. } => unreachable!(),
+            })
+            .collect();
+        let out_cids: Vec<_> = outputs.iter().map(|t| t.content_id()).collect();
+        open_receipt(
+            &worker_id,
+            &signer,
+            &signature,
+            &receipt,
+            &task_key(&sg.id, &cids),
+            &[i as u8; 16],
+            &out_cids,
+        )
+        .unwrap();
+        assert!(matches!(
+            open_receipt(
+                &worker_id,
+                &signer,
+                &signature,
+                &receipt,
+                &task_key(&sg.id, &cids),
+                &[i as u8 + 1; 16],
+                &out_cids,
+            ),
+            Err(Refusal::Cheated { .. })
+        ));
+        assert_eq!(receipt.op_hashes.len(), sg.program.nodes.len());
         let local_out = local
             .run_subgraph(
                 sg,
@@ -101,8 +146,8 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
     assert_eq!(remote_tiles, 12, "{}", plan.describe());
     assert_eq!(want.len(), 1);
 
-    // A task whose id does not cover its program is refused, and so is one with held inputs
-    // the worker never saw.
+    // A task whose id does not cover its program is refused; held inputs the worker was sent
+    // before are used, and ones it never saw are asked for.
     let sg = plan
         .subgraphs
         .iter()
@@ -116,28 +161,47 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
             Source::Output { .. } => unreachable!(),
         })
         .collect();
-    let mut forged = TaskRequest::new(100, sg, inputs.clone());
+    let mut forged = TaskRequest::new(100, [0; 16], sg, inputs.clone());
     forged.program.nodes[0].op = corvid_kernels::Op::Unary(corvid_kernels::UnaryOp::Neg);
     let r = client.run_task(worker_id, forged).await.unwrap();
     assert!(
         matches!(&r, TaskResponse::Failed { error, .. } if error.contains("does not match")),
         "{r:?}"
     );
-    let mut held = TaskRequest::new(101, sg, inputs);
-    held.inputs[0] = Input::Held;
+    let n_inputs = inputs.len();
+    let mut held = TaskRequest::new(101, [0; 16], sg, inputs);
+    held.inputs = vec![Input::Held; n_inputs];
     let r = client.run_task(worker_id, held).await.unwrap();
+    assert!(matches!(r, TaskResponse::Done { task: 101, .. }), "{r:?}");
+    let other = Graph::new("other").with_executor(local.clone());
+    let z = other
+        .random(&[8, 8], -1.0, 1.0, 11)
+        .matmul(&other.random(&[8, 8], -1.0, 1.0, 12))
+        .unwrap();
+    let other_plan = other.plan(&[&z]).unwrap();
+    let fresh = &other_plan.subgraphs[0];
+    let r = client
+        .run_task(
+            worker_id,
+            TaskRequest::new(102, [0; 16], fresh, vec![Input::Held; 2]),
+        )
+        .await
+        .unwrap();
     assert_eq!(
         r,
         TaskResponse::Missing {
-            task: 101,
-            inputs: vec![0]
+            task: 102,
+            inputs: vec![0, 1]
         }
     );
 
     // The requester-only node refuses work.
     let back = worker
         .client()
-        .run_task(requester.peer_id(), TaskRequest::new(5, sg, vec![]))
+        .run_task(
+            requester.peer_id(),
+            TaskRequest::new(5, [0; 16], sg, vec![]),
+        )
         .await;
     assert!(
         back.is_err(),

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use corvid_kernels::{Backend, BackendChoice, ExecError, Tensor as Data};
+use corvid_kernels::{Backend, BackendChoice, ContentId, ExecError, Tensor as Data};
 use rayon::prelude::*;
 
 use crate::error::EvalError;
@@ -21,6 +21,16 @@ pub trait Executor: Send + Sync + fmt::Debug {
     fn execute(&self, plan: &Plan) -> Result<Vec<Arc<Data>>, EvalError>;
 }
 
+/// Per-op hashes kept at most (32 bytes per op each); the table is cleared past this.
+const MAX_TRACES: usize = 100_000;
+
+/// Outputs of a traced run and the content id of every op's output.
+#[derive(Clone, Debug)]
+pub struct Traced {
+    pub outputs: Arc<Vec<Arc<Data>>>,
+    pub op_hashes: Arc<Vec<ContentId>>,
+}
+
 /// Default cap on cached results, in bytes.
 pub const CACHE_BYTES: u64 = 1 << 30;
 
@@ -29,7 +39,9 @@ pub const CACHE_BYTES: u64 = 1 << 30;
 pub struct LocalExecutor {
     backend: Backend,
     settings: Settings,
-    cache: Mutex<Cache>,
+    cache: Mutex<ResultCache>,
+    /// Per-op output hashes of traced runs, by the same key as `cache`.
+    traces: Mutex<HashMap<SubgraphId, Arc<Vec<ContentId>>>>,
 }
 
 impl LocalExecutor {
@@ -41,7 +53,8 @@ impl LocalExecutor {
         LocalExecutor {
             backend,
             settings,
-            cache: Mutex::new(Cache::new(CACHE_BYTES)),
+            cache: Mutex::new(ResultCache::new(CACHE_BYTES)),
+            traces: Mutex::new(HashMap::new()),
         }
     }
 
@@ -86,12 +99,41 @@ impl LocalExecutor {
         Ok(out)
     }
 
+    /// [`LocalExecutor::run_program`] that also returns the content id of every op's output in
+    /// program order (see [`Backend::run_traced`]). Cached by `id` like `run_program`.
+    pub fn run_traced(
+        &self,
+        id: SubgraphId,
+        program: &corvid_kernels::Program,
+        inputs: &[Arc<Data>],
+    ) -> Result<Traced, ExecError> {
+        let trace = self
+            .traces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        if let (Some(outputs), Some(op_hashes)) = (self.cache().get(&id), trace) {
+            return Ok(Traced { outputs, op_hashes });
+        }
+        let (outs, hashes) = self.backend.run_traced(program, inputs)?;
+        let outputs = Arc::new(outs.into_iter().map(Arc::new).collect::<Vec<_>>());
+        let op_hashes = Arc::new(hashes);
+        self.cache().put(id, outputs.clone());
+        let mut traces = self.traces.lock().unwrap_or_else(|p| p.into_inner());
+        if traces.len() >= MAX_TRACES {
+            traces.clear();
+        }
+        traces.insert(id, op_hashes.clone());
+        Ok(Traced { outputs, op_hashes })
+    }
+
     /// How many subgraph results are cached.
     pub fn cached(&self) -> usize {
         self.cache().map.len()
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, ResultCache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -191,16 +233,17 @@ pub fn default_executor() -> Arc<dyn Executor> {
 
 /// Results by subgraph id, oldest evicted first past a byte budget.
 #[derive(Debug)]
-struct Cache {
+pub struct ResultCache {
     map: HashMap<SubgraphId, Arc<Vec<Arc<Data>>>>,
     order: VecDeque<(SubgraphId, u64)>,
     bytes: u64,
     cap: u64,
 }
 
-impl Cache {
-    fn new(cap: u64) -> Self {
-        Cache {
+impl ResultCache {
+    /// An empty cache holding at most `cap` bytes of tensors.
+    pub fn new(cap: u64) -> Self {
+        ResultCache {
             map: HashMap::new(),
             order: VecDeque::new(),
             bytes: 0,
@@ -208,11 +251,12 @@ impl Cache {
         }
     }
 
-    fn get(&self, id: &SubgraphId) -> Option<Arc<Vec<Arc<Data>>>> {
+    pub fn get(&self, id: &SubgraphId) -> Option<Arc<Vec<Arc<Data>>>> {
         self.map.get(id).cloned()
     }
 
-    fn put(&mut self, id: SubgraphId, v: Arc<Vec<Arc<Data>>>) {
+    /// Keeps `v` under `id`, evicting the oldest entries to stay under the byte cap.
+    pub fn put(&mut self, id: SubgraphId, v: Arc<Vec<Arc<Data>>>) {
         let size: u64 = v.iter().map(|t| t.meta().bytes()).sum();
         if size > self.cap || self.map.contains_key(&id) {
             return;
@@ -227,5 +271,14 @@ impl Cache {
         self.map.insert(id, v);
         self.order.push_back((id, size));
         self.bytes += size;
+    }
+
+    /// How many results are held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 }

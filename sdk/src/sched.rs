@@ -38,6 +38,13 @@ impl<P: fmt::Display> fmt::Display for Place<P> {
     }
 }
 
+/// A busy peer is waited for if it would finish in less than this fraction of the time the
+/// best free peer would take.
+const WAIT_FOR_BUSY: f64 = 0.5;
+
+/// Transfers at least this large measure a peer's link.
+const LINK_SAMPLE_BYTES: u64 = 1 << 20;
+
 /// Identifies one attempt at one subgraph.
 pub type TaskId = u64;
 
@@ -58,6 +65,9 @@ pub struct SchedConfig {
     pub straggler_min: f64,
     /// Round-trip time added to every remote estimate, seconds.
     pub latency: f64,
+    /// Run subgraphs without arithmetic (assembly, slicing) on the requester: their inputs
+    /// come back to it anyway, so shipping them out again only costs transfer.
+    pub local_data_movement: bool,
 }
 
 impl Default for SchedConfig {
@@ -71,6 +81,7 @@ impl Default for SchedConfig {
             straggler: 2.0,
             straggler_min: 0.5,
             latency: 0.002,
+            local_data_movement: true,
         }
     }
 }
@@ -88,6 +99,8 @@ pub struct PeerInfo {
     pub busy_until: f64,
     /// Whether `flops` is measured rather than advertised.
     pub measured: bool,
+    /// Whether `link` is measured rather than assumed.
+    pub link_measured: bool,
     pub done: usize,
     pub failed: usize,
 }
@@ -101,6 +114,9 @@ pub enum Decision<P> {
         place: Place<P>,
         /// Absolute time after which the task counts as failed.
         deadline: f64,
+        /// Per input: whether the peer already holds it (sent or computed there before), so
+        /// only its id need travel.
+        held: Vec<bool>,
     },
     /// A copy of a subgraph whose result was already accepted elsewhere.
     Cancel { task: TaskId, place: Place<P> },
@@ -145,6 +161,8 @@ struct Task<P> {
     estimate: f64,
     deadline: f64,
     speculative_sent: bool,
+    /// Input bytes that had to travel (the peer did not hold them).
+    moved: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -173,9 +191,16 @@ pub struct Scheduler<P: Ord + Clone> {
     flops: Vec<u64>,
     bytes_out: Vec<u64>,
     inputs: Vec<Vec<(ValueId, u64)>>,
-    deps: Vec<Vec<usize>>,
     ops: Vec<String>,
     state: Vec<State>,
+    /// Subgraphs reading each subgraph's outputs, and how many distinct dependencies each
+    /// still waits for.
+    dependents: Vec<Vec<usize>>,
+    deps: Vec<Vec<usize>>,
+    unmet: Vec<usize>,
+    /// Ready subgraphs, lowest index first; zero-FLOP ones apart when they run locally.
+    ready: BTreeSet<usize>,
+    ready_local: BTreeSet<usize>,
     errors: Vec<Vec<AttemptError<P>>>,
     tasks: HashMap<TaskId, Task<P>>,
     next_task: TaskId,
@@ -201,25 +226,29 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
                 .collect();
             inputs.push(v);
         }
-        let deps: Vec<Vec<usize>> = plan.subgraphs.iter().map(|s| s.deps().collect()).collect();
-        let state = deps
-            .iter()
-            .map(|d| {
-                if d.is_empty() {
-                    State::Ready
-                } else {
-                    State::Waiting
-                }
-            })
-            .collect();
-        Scheduler {
+        let mut dependents = vec![Vec::new(); n];
+        let mut unmet = vec![0; n];
+        let mut deps_of = Vec::with_capacity(n);
+        for (i, sg) in plan.subgraphs.iter().enumerate() {
+            let deps: BTreeSet<usize> = sg.deps().collect();
+            unmet[i] = deps.len();
+            for &d in &deps {
+                dependents[d].push(i);
+            }
+            deps_of.push(deps.into_iter().collect());
+        }
+        let mut sched = Scheduler {
             cfg,
             flops: plan.subgraphs.iter().map(|s| s.cost.flops).collect(),
             bytes_out: plan.subgraphs.iter().map(|s| s.cost.bytes_out).collect(),
             inputs,
-            deps,
             ops: plan.subgraphs.iter().map(|s| s.ops()).collect(),
-            state,
+            state: vec![State::Waiting; n],
+            dependents,
+            deps: deps_of,
+            unmet,
+            ready: BTreeSet::new(),
+            ready_local: BTreeSet::new(),
             errors: vec![Vec::new(); n],
             tasks: HashMap::new(),
             next_task: 0,
@@ -229,7 +258,53 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             local_in_flight: 0,
             stats: BTreeMap::new(),
             redispatches: Vec::new(),
+        };
+        for i in 0..n {
+            if sched.unmet[i] == 0 {
+                sched.make_ready(i);
+            }
         }
+        sched
+    }
+
+    fn runs_locally(&self, sg: usize) -> bool {
+        self.cfg.allow_local && self.cfg.local_data_movement && self.flops[sg] == 0
+    }
+
+    fn make_ready(&mut self, sg: usize) {
+        self.state[sg] = State::Ready;
+        if self.runs_locally(sg) {
+            self.ready_local.insert(sg);
+        } else {
+            self.ready.insert(sg);
+        }
+    }
+
+    /// Marks `sg` done without running it (its result was cached); dependents may become
+    /// ready.
+    pub fn completed(&mut self, sg: usize) {
+        if self.state[sg] == State::Done {
+            return;
+        }
+        self.ready.remove(&sg);
+        self.ready_local.remove(&sg);
+        self.finish(sg);
+    }
+
+    fn finish(&mut self, sg: usize) {
+        self.state[sg] = State::Done;
+        for k in 0..self.dependents[sg].len() {
+            let d = self.dependents[sg][k];
+            self.unmet[d] -= 1;
+            if self.unmet[d] == 0 && self.state[d] == State::Waiting {
+                self.make_ready(d);
+            }
+        }
+    }
+
+    /// Every value each peer is known to hold, to carry over to the next job.
+    pub fn held(&self) -> &HashMap<ValueId, BTreeSet<P>> {
+        &self.held
     }
 
     /// Adds or updates a peer with its advertised speed, link and slots.
@@ -241,14 +316,71 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             in_flight: 0,
             busy_until: 0.0,
             measured: false,
+            link_measured: false,
             done: 0,
             failed: 0,
         });
         if !e.measured {
             e.flops = flops;
         }
-        e.link = link;
+        if !e.link_measured {
+            e.link = link;
+        }
         e.slots = slots;
+    }
+
+    /// Seeds a peer's measured speed (FLOP/s) and link (bytes/s) from earlier jobs.
+    pub fn measured(&mut self, p: &P, flops: Option<f64>, link: Option<f64>) {
+        if let Some(info) = self.peers.get_mut(p) {
+            if let Some(f) = flops {
+                info.flops = f;
+                info.measured = true;
+            }
+            if let Some(l) = link {
+                info.link = l;
+                info.link_measured = true;
+            }
+        }
+    }
+
+    /// Runs `subgraphs` again, with everything downstream of them: their results turned out
+    /// to be untrustworthy. Running copies are forgotten (their results will be ignored).
+    /// Returns every subgraph reopened.
+    pub fn reopen(&mut self, subgraphs: &[usize]) -> Vec<usize> {
+        let mut closure = BTreeSet::new();
+        let mut stack: Vec<usize> = subgraphs.to_vec();
+        while let Some(sg) = stack.pop() {
+            if closure.insert(sg) {
+                stack.extend(self.dependents[sg].iter().copied());
+            }
+        }
+        let dropped: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| closure.contains(&t.subgraph))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in dropped {
+            if let Some(t) = self.tasks.remove(&id) {
+                self.release(&t);
+            }
+        }
+        for &sg in &closure {
+            self.state[sg] = State::Waiting;
+            self.ready.remove(&sg);
+            self.ready_local.remove(&sg);
+        }
+        // Recount what each reopened subgraph waits for, and start those with none.
+        for &sg in &closure {
+            self.unmet[sg] = self.deps[sg]
+                .iter()
+                .filter(|&&d| self.state[d] != State::Done)
+                .count();
+            if self.unmet[sg] == 0 {
+                self.make_ready(sg);
+            }
+        }
+        closure.into_iter().collect()
     }
 
     /// Forgets a peer (disconnected, banned). Its running tasks must be reported as failed.
@@ -301,30 +433,53 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
     /// Places every ready subgraph that can start now.
     pub fn schedule(&mut self, now: f64) -> Vec<Decision<P>> {
         let mut out = Vec::new();
-        for sg in 0..self.state.len() {
-            if self.state[sg] != State::Ready {
-                continue;
-            }
+        while let Some(sg) = self.ready_local.pop_first() {
+            out.push(self.dispatch(sg, Place::Local, now));
+        }
+        let mut skipped = Vec::new();
+        while let Some(sg) = self.ready.pop_first() {
             let tried: BTreeSet<Place<P>> =
                 self.errors[sg].iter().map(|e| e.place.clone()).collect();
-            if let Some(place) = self.best_place(sg, now, &tried) {
-                out.push(self.dispatch(sg, place, now));
+            match self.best_place(sg, now, &tried) {
+                Some(place) => out.push(self.dispatch(sg, place, now)),
+                None => {
+                    skipped.push(sg);
+                    // Nothing else fits either once every peer is full (or worth waiting for)
+                    // and the requester is busy or not allowed; a subgraph that avoided
+                    // peers where it failed may be followed by one that can use them.
+                    let free = self.peers.values().any(|i| i.in_flight < i.slots);
+                    let local = self.cfg.allow_local && self.local_in_flight == 0;
+                    if (!free && !local) || self.errors[sg].is_empty() {
+                        break;
+                    }
+                }
             }
         }
+        self.ready.extend(skipped);
         out
     }
 
     fn best_place(&self, sg: usize, now: f64, avoid: &BTreeSet<Place<P>>) -> Option<Place<P>> {
         let mut best: Option<(f64, Place<P>)> = None;
+        let mut best_busy: Option<f64> = None;
         for (p, info) in &self.peers {
             let place = Place::Peer(p.clone());
-            if info.in_flight >= info.slots || avoid.contains(&place) {
+            if avoid.contains(&place) {
                 continue;
             }
             let t = self.estimate(sg, &place, now);
-            if best.as_ref().is_none_or(|(b, _)| t < *b) {
+            if info.in_flight >= info.slots {
+                best_busy = Some(best_busy.map_or(t, |b| b.min(t)));
+            } else if best.as_ref().is_none_or(|(b, _)| t < *b) {
                 best = Some((t, place));
             }
+        }
+        // Earliest finish counts queueing: wait for a busy peer that would still finish in
+        // less than half the time of the best free one (a slow peer is not worth its slot).
+        if let (Some((free, _)), Some(busy)) = (&best, best_busy)
+            && busy - now < WAIT_FOR_BUSY * (free - now)
+        {
+            return None;
         }
         // Locally only when no peer could ever take it (none known, or all failed it); busy
         // peers are waited for.
@@ -343,6 +498,13 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         let finish = self.estimate(sg, &place, now);
         let estimate = (finish - now).max(1e-3);
         let deadline = now + self.cfg.deadline_slack * estimate + self.cfg.deadline_grace;
+        let held = match &place {
+            Place::Peer(p) => self.inputs[sg]
+                .iter()
+                .map(|(id, _)| self.held.get(id).is_some_and(|h| h.contains(p)))
+                .collect(),
+            Place::Local => vec![false; self.inputs[sg].len()],
+        };
         match &place {
             Place::Peer(p) => {
                 let info = self.peers.get_mut(p).expect("placed on a known peer");
@@ -369,6 +531,12 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
                 estimate,
                 deadline,
                 speculative_sent: false,
+                moved: self.inputs[sg]
+                    .iter()
+                    .zip(&held)
+                    .filter(|(_, h)| !**h)
+                    .map(|((_, b), _)| b)
+                    .sum(),
             },
         );
         Decision::Dispatch {
@@ -376,6 +544,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             subgraph: sg,
             place,
             deadline,
+            held,
         }
     }
 
@@ -390,9 +559,17 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         }
     }
 
-    /// A task's result was accepted. Returns cancellations of the subgraph's other copies.
-    /// A result for a subgraph that is already done (or an unknown task) is ignored.
-    pub fn on_done(&mut self, task: TaskId, now: f64, output_ids: &[ValueId]) -> Vec<Decision<P>> {
+    /// A task's result was accepted. `compute_secs` is the worker's own compute time, when it
+    /// reported one: the rest of the round trip measures the link. Returns cancellations of the
+    /// subgraph's other copies. A result for a subgraph that is already done (or an unknown
+    /// task) is ignored.
+    pub fn on_done(
+        &mut self,
+        task: TaskId,
+        now: f64,
+        output_ids: &[ValueId],
+        compute_secs: Option<f64>,
+    ) -> Vec<Decision<P>> {
         let Some(t) = self.tasks.remove(&task) else {
             return vec![];
         };
@@ -402,16 +579,31 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             return vec![];
         }
         let elapsed = (now - t.started).max(1e-6);
+        let moved = t.moved + self.bytes_out[sg];
         let s = self.stats.entry(t.place.clone()).or_default();
         s.tasks += 1;
         s.flops += self.flops[sg];
-        s.bytes_in += self.inputs[sg].iter().map(|(_, b)| b).sum::<u64>();
+        s.bytes_in += t.moved;
         s.bytes_out += self.bytes_out[sg];
         s.busy_secs += elapsed;
         if let Place::Peer(p) = &t.place {
             if let Some(info) = self.peers.get_mut(p) {
-                // Measured throughput replaces the advert: exponential average of FLOP/s.
-                let measured = self.flops[sg] as f64 / elapsed;
+                // Measured throughput replaces the advert: exponential average of FLOP/s over
+                // the worker's compute time (the whole round trip if it did not say).
+                let compute = compute_secs.map_or(elapsed, |c| c.clamp(1e-6, elapsed));
+                let measured = self.flops[sg] as f64 / compute;
+                // The rest of the round trip is latency and transfer; large transfers measure
+                // the link.
+                let transfer = elapsed - compute - self.cfg.latency;
+                if compute_secs.is_some() && moved >= LINK_SAMPLE_BYTES && transfer > 0.0 {
+                    let link = moved as f64 / transfer;
+                    info.link = if info.link_measured {
+                        0.5 * info.link + 0.5 * link
+                    } else {
+                        link
+                    };
+                    info.link_measured = true;
+                }
                 if self.flops[sg] > 0 {
                     info.flops = if info.measured {
                         0.5 * info.flops + 0.5 * measured
@@ -429,13 +621,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
                 self.held.entry(*id).or_default().insert(p.clone());
             }
         }
-        self.state[sg] = State::Done;
-        for (i, deps) in self.deps.iter().enumerate() {
-            if self.state[i] == State::Waiting && deps.iter().all(|&d| self.state[d] == State::Done)
-            {
-                self.state[i] = State::Ready;
-            }
-        }
+        self.finish(sg);
         // Cancel the other copies of this subgraph.
         let others: Vec<TaskId> = self
             .tasks
@@ -490,7 +676,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         }
         self.redispatches
             .push((sg, format!("after {} failed: {error}", t.place)));
-        self.state[sg] = State::Ready;
+        self.make_ready(sg);
         Ok(())
     }
 
@@ -613,8 +799,8 @@ mod tests {
         let liar_task = d.iter().find(|x| x.2 == Place::Peer("liar")).unwrap().0;
         let honest_task = d.iter().find(|x| x.2 == Place::Peer("honest")).unwrap().0;
         // The honest peer answers in 0.1 ms; the liar takes 10 s for the same ~82 kFLOP.
-        s.on_done(honest_task, 0.0001, &[]);
-        s.on_done(liar_task, 10.0, &[]);
+        s.on_done(honest_task, 0.0001, &[], None);
+        s.on_done(liar_task, 10.0, &[], None);
         assert!(s.peers()["liar"].flops < 1e5, "{:?}", s.peers()["liar"]);
         let next = dispatched(&s.schedule(10.0));
         assert_eq!(
@@ -673,7 +859,7 @@ mod tests {
         assert_eq!(copy.len(), 1, "{copies:?}");
         assert_eq!((copy[0].1, copy[0].2.clone()), (sg, Place::Peer("spare")));
         // The copy wins; the original is cancelled and its late result ignored.
-        let cancels = s.on_done(copy[0].0, 0.7, &[]);
+        let cancels = s.on_done(copy[0].0, 0.7, &[], None);
         assert_eq!(
             cancels,
             vec![Decision::Cancel {
@@ -681,7 +867,7 @@ mod tests {
                 place: Place::Peer("slow")
             }]
         );
-        assert!(s.on_done(task, 0.8, &[]).is_empty());
+        assert!(s.on_done(task, 0.8, &[], None).is_empty());
         assert_eq!(s.stats()[&Place::Peer("spare")].tasks, 1);
         assert!(!s.stats().contains_key(&Place::Peer("slow")));
         // A task that never answers expires at its deadline.
@@ -726,9 +912,85 @@ mod tests {
             assert!(!d.is_empty(), "stuck at {now}");
             for (t, ..) in d {
                 now += 0.001;
-                s.on_done(t, now, &[]);
+                s.on_done(t, now, &[], None);
             }
         }
         assert_eq!(s.stats()[&Place::Peer("a")].tasks, p.subgraphs.len());
+    }
+
+    #[test]
+    fn assembly_runs_locally_held_inputs_are_flagged_and_reopen_redoes_downstream() {
+        let p = plan();
+        let assembly: Vec<usize> = (0..p.subgraphs.len())
+            .filter(|&i| p.subgraphs[i].cost.flops == 0)
+            .collect();
+        assert!(!assembly.is_empty(), "{}", p.describe());
+        let mut s = Scheduler::new(&p, SchedConfig::default());
+        s.peer("a", 1e9, 1e9, 8);
+        s.holds("a", p.subgraphs[0].input_ids[0]);
+        let mut now = 0.0;
+        let mut local = Vec::new();
+        let mut first_held = None;
+        while !s.finished() {
+            let ds = s.schedule(now);
+            assert!(!ds.is_empty(), "stuck at {now}");
+            for d in ds {
+                let Decision::Dispatch {
+                    task,
+                    subgraph,
+                    place,
+                    held,
+                    ..
+                } = d
+                else {
+                    continue;
+                };
+                if subgraph == 0 {
+                    first_held = Some(held);
+                }
+                if place == Place::Local {
+                    local.push(subgraph);
+                }
+                now += 0.001;
+                let ids = p.subgraphs[subgraph].output_ids.clone();
+                s.on_done(task, now, &ids, Some(0.0005));
+            }
+        }
+        assert_eq!(local, assembly, "zero-FLOP subgraphs run on the requester");
+        let held = first_held.unwrap();
+        assert!(held[0] && !held[1], "{held:?}");
+        // A tile turned out wrong: it and the assembly reading it run again, nothing else.
+        let reopened = s.reopen(&[0]);
+        assert!(reopened.contains(&0) && reopened.iter().any(|r| assembly.contains(r)));
+        assert!(!reopened.contains(&1), "{reopened:?}");
+        assert!(!s.finished());
+        let again = dispatched(&s.schedule(now));
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].1, 0);
+        // A cached subgraph is done without running.
+        let mut c = Scheduler::new(&p, no_local());
+        c.peer("a", 1e9, 1e9, 8);
+        for i in 0..p.subgraphs.len() {
+            c.completed(i);
+        }
+        assert!(c.finished());
+        assert!(c.schedule(0.0).is_empty());
+    }
+
+    #[test]
+    fn a_much_faster_busy_peer_is_waited_for() {
+        let p = plan();
+        let mut s = Scheduler::new(&p, no_local());
+        s.peer("fast", 1e9, 1e12, 1);
+        s.peer("slow", 1e9, 1e12, 1);
+        // Measured: the slow peer needs 1000x longer.
+        s.measured(&"slow", Some(1e6), None);
+        let d = dispatched(&s.schedule(0.0));
+        assert_eq!(
+            d.len(),
+            1,
+            "only the fast peer starts; the slow one is not worth it: {d:?}"
+        );
+        assert_eq!(d[0].2, Place::Peer("fast"));
     }
 }

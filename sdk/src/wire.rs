@@ -1,19 +1,30 @@
 //! Messages between a requester and a worker, shared by the SDK and the node so they live in
 //! one place. Encoded with postcard; tensors travel as raw little-endian bytes.
+//!
+//! A worker signs every result with its identity key over a [`Receipt`]: the task (subgraph id
+//! and the content ids of the inputs it ran on), the requester's nonce, the outputs' content
+//! ids, a hash root over every op's output inside the subgraph, and the determinism class. A
+//! requester checks the signature against the peer it asked, so a result cannot be replayed for
+//! another task, another request or from another peer.
 
-use corvid_kernels::{Program, Tensor as Data};
+use corvid_kernels::{ContentId, Program, Tensor as Data};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{SubgraphId, ValueId, subgraph_id};
 use crate::plan::Subgraph;
 
 /// Version of the task protocol; a peer answers other versions with [`TaskResponse::Failed`].
-pub const TASK_VERSION: u16 = 1;
+pub const TASK_VERSION: u16 = 2;
+
+/// Domain separation for receipt signatures.
+const RECEIPT_DOMAIN: &[u8] = b"corvid/receipt/2";
 
 /// One input of a task: the data itself, or only its id when the worker already holds it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Input {
     Data(Data),
+    /// The worker holds this value (by the request's input id) from an earlier task of the
+    /// same requester.
     Held,
 }
 
@@ -23,21 +34,27 @@ pub struct TaskRequest {
     pub version: u16,
     /// Correlates the response; unique per requester.
     pub task: u64,
+    /// Fresh per request: a signed result answers this request and no other.
+    pub nonce: [u8; 16],
     pub subgraph: SubgraphId,
     pub program: Program,
     pub input_ids: Vec<ValueId>,
+    /// Ids of the outputs, under which the worker keeps them for later tasks.
+    pub output_ids: Vec<ValueId>,
     pub inputs: Vec<Input>,
 }
 
 impl TaskRequest {
-    /// A request for `sg` with the given inputs (`None` where the worker holds the value).
-    pub fn new(task: u64, sg: &Subgraph, inputs: Vec<Input>) -> Self {
+    /// A request for `sg` with the given inputs.
+    pub fn new(task: u64, nonce: [u8; 16], sg: &Subgraph, inputs: Vec<Input>) -> Self {
         TaskRequest {
             version: TASK_VERSION,
             task,
+            nonce,
             subgraph: sg.id,
             program: sg.program.clone(),
             input_ids: sg.input_ids.clone(),
+            output_ids: sg.output_ids.clone(),
             inputs,
         }
     }
@@ -48,7 +65,62 @@ impl TaskRequest {
     }
 }
 
+/// What one task is: the subgraph and the exact inputs it ran on.
+pub fn task_key(subgraph: &SubgraphId, inputs: &[ContentId]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"corvid/task-key");
+    h.update(&subgraph.0);
+    for c in inputs {
+        h.update(&c.0);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// The hash root over the content ids of every op's output in a subgraph, in program order.
+pub fn op_root(op_hashes: &[ContentId]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"corvid/op-root");
+    for c in op_hashes {
+        h.update(&c.0);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// What a worker signs for a result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// [`task_key`] of the subgraph and the inputs the worker ran it on.
+    pub task: [u8; 32],
+    pub nonce: [u8; 16],
+    pub outputs: Vec<ContentId>,
+    /// Content id of every op's output, in program order; [`op_root`] of these is signed.
+    pub op_hashes: Vec<ContentId>,
+    /// [`corvid_kernels::DeterminismClass::id`] of the backend that ran it.
+    pub class: [u8; 32],
+    /// Human-readable class, for reports (not signed: the id is).
+    pub class_name: String,
+}
+
+impl Receipt {
+    /// The bytes the signature covers.
+    pub fn message(&self) -> Vec<u8> {
+        let mut m = Vec::with_capacity(RECEIPT_DOMAIN.len() + 32 * (3 + self.outputs.len()) + 24);
+        m.extend_from_slice(RECEIPT_DOMAIN);
+        m.extend_from_slice(&self.task);
+        m.extend_from_slice(&self.nonce);
+        m.extend_from_slice(&(self.outputs.len() as u64).to_le_bytes());
+        for c in &self.outputs {
+            m.extend_from_slice(&c.0);
+        }
+        m.extend_from_slice(&op_root(&self.op_hashes));
+        m.extend_from_slice(&self.class);
+        m
+    }
+}
+
 /// A worker's answer.
+// One per task, moved not copied; boxing the receipt would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum TaskResponse {
     Done {
@@ -56,6 +128,13 @@ pub enum TaskResponse {
         outputs: Vec<Data>,
         /// Time spent computing, for throughput measurement.
         compute_micros: u64,
+        receipt: Receipt,
+        /// ed25519 signature by the worker's identity over [`Receipt::message`].
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+        /// The worker's public key (libp2p protobuf encoding); must be the peer asked.
+        #[serde(with = "serde_bytes")]
+        signer: Vec<u8>,
     },
     /// The worker no longer holds these inputs (by index): send them as data.
     Missing {

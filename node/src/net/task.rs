@@ -1,4 +1,4 @@
-//! The task protocol (`/corvid/task/1`): a requester sends a subgraph with its inputs, a worker
+//! The task protocol (`/corvid/task/2`): a requester sends a subgraph with its inputs, a worker
 //! answers with the outputs. Messages are postcard frames behind a u64 length, checked against
 //! a cap before anything is allocated, and read as they arrive rather than into a buffer sized
 //! by the sender's claim.
@@ -11,7 +11,7 @@ use libp2p::StreamProtocol;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/corvid/task/1");
+pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/corvid/task/2");
 /// Largest task request or response, in bytes.
 pub const MAX_TASK_BYTES: u64 = 1 << 30;
 

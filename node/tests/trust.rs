@@ -1,0 +1,211 @@
+//! Untrusted workers on a loopback swarm: every result is checked, cheaters are caught and
+//! banned with evidence, honest peers never are, and the developer still gets the honest
+//! answer bit for bit.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use corvid_kernels::{Backend, CpuBackend};
+use corvid_node::{Client, Fault, JobSummary};
+use corvid_sdk::{Graph, LocalExecutor, Settings, Tensor};
+
+fn settings() -> Settings {
+    Settings {
+        block: 64,
+        ..Settings::default()
+    }
+}
+
+/// Job `seed`: a 256x96 @ 96x256 product cut into 16 tiles of 64x64 (each checked with
+/// Freivalds), plus a small MLP (row pipelines, checked by sampled rows).
+fn workload(g: &Graph, seed: u64, mlp: bool) -> Vec<Tensor> {
+    let s = seed * 10;
+    let c = g
+        .random(&[256, 96], -1.0, 1.0, s + 1)
+        .matmul(&g.random(&[96, 256], -1.0, 1.0, s + 2))
+        .unwrap();
+    let mut outs = vec![c];
+    if mlp {
+        let x = g.random(&[100, 32], -1.0, 1.0, s + 3);
+        let h = (x.matmul(&g.random(&[32, 48], -0.5, 0.5, s + 4)).unwrap()
+            + &g.random(&[48], -0.1, 0.1, s + 5))
+            .relu()
+            .unwrap();
+        outs.push(
+            h.matmul(&g.random(&[48, 10], -0.5, 0.5, s + 6))
+                .unwrap()
+                .softmax(1)
+                .unwrap(),
+        );
+    }
+    outs
+}
+
+fn local(seed: u64, mlp: bool) -> Vec<corvid_kernels::Tensor> {
+    let exec = LocalExecutor::new(Backend::Cpu(CpuBackend::new())).with_settings(settings());
+    let g = Graph::new("local").with_executor(Arc::new(exec));
+    let outs = workload(&g, seed, mlp);
+    g.eval(&outs.iter().collect::<Vec<_>>()).unwrap()
+}
+
+/// Runs job `seed` and checks it against local evaluation, bit for bit.
+fn run(client: &Client, seed: u64, mlp: bool) -> JobSummary {
+    let g = Graph::new("job").with_executor(client.executor());
+    let outs = workload(&g, seed, mlp);
+    let got = g.eval(&outs.iter().collect::<Vec<_>>()).unwrap();
+    let summary = client.last_summary().unwrap();
+    for (a, b) in got.iter().zip(&local(seed, mlp)) {
+        assert_eq!(
+            a.words(),
+            b.words(),
+            "job {seed} differs from local:\n{summary}"
+        );
+    }
+    summary
+}
+
+fn tasks_of(s: &JobSummary, peer: &str) -> usize {
+    s.places.get(peer).map_or(0, |p| p.tasks + p.failures)
+}
+
+#[test]
+fn a_peer_corrupting_one_result_in_ten_is_banned_within_30_tasks() {
+    // Worker 3 moves one element of every 10th result by 1.05x the verifier's tolerance.
+    let client = Client::local_with(4, |i, c| {
+        if i == 3 {
+            c.fault = Some(Fault::Corrupt {
+                every: 10,
+                factor: 1.05,
+            });
+        }
+    })
+    .unwrap()
+    .with_settings(settings());
+    let cheater = client.workers()[3].peer_id().to_string();
+    let mut given = 0;
+    let mut jobs = 0;
+    while client.bans().is_empty() {
+        jobs += 1;
+        assert!(
+            jobs <= 12,
+            "no ban after {jobs} jobs, {given} tasks to the cheater"
+        );
+        let s = run(&client, jobs, false);
+        println!("{s}");
+        given += tasks_of(&s, &cheater);
+        assert!(s.verify.freivalds > 0, "{s}");
+    }
+    let bans = client.bans();
+    assert_eq!(bans.len(), 1, "{bans:?}");
+    assert_eq!(bans[0].peer, cheater, "an honest peer was banned: {bans:?}");
+    assert!(given <= 30, "the cheater got {given} tasks before its ban");
+    assert!(bans[0].reason.contains("freivalds"), "{bans:?}");
+    assert!(bans[0].evidence.contains("matmul"), "{bans:?}");
+    // After the ban the cheater gets nothing, and the answers stay right.
+    let s = run(&client, 100, true);
+    assert_eq!(tasks_of(&s, &cheater), 0, "{s}");
+    assert!(s.verify.sampled_rows > 0, "{s}");
+}
+
+#[test]
+fn zeroed_replayed_and_wrongly_signed_results_are_refused() {
+    let faults = [
+        None,
+        Some(Fault::Zeros),
+        Some(Fault::Replay),
+        Some(Fault::WrongKey),
+    ];
+    let client = Client::local_with(4, |i, c| c.fault = faults[i])
+        .unwrap()
+        .with_settings(settings());
+    let ids: Vec<String> = client
+        .workers()
+        .iter()
+        .map(|w| w.peer_id().to_string())
+        .collect();
+    for seed in 1..=6 {
+        let s = run(&client, seed, seed % 2 == 0);
+        println!("{s}");
+        if client.bans().len() == 3 {
+            break;
+        }
+    }
+    let bans = client.bans();
+    let reason = |peer: &str| {
+        bans.iter()
+            .find(|b| b.peer == peer)
+            .map(|b| b.reason.clone())
+            .unwrap_or_else(|| panic!("{peer} was not banned: {bans:?}"))
+    };
+    assert!(reason(&ids[1]).contains("wrong result"), "{bans:?}");
+    assert_eq!(reason(&ids[2]), "replayed result");
+    assert_eq!(reason(&ids[3]), "result signed by another peer");
+    assert!(
+        bans.iter().all(|b| b.peer != ids[0]),
+        "the honest peer was banned: {bans:?}"
+    );
+}
+
+#[test]
+fn a_slow_peer_advertising_a_fast_benchmark_stops_attracting_work() {
+    // Worker 1 claims 1000x its speed and takes 40 ms longer over every task.
+    let client = Client::local_with(2, |i, c| {
+        if i == 1 {
+            c.fault = Some(Fault::Inflate {
+                factor: 1000.0,
+                delay_ms: 40,
+            });
+        }
+    })
+    .unwrap()
+    .with_settings(settings());
+    let liar = client.workers()[1].peer_id().to_string();
+    let first = run(&client, 1, false);
+    let second = run(&client, 2, false);
+    let third = run(&client, 3, false);
+    println!("{first}{second}{third}");
+    let later = tasks_of(&second, &liar) + tasks_of(&third, &liar);
+    assert!(
+        later <= 4,
+        "after its first tasks were measured the liar still got {later} of 32 tasks"
+    );
+    assert!(client.bans().is_empty(), "being slow is not cheating");
+}
+
+#[test]
+fn a_lie_in_a_sampled_result_is_caught_by_a_replica_and_its_work_redone() {
+    // Row pipelines are checked by a sample of rows, so a single wrong element usually slips
+    // past the sample; a new peer's results are also replicated on another peer of the same
+    // class, and the disagreement is settled by a local recompute.
+    let client = Client::local_with(3, |i, c| {
+        if i == 2 {
+            c.fault = Some(Fault::Corrupt {
+                every: 2,
+                factor: 1.05,
+            });
+        }
+    })
+    .unwrap()
+    .with_settings(settings());
+    let cheater = client.workers()[2].peer_id().to_string();
+    let mlp = |g: &Graph| {
+        let x = g.random(&[640, 32], -1.0, 1.0, 7);
+        (x.matmul(&g.random(&[32, 48], -0.5, 0.5, 8)).unwrap() + &g.random(&[48], -0.1, 0.1, 9))
+            .tanh()
+            .unwrap()
+    };
+    let exec = LocalExecutor::new(Backend::Cpu(CpuBackend::new())).with_settings(settings());
+    let want = mlp(&Graph::new("local").with_executor(Arc::new(exec)))
+        .eval_data()
+        .unwrap();
+    let g = Graph::new("mlp").with_executor(client.executor());
+    let got = mlp(&g).eval_data().unwrap();
+    let s = client.last_summary().unwrap();
+    println!("{s}");
+    assert_eq!(got.words(), want.words(), "{s}");
+    assert!(s.verify.sampled_rows > 0 && s.verify.replicated > 0, "{s}");
+    let bans = client.bans();
+    assert_eq!(bans.len(), 1, "{bans:?}\n{s}");
+    assert_eq!(bans[0].peer, cheater);
+    assert!(!bans[0].evidence.is_empty());
+}
