@@ -209,10 +209,18 @@ impl Tensor {
                 len: bytes.len(),
             });
         }
-        let words = bytes.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
-        let data = match dtype {
-            DType::F32 => Data::F32(words.map(f32::from_le_bytes).collect()),
-            DType::I32 => Data::I32(words.map(i32::from_le_bytes).collect()),
+        let data = if cfg!(target_endian = "little") {
+            // One aligned memcpy.
+            match dtype {
+                DType::F32 => Data::F32(bytemuck::pod_collect_to_vec(bytes)),
+                DType::I32 => Data::I32(bytemuck::pod_collect_to_vec(bytes)),
+            }
+        } else {
+            let words = bytes.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
+            match dtype {
+                DType::F32 => Data::F32(words.map(f32::from_le_bytes).collect()),
+                DType::I32 => Data::I32(words.map(i32::from_le_bytes).collect()),
+            }
         };
         Ok(Tensor { shape, data })
     }
@@ -385,7 +393,11 @@ impl Serialize for Tensor {
         TensorWire {
             dtype: self.dtype(),
             shape: self.shape.clone(),
-            bytes: std::borrow::Cow::Owned(self.to_le_bytes()),
+            bytes: if cfg!(target_endian = "little") {
+                std::borrow::Cow::Borrowed(bytemuck::cast_slice(self.words()))
+            } else {
+                std::borrow::Cow::Owned(self.to_le_bytes())
+            },
         }
         .serialize(s)
     }

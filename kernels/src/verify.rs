@@ -98,15 +98,27 @@ impl Projection {
         let r: Vec<f64> = (0..n * FREIVALDS_ROUNDS)
             .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
             .collect();
-        let b64: Vec<f64> = bd.par_iter().map(|&x| f64::from(x)).collect();
         let mut br = vec![0.0; k * FREIVALDS_ROUNDS];
-        gemm_f64(k, FREIVALDS_ROUNDS, n, &b64, &r, &mut br);
-        let mut sq = vec![0.0f64; n];
-        for row in b64.chunks_exact(n.max(1)) {
-            for (s, x) in sq.iter_mut().zip(row) {
-                *s += x * x;
-            }
-        }
+        project_rows(bd, n, &r, &mut br, |_| [0.0; 3]);
+        // Column norms: per block of rows, then summed.
+        let sq = bd
+            .par_chunks(n.max(1) * ROW_BLOCK)
+            .map(|rows| {
+                let mut s = vec![0.0f64; n];
+                for row in rows.chunks_exact(n.max(1)) {
+                    for (s, &x) in s.iter_mut().zip(row) {
+                        *s += f64::from(x) * f64::from(x);
+                    }
+                }
+                s
+            })
+            .reduce(
+                || vec![0.0f64; n],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
         Ok(Projection {
             k,
             n,
@@ -132,14 +144,39 @@ impl Projection {
             return Err(NotApplicable::NonFinite);
         }
         let rounds = FREIVALDS_ROUNDS;
-        let a64: Vec<f64> = ad.par_iter().map(|&x| f64::from(x)).collect();
         let mut abr = vec![0.0; m * rounds];
-        gemm_f64(m, rounds, k, &a64, &self.br, &mut abr);
-        drop(a64);
-        let c64: Vec<f64> = cd.par_iter().map(|&x| f64::from(x)).collect();
+        let a_sq = project_rows(ad, k, &self.br, &mut abr, |row| {
+            [row.iter().map(|x| x * x).sum(), 0.0, 0.0]
+        });
         let mut cr = vec![0.0; m * rounds];
-        gemm_f64(m, rounds, n, &c64, &self.r, &mut cr);
-        let tol = self.row_tolerance(ad, cd, m);
+        let bn = &self.b_col_norms;
+        let c_stats = project_rows(cd, n, &self.r, &mut cr, |row| {
+            let (mut s1, mut s2, mut s3) = (0.0, 0.0, 0.0);
+            for (c, b) in row.iter().zip(bn) {
+                let a = c.abs();
+                s1 += a;
+                s2 += a * a;
+                s3 += a * b;
+            }
+            [s1, s2, s3]
+        });
+        // Σ_j τ_ij² expanded (see `row_tolerance`), from the per-row sums above.
+        let tol = registry::tolerance(&Op::MatMul);
+        let (atol, rtol) = (f64::from(tol.atol), f64::from(tol.rtol));
+        let (bn1, bn2): (f64, f64) = (bn.iter().sum(), bn.iter().map(|b| b * b).sum());
+        let dot = U32 * (k as f64).sqrt();
+        let tol: Vec<f64> = (0..m)
+            .map(|i| {
+                let beta = dot * a_sq[i][0].sqrt();
+                let [s1, s2, s3] = c_stats[i];
+                let s = n as f64 * atol * atol
+                    + 2.0 * atol * rtol * s1
+                    + rtol * rtol * s2
+                    + 2.0 * beta * (atol * bn1 + rtol * s3)
+                    + beta * beta * bn2;
+                FREIVALDS_SIGMAS * s.max(0.0).sqrt() + 1e-9
+            })
+            .collect();
         // A non-finite claimed entry (with finite inputs) shows up as a non-finite projection,
         // which fails the comparison below.
         for i in 0..m {
@@ -284,20 +321,10 @@ pub fn check_rows(
     program: &Program,
     rowed: &[bool],
     inputs: &[&Tensor],
-    outputs: &[Tensor],
+    outputs: &[&Tensor],
     sample: &[usize],
 ) -> Result<Verdict, NotApplicable> {
-    let mut sliced = Vec::with_capacity(inputs.len());
-    let mut small = program.clone();
-    for (i, t) in inputs.iter().enumerate() {
-        if rowed[i] {
-            let t = take_rows(t, sample).ok_or(NotApplicable::NotRowLocal)?;
-            small.inputs[i] = t.meta();
-            sliced.push(t);
-        } else {
-            sliced.push((*t).clone());
-        }
-    }
+    let (small, sliced) = slice_rows(program, rowed, inputs, sample)?;
     let n_in = small.inputs.len();
     let mut values: Vec<Tensor> = sliced;
     for node in &small.nodes {
@@ -308,7 +335,7 @@ pub fn check_rows(
     let tol = program_tolerance(program);
     for (k, &o) in small.outputs.iter().enumerate() {
         let want = &values[o as usize];
-        let got = take_rows(&outputs[k], sample).ok_or(NotApplicable::NotRowLocal)?;
+        let got = take_rows(outputs[k], sample).ok_or(NotApplicable::NotRowLocal)?;
         if got.meta() != want.meta() {
             return Err(NotApplicable::NotRowLocal);
         }
@@ -340,6 +367,63 @@ pub fn check_rows(
     Ok(Verdict::Pass)
 }
 
+/// [`check_rows`] for a worker of the checker's own determinism class: the sampled rows are
+/// recomputed on `backend` and must match bit for bit (a backend's results do not depend on
+/// which rows it is given).
+pub fn check_rows_exact(
+    backend: &crate::Backend,
+    program: &Program,
+    rowed: &[bool],
+    inputs: &[&Tensor],
+    outputs: &[&Tensor],
+    sample: &[usize],
+) -> Result<Verdict, NotApplicable> {
+    let (small, sliced) = slice_rows(program, rowed, inputs, sample)?;
+    let sliced: Vec<std::sync::Arc<Tensor>> = sliced.into_iter().map(std::sync::Arc::new).collect();
+    let want = backend
+        .run_shared(&small, &sliced)
+        .map_err(|_| NotApplicable::NotRowLocal)?;
+    for (k, w) in want.iter().enumerate() {
+        let got = take_rows(outputs[k], sample).ok_or(NotApplicable::NotRowLocal)?;
+        if got.meta() != w.meta() {
+            return Err(NotApplicable::NotRowLocal);
+        }
+        if let Some(e) = (0..w.numel()).find(|&e| got.words()[e] != w.words()[e]) {
+            let per_row = w.numel() / sample.len().max(1);
+            let value = |t: &Tensor| t.as_f32().map_or(f64::NAN, |v| f64::from(v[e]));
+            return Ok(Verdict::Fail(Mismatch {
+                what: format!("output {k} (bit-exact rows)"),
+                index: vec![sample[e / per_row.max(1)], e % per_row.max(1)],
+                got: value(&got),
+                want: value(w),
+                tolerance: 0.0,
+            }));
+        }
+    }
+    Ok(Verdict::Pass)
+}
+
+/// The program over `sample` rows of its row-carrying inputs, and those inputs.
+fn slice_rows(
+    program: &Program,
+    rowed: &[bool],
+    inputs: &[&Tensor],
+    sample: &[usize],
+) -> Result<(Program, Vec<Tensor>), NotApplicable> {
+    let mut sliced = Vec::with_capacity(inputs.len());
+    let mut small = program.clone();
+    for (i, t) in inputs.iter().enumerate() {
+        if rowed[i] {
+            let t = take_rows(t, sample).ok_or(NotApplicable::NotRowLocal)?;
+            small.inputs[i] = t.meta();
+            sliced.push(t);
+        } else {
+            sliced.push((*t).clone());
+        }
+    }
+    Ok((small, sliced))
+}
+
 fn op_of(p: &Program, value: u32, n_in: usize) -> String {
     (value as usize)
         .checked_sub(n_in)
@@ -364,7 +448,37 @@ pub fn take_rows(t: &Tensor, rows: &[usize]) -> Option<Tensor> {
     Tensor::from_words(t.dtype(), s, &out).ok()
 }
 
-/// `dst (m×n) = lhs (m×k) · rhs (k×n)`, row-major f64.
+/// Rows converted to f64 per block: a few MiB, reused, instead of a whole f64 copy.
+const ROW_BLOCK: usize = 32;
+
+/// `dst (rows × FREIVALDS_ROUNDS) = lhs (rows × width, f32) · rhs (width × FREIVALDS_ROUNDS)`
+/// in f64, converting `lhs` a block of rows at a time, blocks in parallel.
+/// Also returns `stat` of every converted row.
+fn project_rows(
+    lhs: &[f32],
+    width: usize,
+    rhs: &[f64],
+    dst: &mut [f64],
+    stat: impl Fn(&[f64]) -> [f64; 3] + Sync,
+) -> Vec<[f64; 3]> {
+    let w = width.max(1);
+    let mut stats = vec![[0.0; 3]; lhs.len() / w];
+    dst.par_chunks_mut(ROW_BLOCK * FREIVALDS_ROUNDS)
+        .zip(lhs.par_chunks(ROW_BLOCK * w))
+        .zip(stats.par_chunks_mut(ROW_BLOCK))
+        .for_each_init(Vec::new, |buf: &mut Vec<f64>, ((out, rows), st)| {
+            buf.clear();
+            buf.extend(rows.iter().map(|&x| f64::from(x)));
+            let m = rows.len() / w;
+            gemm_f64(m, FREIVALDS_ROUNDS, width, buf, rhs, out);
+            for (s, row) in st.iter_mut().zip(buf.chunks_exact(w)) {
+                *s = stat(row);
+            }
+        });
+    stats
+}
+
+/// `dst (m×n) = lhs (m×k) · rhs (k×n)`, row-major f64, on this thread.
 #[allow(unsafe_code)]
 fn gemm_f64(m: usize, n: usize, k: usize, lhs: &[f64], rhs: &[f64], dst: &mut [f64]) {
     assert!(lhs.len() >= m * k && rhs.len() >= k * n && dst.len() >= m * n);
@@ -372,11 +486,7 @@ fn gemm_f64(m: usize, n: usize, k: usize, lhs: &[f64], rhs: &[f64], dst: &mut [f
         dst[..m * n].fill(0.0);
         return;
     }
-    let par = if m * n * k >= 1 << 18 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = gemm::Parallelism::None;
     // SAFETY: the assert above proves every pointer covers its row-major m×k, k×n and m×n
     // matrix with the strides given; `dst` does not alias the inputs (it is a &mut).
     unsafe {

@@ -1,7 +1,7 @@
 //! The verifier's checks: honest results pass, wrong ones fail.
 #![allow(clippy::unwrap_used)]
 
-use corvid_kernels::verify::{Projection, Verdict, check_rows, row_inputs};
+use corvid_kernels::verify::{Projection, Verdict, check_rows, check_rows_exact, row_inputs};
 use corvid_kernels::{BinaryOp, CpuBackend, Op, Program, Tensor, TensorMeta, UnaryOp};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -82,18 +82,33 @@ fn sampled_rows_pass_honest_pipelines_and_catch_a_wrong_sampled_row() {
     let refs: Vec<&Tensor> = ins.iter().collect();
     let out = CpuBackend::new().run(&p, &ins).unwrap();
     assert_eq!(
-        check_rows(&p, &rowed, &refs, &out, &[0, 7, 39]).unwrap(),
+        check_rows(
+            &p,
+            &rowed,
+            &refs,
+            &out.iter().collect::<Vec<_>>(),
+            &[0, 7, 39]
+        )
+        .unwrap(),
         Verdict::Pass
     );
     let n = out[0].shape()[1];
-    let bad = vec![with(&out[0], 7 * n + 3, |x| x + 1e-3)];
-    match check_rows(&p, &rowed, &refs, &bad, &[0, 7, 39]).unwrap() {
+    let bad = [with(&out[0], 7 * n + 3, |x| x + 1e-3)];
+    match check_rows(
+        &p,
+        &rowed,
+        &refs,
+        &bad.iter().collect::<Vec<_>>(),
+        &[0, 7, 39],
+    )
+    .unwrap()
+    {
         Verdict::Fail(e) => assert_eq!(e.index, vec![7, 3], "{e}"),
         Verdict::Pass => panic!("a wrong sampled row passed"),
     }
     // Unsampled rows are not looked at.
     assert_eq!(
-        check_rows(&p, &rowed, &refs, &bad, &[0, 39]).unwrap(),
+        check_rows(&p, &rowed, &refs, &bad.iter().collect::<Vec<_>>(), &[0, 39]).unwrap(),
         Verdict::Pass
     );
     // A transpose mixes rows: not row-local.
@@ -105,4 +120,44 @@ fn sampled_rows_pass_honest_pipelines_and_catch_a_wrong_sampled_row() {
     // A softmax over the rows' axis mixes rows too.
     let s = Program::single(Op::Softmax { axis: 0 }, vec![TensorMeta::f32(vec![4, 4])]);
     assert_eq!(row_inputs(&s), None);
+}
+
+#[test]
+fn exact_row_samples_match_the_whole_run_bit_for_bit() {
+    let (p, ins) = mlp();
+    let rowed = row_inputs(&p).unwrap();
+    let refs: Vec<&Tensor> = ins.iter().collect();
+    let backend = corvid_kernels::Backend::Cpu(CpuBackend::new());
+    let out = CpuBackend::new().run(&p, &ins).unwrap();
+    let sample = [1, 2, 30, 39];
+    assert_eq!(
+        check_rows_exact(
+            &backend,
+            &p,
+            &rowed,
+            &refs,
+            &out.iter().collect::<Vec<_>>(),
+            &sample
+        )
+        .unwrap(),
+        Verdict::Pass
+    );
+    // One ulp in a sampled row is caught.
+    let n = out[0].shape()[1];
+    let bad = [with(&out[0], 30 * n + 9, |x| {
+        f32::from_bits(x.to_bits() + 1)
+    })];
+    match check_rows_exact(
+        &backend,
+        &p,
+        &rowed,
+        &refs,
+        &bad.iter().collect::<Vec<_>>(),
+        &sample,
+    )
+    .unwrap()
+    {
+        Verdict::Fail(e) => assert_eq!(e.index, vec![30, 9], "{e}"),
+        Verdict::Pass => panic!("an ulp off in a sampled row passed"),
+    }
 }

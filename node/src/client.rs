@@ -422,7 +422,7 @@ impl Executor for SwarmExecutor {
 /// A result that passed its checks.
 #[derive(Debug)]
 struct Accepted {
-    outputs: Vec<Data>,
+    outputs: Vec<Arc<Data>>,
     cids: Vec<ContentId>,
     op_hashes: Vec<ContentId>,
     class: [u8; 32],
@@ -680,9 +680,7 @@ impl Job {
                     }
                 }
                 let a = Arc::new(a);
-                self.results[sg] = Some(Arc::new(
-                    a.outputs.iter().map(|t| Arc::new(t.clone())).collect(),
-                ));
+                self.results[sg] = Some(Arc::new(a.outputs.clone()));
                 self.accepted[sg] = Some(a.clone());
                 self.producer[sg] = Some(Producer {
                     peer,
@@ -890,9 +888,9 @@ impl Job {
                         .map_err(|e| e.to_string())
                         .and_then(|r| r.map_err(|e| e.to_string()))
                         .map(|v| {
-                            let outputs: Vec<Data> = v.iter().map(|t| (**t).clone()).collect();
+                            let outputs: Vec<Arc<Data>> = v.to_vec();
                             Accepted {
-                                cids: outputs.iter().map(Data::content_id).collect(),
+                                cids: outputs.iter().map(|t| t.content_id()).collect(),
                                 outputs,
                                 op_hashes: Vec::new(),
                                 class: [0; 32],
@@ -1024,7 +1022,7 @@ async fn remote(
                 if h {
                     Input::Held
                 } else {
-                    Input::Data((**t).clone())
+                    Input::Data(t.clone())
                 }
             })
             .collect();
@@ -1075,7 +1073,7 @@ async fn remote(
         let clock = trust::Stopwatch::start();
         check_shapes(&sg, &outputs).map_err(Refusal::Failed)?;
         let input_cids = content_ids(&memory, &sg.input_ids, &inputs);
-        let cids: Vec<ContentId> = outputs.iter().map(Data::content_id).collect();
+        let cids: Vec<ContentId> = outputs.iter().map(|t| t.content_id()).collect();
         trust::open_receipt(
             &peer,
             &signer,
@@ -1119,7 +1117,7 @@ async fn replica_verdict(
         task,
         nonce,
         &sg,
-        inputs.iter().map(|t| Input::Data((**t).clone())).collect(),
+        inputs.iter().map(|t| Input::Data(t.clone())).collect(),
     );
     // As long as a task's deadline would be, from the primary's round trip.
     let timeout = Duration::from_secs_f64(2.0 + 4.0 * first.elapsed_secs);
@@ -1141,7 +1139,7 @@ async fn replica_verdict(
             return Replica::Unusable(e);
         }
         let input_cids = content_ids(&memory, &sg.input_ids, &inputs);
-        let cids: Vec<ContentId> = outputs.iter().map(Data::content_id).collect();
+        let cids: Vec<ContentId> = outputs.iter().map(|t| t.content_id()).collect();
         if let Err(r) = trust::open_receipt(
             &peer,
             &signer,
@@ -1170,7 +1168,7 @@ fn dispute(
     sg: &Subgraph,
     inputs: &[Arc<Data>],
     first: &Accepted,
-    second: &[Data],
+    second: &[Arc<Data>],
     receipt: &Receipt,
 ) -> Replica {
     let op = first
@@ -1182,22 +1180,23 @@ fn dispute(
             format!("op {k} ({})", sg.program.nodes[k].op)
         });
     let mine = local.backend().class().id();
-    let judge = |outputs: &[Data], op_hashes: &[ContentId], class: &[u8; 32]| -> Option<String> {
-        if *class == mine
-            && let Ok((_, hashes)) = local.backend().run_traced(&sg.program, inputs)
-        {
-            let k = hashes.iter().zip(op_hashes).position(|(a, b)| a != b)?;
-            return Some(format!(
-                "subgraph {} first differs from a local recompute at op {k} ({})",
-                sg.id.short(),
-                sg.program.nodes[k].op
-            ));
-        }
-        verifier
-            .recompute(sg, inputs, outputs, class)
-            .err()
-            .map(|m| format!("subgraph {}: {m}", sg.id.short()))
-    };
+    let judge =
+        |outputs: &[Arc<Data>], op_hashes: &[ContentId], class: &[u8; 32]| -> Option<String> {
+            if *class == mine
+                && let Ok((_, hashes)) = local.backend().run_traced(&sg.program, inputs)
+            {
+                let k = hashes.iter().zip(op_hashes).position(|(a, b)| a != b)?;
+                return Some(format!(
+                    "subgraph {} first differs from a local recompute at op {k} ({})",
+                    sg.id.short(),
+                    sg.program.nodes[k].op
+                ));
+            }
+            verifier
+                .recompute(sg, inputs, outputs, class)
+                .err()
+                .map(|m| format!("subgraph {}: {m}", sg.id.short()))
+        };
     let primary_wrong = judge(&first.outputs, &first.op_hashes, &first.class);
     let replica_wrong = judge(second, &receipt.op_hashes, &receipt.class);
     tracing::warn!(subgraph = %sg.id.short(), %op, ?primary_wrong, ?replica_wrong, "replicas disagree");
@@ -1223,7 +1222,7 @@ fn gather(plan: &Plan, sg: usize, results: &[Option<Arc<Vec<Arc<Data>>>>]) -> Ve
 }
 
 /// A result must have the program's output count, dtypes and shapes.
-fn check_shapes(sg: &Subgraph, outs: &[Data]) -> Result<(), String> {
+fn check_shapes(sg: &Subgraph, outs: &[Arc<Data>]) -> Result<(), String> {
     let program = &sg.program;
     let metas = program.infer().map_err(|e| e.to_string())?;
     if outs.len() != program.outputs.len() {

@@ -38,7 +38,8 @@ pub enum CheckKind {
     /// Freivalds' test with [`verify::FREIVALDS_ROUNDS`] random ±1 vectors: a wrong entry
     /// passes with probability ≤ 2⁻²⁰.
     Freivalds,
-    /// [`SAMPLE_ROWS`] random rows recomputed with the reference.
+    /// [`SAMPLE_ROWS`] random rows recomputed: bit for bit on the requester's backend when the
+    /// worker shares its class, else with the reference within tolerance.
     SampledRows,
     /// Recomputed in full on the requester.
     Recomputed,
@@ -159,7 +160,7 @@ impl Verifier {
         sg: &Subgraph,
         inputs: &[Arc<Data>],
         input_cids: &[ContentId],
-        outputs: &[Data],
+        outputs: &[Arc<Data>],
         worker_class: &[u8; 32],
     ) -> Result<CheckKind, Refusal> {
         let wrong = |kind: CheckKind, m: verify::Mismatch| Refusal::Cheated {
@@ -191,7 +192,15 @@ impl Verifier {
                 let mut sample = rand::seq::index::sample(&mut rng, rows, SAMPLE_ROWS).into_vec();
                 sample.sort_unstable();
                 let refs: Vec<&Data> = inputs.iter().map(|t| &**t).collect();
-                match verify::check_rows(p, &rowed, &refs, outputs, &sample) {
+                let outs: Vec<&Data> = outputs.iter().map(|t| &**t).collect();
+                // Same class as ours: the fast path must agree bit for bit; otherwise the
+                // reference within tolerance.
+                let verdict = if *worker_class == self.local.backend().class().id() {
+                    verify::check_rows_exact(self.local.backend(), p, &rowed, &refs, &outs, &sample)
+                } else {
+                    verify::check_rows(p, &rowed, &refs, &outs, &sample)
+                };
+                match verdict {
                     Ok(Verdict::Pass) => return Ok(CheckKind::SampledRows),
                     // The reference disagrees on a sampled row: recompute everything on this
                     // machine's fast path before blaming anyone (it is the same code the
@@ -211,7 +220,7 @@ impl Verifier {
         &self,
         sg: &Subgraph,
         inputs: &[Arc<Data>],
-        outputs: &[Data],
+        outputs: &[Arc<Data>],
         worker_class: &[u8; 32],
     ) -> Result<(), verify::Mismatch> {
         let mine = self
@@ -228,7 +237,7 @@ impl Verifier {
         let exact = *worker_class == self.local.backend().class().id();
         let tol = verify::program_tolerance(&sg.program);
         for (k, (got, want)) in outputs.iter().zip(&mine).enumerate() {
-            if got == want {
+            if **got == *want {
                 continue;
             }
             let what = format!("output {k} ({})", sg.ops());

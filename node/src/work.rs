@@ -160,7 +160,7 @@ impl Shared {
             let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             for (i, input) in request.inputs.into_iter().enumerate() {
                 match input {
-                    Input::Data(t) => inputs.push(Arc::new(t)),
+                    Input::Data(t) => inputs.push(t),
                     Input::Held => match held.get(peer, request.input_ids[i]) {
                         Some(t) => inputs.push(t),
                         None => missing.push(i),
@@ -200,7 +200,7 @@ impl Shared {
                 held.put(peer, *id, t.clone());
             }
         }
-        let mut outputs: Vec<Data> = traced.outputs.iter().map(|t| (**t).clone()).collect();
+        let mut outputs: Vec<Arc<Data>> = traced.outputs.to_vec();
         let mut op_hashes = traced.op_hashes.to_vec();
         let count = {
             let mut a = self.answered.lock().unwrap_or_else(|p| p.into_inner());
@@ -214,7 +214,7 @@ impl Shared {
             }
             Some(Fault::Zeros) => {
                 for o in &mut outputs {
-                    *o = Data::full(o.shape().to_vec(), 0.0);
+                    *o = Arc::new(Data::full(o.shape().to_vec(), 0.0));
                 }
                 rehash_outputs(&request.program, &outputs, &mut op_hashes);
             }
@@ -224,7 +224,7 @@ impl Shared {
         let receipt = Receipt {
             task: key,
             nonce: request.nonce,
-            outputs: outputs.iter().map(Data::content_id).collect(),
+            outputs: outputs.iter().map(|t| t.content_id()).collect(),
             op_hashes,
             class: class.id(),
             class_name: class.to_string(),
@@ -274,7 +274,7 @@ impl Shared {
 /// A consistent cheat: the per-op hashes of the output ops match the altered outputs.
 fn rehash_outputs(
     program: &corvid_kernels::Program,
-    outputs: &[Data],
+    outputs: &[Arc<Data>],
     op_hashes: &mut [corvid_kernels::ContentId],
 ) {
     let n_in = program.inputs.len();
@@ -292,13 +292,14 @@ fn rehash_outputs(
 fn corrupt(
     program: &corvid_kernels::Program,
     inputs: &[Arc<Data>],
-    outputs: &mut [Data],
+    outputs: &mut [Arc<Data>],
     factor: f32,
     count: u64,
 ) {
     let Some(out) = outputs.first_mut() else {
         return;
     };
+    let out = Arc::make_mut(out);
     let Ok(values) = out.as_f32() else {
         return;
     };

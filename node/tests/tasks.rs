@@ -66,7 +66,7 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
             .inputs
             .iter()
             .map(|s| match s {
-                Source::Leaf(l) => Some(Input::Data((*plan.leaves[*l]).clone())),
+                Source::Leaf(l) => Some(Input::Data(plan.leaves[*l].clone())),
                 Source::Output { .. } => None,
             })
             .collect::<Option<Vec<_>>>()
@@ -157,7 +157,7 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
         .inputs
         .iter()
         .map(|s| match s {
-            Source::Leaf(l) => Input::Data((*plan.leaves[*l]).clone()),
+            Source::Leaf(l) => Input::Data(plan.leaves[*l].clone()),
             Source::Output { .. } => unreachable!(),
         })
         .collect();

@@ -7,7 +7,9 @@
 //! requester checks the signature against the peer it asked, so a result cannot be replayed for
 //! another task, another request or from another peer.
 
-use corvid_kernels::{ContentId, Program, Tensor as Data};
+use std::sync::Arc;
+
+use corvid_kernels::{ContentId, Program, Tensor as Data, TensorMeta};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{SubgraphId, ValueId, subgraph_id};
@@ -22,7 +24,7 @@ const RECEIPT_DOMAIN: &[u8] = b"corvid/receipt/2";
 /// One input of a task: the data itself, or only its id when the worker already holds it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Input {
-    Data(Data),
+    Data(Arc<Data>),
     /// The worker holds this value (by the request's input id) from an earlier task of the
     /// same requester.
     Held,
@@ -125,7 +127,7 @@ impl Receipt {
 pub enum TaskResponse {
     Done {
         task: u64,
-        outputs: Vec<Data>,
+        outputs: Vec<Arc<Data>>,
         /// Time spent computing, for throughput measurement.
         compute_micros: u64,
         receipt: Receipt,
@@ -145,4 +147,197 @@ pub enum TaskResponse {
         task: u64,
         error: String,
     },
+}
+
+/// How a message travels: a small postcard head, then the raw little-endian bytes of each
+/// tensor it carries, in order, so tensors are written straight from their memory and read
+/// straight into their final buffers (no serialised copy on either side).
+pub trait Framed: Sized {
+    /// The head, and the tensors that follow it.
+    fn split(&self) -> Result<(Vec<u8>, Vec<Arc<Data>>), postcard::Error>;
+    /// The metas of the tensors that follow a head, to size and check them before reading.
+    fn tensor_metas(head: &[u8]) -> Result<Vec<TensorMeta>, postcard::Error>;
+    /// The message from its head and tensors (as many as `tensor_metas` said, in order).
+    fn join(head: &[u8], tensors: Vec<Arc<Data>>) -> Result<Self, postcard::Error>;
+}
+
+#[derive(Serialize, Deserialize)]
+enum InputHead {
+    Data(TensorMeta),
+    Held,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RequestHead {
+    version: u16,
+    task: u64,
+    nonce: [u8; 16],
+    subgraph: SubgraphId,
+    program: Program,
+    input_ids: Vec<ValueId>,
+    output_ids: Vec<ValueId>,
+    inputs: Vec<InputHead>,
+}
+
+// One per message, moved once.
+#[allow(clippy::large_enum_variant)]
+#[derive(Serialize, Deserialize)]
+enum ResponseHead {
+    Done {
+        task: u64,
+        outputs: Vec<TensorMeta>,
+        compute_micros: u64,
+        receipt: Receipt,
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        signer: Vec<u8>,
+    },
+    Missing {
+        task: u64,
+        inputs: Vec<usize>,
+    },
+    Failed {
+        task: u64,
+        error: String,
+    },
+}
+
+/// A head that lists more (or fewer) tensors than arrived.
+const MISCOUNT: postcard::Error = postcard::Error::DeserializeBadEncoding;
+
+impl Framed for TaskRequest {
+    fn split(&self) -> Result<(Vec<u8>, Vec<Arc<Data>>), postcard::Error> {
+        let mut tensors = Vec::new();
+        let inputs = self
+            .inputs
+            .iter()
+            .map(|i| match i {
+                Input::Data(t) => {
+                    tensors.push(t.clone());
+                    InputHead::Data(t.meta())
+                }
+                Input::Held => InputHead::Held,
+            })
+            .collect();
+        let head = RequestHead {
+            version: self.version,
+            task: self.task,
+            nonce: self.nonce,
+            subgraph: self.subgraph,
+            program: self.program.clone(),
+            input_ids: self.input_ids.clone(),
+            output_ids: self.output_ids.clone(),
+            inputs,
+        };
+        Ok((postcard::to_allocvec(&head)?, tensors))
+    }
+
+    fn tensor_metas(head: &[u8]) -> Result<Vec<TensorMeta>, postcard::Error> {
+        let h: RequestHead = postcard::from_bytes(head)?;
+        Ok(h.inputs
+            .into_iter()
+            .filter_map(|i| match i {
+                InputHead::Data(m) => Some(m),
+                InputHead::Held => None,
+            })
+            .collect())
+    }
+
+    fn join(head: &[u8], tensors: Vec<Arc<Data>>) -> Result<Self, postcard::Error> {
+        let h: RequestHead = postcard::from_bytes(head)?;
+        let mut tensors = tensors.into_iter();
+        let inputs = h
+            .inputs
+            .into_iter()
+            .map(|i| match i {
+                InputHead::Data(_) => tensors.next().map(Input::Data).ok_or(MISCOUNT),
+                InputHead::Held => Ok(Input::Held),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(TaskRequest {
+            version: h.version,
+            task: h.task,
+            nonce: h.nonce,
+            subgraph: h.subgraph,
+            program: h.program,
+            input_ids: h.input_ids,
+            output_ids: h.output_ids,
+            inputs,
+        })
+    }
+}
+
+impl Framed for TaskResponse {
+    fn split(&self) -> Result<(Vec<u8>, Vec<Arc<Data>>), postcard::Error> {
+        let (head, tensors) = match self {
+            TaskResponse::Done {
+                task,
+                outputs,
+                compute_micros,
+                receipt,
+                signature,
+                signer,
+            } => (
+                ResponseHead::Done {
+                    task: *task,
+                    outputs: outputs.iter().map(|t| t.meta()).collect(),
+                    compute_micros: *compute_micros,
+                    receipt: receipt.clone(),
+                    signature: signature.clone(),
+                    signer: signer.clone(),
+                },
+                outputs.clone(),
+            ),
+            TaskResponse::Missing { task, inputs } => (
+                ResponseHead::Missing {
+                    task: *task,
+                    inputs: inputs.clone(),
+                },
+                Vec::new(),
+            ),
+            TaskResponse::Failed { task, error } => (
+                ResponseHead::Failed {
+                    task: *task,
+                    error: error.clone(),
+                },
+                Vec::new(),
+            ),
+        };
+        Ok((postcard::to_allocvec(&head)?, tensors))
+    }
+
+    fn tensor_metas(head: &[u8]) -> Result<Vec<TensorMeta>, postcard::Error> {
+        Ok(match postcard::from_bytes(head)? {
+            ResponseHead::Done { outputs, .. } => outputs,
+            _ => Vec::new(),
+        })
+    }
+
+    fn join(head: &[u8], tensors: Vec<Arc<Data>>) -> Result<Self, postcard::Error> {
+        Ok(match postcard::from_bytes(head)? {
+            ResponseHead::Done {
+                task,
+                compute_micros,
+                receipt,
+                signature,
+                signer,
+                outputs,
+            } => {
+                if outputs.len() != tensors.len() {
+                    return Err(MISCOUNT);
+                }
+                TaskResponse::Done {
+                    task,
+                    outputs: tensors,
+                    compute_micros,
+                    receipt,
+                    signature,
+                    signer,
+                }
+            }
+            ResponseHead::Missing { task, inputs } => TaskResponse::Missing { task, inputs },
+            ResponseHead::Failed { task, error } => TaskResponse::Failed { task, error },
+        })
+    }
 }
