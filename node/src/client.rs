@@ -258,6 +258,7 @@ impl Client {
             last: Mutex::new(None),
             memory: Arc::new(Mutex::new(Memory::default())),
             trust: Arc::new(Mutex::new(trust)),
+            checks: std::sync::atomic::AtomicBool::new(true),
         });
         Ok(Client {
             runtime,
@@ -303,6 +304,16 @@ impl Client {
             .settings
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = settings;
+        self
+    }
+
+    /// Same client, but results are accepted unchecked (signatures are still verified). Only
+    /// for measuring what checking costs: a swarm of strangers must never be run this way.
+    #[doc(hidden)]
+    pub fn without_checks_for_benchmarks(self) -> Self {
+        self.executor
+            .checks
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         self
     }
 
@@ -390,6 +401,7 @@ pub struct SwarmExecutor {
     last: Mutex<Option<JobSummary>>,
     memory: Arc<Mutex<Memory>>,
     trust: Arc<Mutex<Trust>>,
+    checks: std::sync::atomic::AtomicBool,
 }
 
 impl Executor for SwarmExecutor {
@@ -407,6 +419,7 @@ impl Executor for SwarmExecutor {
             self.sched.clone(),
             self.memory.clone(),
             self.trust.clone(),
+            self.checks.load(std::sync::atomic::Ordering::Relaxed),
         );
         self.handle.spawn(async move {
             let _ = tx.send(job.await);
@@ -499,6 +512,7 @@ async fn run_job(
     cfg: SchedConfig,
     memory: Arc<Mutex<Memory>>,
     trust: Arc<Mutex<Trust>>,
+    checks: bool,
 ) -> (Result<Vec<Arc<Data>>, EvalError>, JobSummary) {
     let mut sched: Scheduler<PeerId> = Scheduler::new(&plan, cfg);
     let mut peer_class = HashMap::new();
@@ -559,7 +573,7 @@ async fn run_job(
         results,
         accepted: vec![None; n],
         producer: vec![None; n],
-        verifier: Arc::new(Verifier::new(local.clone())),
+        verifier: Arc::new(Verifier::with_checks(local.clone(), checks)),
         plan,
         sched,
         node,
@@ -667,7 +681,7 @@ impl Job {
                     Some(CheckKind::Freivalds) => self.verify.freivalds += 1,
                     Some(CheckKind::SampledRows) => self.verify.sampled_rows += 1,
                     Some(CheckKind::Recomputed) => self.verify.recomputed += 1,
-                    None => {}
+                    Some(CheckKind::Unchecked) | None => {}
                 }
                 let ids = self.plan.subgraphs[sg].output_ids.clone();
                 {
@@ -1036,6 +1050,14 @@ async fn remote(
         }
         response
     };
+    // The inputs' content ids (for the receipt) are hashed while the worker computes.
+    let hashing = {
+        let (memory, ids, inputs) = (memory.clone(), sg.input_ids.clone(), inputs.clone());
+        tokio::task::spawn_blocking(move || {
+            let clock = trust::Stopwatch::start();
+            (content_ids(&memory, &ids, &inputs), clock.secs())
+        })
+    };
     let response = match tokio::time::timeout(timeout, ask).await {
         Err(_) => {
             return Err(Refusal::Failed(format!(
@@ -1066,13 +1088,14 @@ async fn remote(
             )));
         }
     };
-    let memory = memory.clone();
+    let (input_cids, hash_secs) = hashing
+        .await
+        .map_err(|e| Refusal::Failed(format!("hashing panicked: {e}")))?;
     let verifier = verifier.clone();
     let sg = sg.clone();
     tokio::task::spawn_blocking(move || {
         let clock = trust::Stopwatch::start();
         check_shapes(&sg, &outputs).map_err(Refusal::Failed)?;
-        let input_cids = content_ids(&memory, &sg.input_ids, &inputs);
         let cids: Vec<ContentId> = outputs.iter().map(|t| t.content_id()).collect();
         trust::open_receipt(
             &peer,
@@ -1090,7 +1113,7 @@ async fn remote(
             op_hashes: receipt.op_hashes,
             class: receipt.class,
             check: Some(check),
-            verify_secs: clock.secs(),
+            verify_secs: clock.secs() + hash_secs,
             compute_secs: Some(compute_micros as f64 / 1e6),
             elapsed_secs,
         })
