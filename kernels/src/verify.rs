@@ -184,7 +184,7 @@ impl Projection {
                 let (got, want) = (cr[i * rounds + j], abr[i * rounds + j]);
                 if (got - want).abs() > tol[i] || !got.is_finite() {
                     return Ok(Verdict::Fail(Mismatch {
-                        what: "matmul (freivalds)".into(),
+                        what: "matmul: Freivalds projection of output row".into(),
                         index: vec![i],
                         got,
                         want,

@@ -77,6 +77,9 @@ pub enum Command {
         /// Size of the square matmul (cut into 2x2 blocks)
         #[arg(long, default_value_t = 1024)]
         size: usize,
+        /// Also start a worker that corrupts its results, to watch it get caught and banned
+        #[arg(long)]
+        cheater: bool,
     },
 }
 
@@ -159,12 +162,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 path.display()
             ))
         }
-        Command::Demo { workers, size } => {
-            tokio::task::spawn_blocking(move || crate::demo::run(workers, size))
-                .await
-                .map_err(|e| CliError::Output(e.to_string()))?
-                .map_err(CliError::from)
-        }
+        Command::Demo {
+            workers,
+            size,
+            cheater,
+        } => tokio::task::spawn_blocking(move || crate::demo::run(workers, size, cheater))
+            .await
+            .map_err(|e| CliError::Output(e.to_string()))?
+            .map_err(CliError::from),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "corvid", &mut std::io::stdout());
             Ok(())

@@ -128,7 +128,8 @@ pub struct NodeConfig {
     pub control: SocketAddr,
     pub max_connections: u32,
     pub timing: Timing,
-    /// Misbehaviour for tests of requesters' defences; never set from files, env or flags.
+    /// Misbehaviour for tests and demos of requesters' defences; set only by the hidden
+    /// `--cheat` flag, never from files or the environment.
     #[doc(hidden)]
     pub fault: Option<Fault>,
 }
@@ -273,7 +274,7 @@ impl NodeConfig {
             control,
             max_connections: file.max_connections.unwrap_or(128),
             timing,
-            fault: None,
+            fault: args.cheat.map(Fault::from),
         };
         config.validate()?;
         Ok(config)
@@ -394,6 +395,35 @@ pub struct NodeArgs {
     /// Forget peers not heard from for this long, e.g. "90s"
     #[arg(long, env = "CORVID_PEER_EXPIRY", value_name = "DURATION")]
     pub peer_expiry: Option<humantime::Duration>,
+    /// Misbehave on purpose, to show requesters' defences (`corvid demo --cheater`). Hidden;
+    /// no environment variable or config key sets it.
+    #[arg(long, hide = true, value_name = "HOW")]
+    pub cheat: Option<Cheat>,
+}
+
+/// The cheats `--cheat` offers.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Cheat {
+    /// Move one element of every result just over the verifier's tolerance.
+    Corrupt,
+    Zeros,
+    Replay,
+    WrongKey,
+}
+
+impl From<Cheat> for Fault {
+    fn from(c: Cheat) -> Fault {
+        match c {
+            Cheat::Corrupt => Fault::Corrupt {
+                every: 1,
+                factor: 1.05,
+            },
+            Cheat::Zeros => Fault::Zeros,
+            Cheat::Replay => Fault::Replay,
+            Cheat::WrongKey => Fault::WrongKey,
+        }
+    }
 }
 
 /// The config file: every field optional, unknown fields rejected.

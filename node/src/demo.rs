@@ -44,8 +44,9 @@ impl Drop for Worker {
     }
 }
 
-/// Runs the demo with `workers` worker processes and an `n`×`n` matmul. Blocking.
-pub fn run(workers: usize, n: usize) -> Result<(), DemoError> {
+/// Runs the demo with `workers` worker processes (plus one that cheats, if `cheater`) and an
+/// `n`×`n` matmul. Blocking.
+pub fn run(workers: usize, n: usize, cheater: bool) -> Result<(), DemoError> {
     let workers = workers.max(1);
     let dir = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;
@@ -53,15 +54,23 @@ pub fn run(workers: usize, n: usize) -> Result<(), DemoError> {
         .enable_all()
         .build()?;
     let started = Instant::now();
-    let mut procs = vec![spawn_worker(&exe, dir.path(), 0, None)?];
+    let mut procs = vec![spawn_worker(&exe, dir.path(), 0, None, false)?];
     let first = rt.block_on(wait_status(dir.path(), 0))?;
     let boot: Multiaddr = format!("{}/p2p/{}", first.listen_addrs[0], first.peer_id)
         .parse()
         .map_err(|e| std::io::Error::other(format!("bad bootstrap address: {e}")))?;
     for i in 1..workers {
-        procs.push(spawn_worker(&exe, dir.path(), i, Some(&boot))?);
+        procs.push(spawn_worker(&exe, dir.path(), i, Some(&boot), false)?);
     }
     println!("started {workers} worker processes (`corvid node`) on loopback; bootstrap {boot}");
+    if cheater {
+        procs.push(spawn_worker(&exe, dir.path(), workers, Some(&boot), true)?);
+        println!(
+            "started 1 more worker that moves one element of every result just over the \
+             verifier's tolerance (`corvid node --cheat corrupt`)"
+        );
+    }
+    let workers = workers + usize::from(cheater);
 
     let block = (n / 2).max(1);
     let settings = Settings {
@@ -99,6 +108,12 @@ pub fn run(workers: usize, n: usize) -> Result<(), DemoError> {
             print!("{summary}");
         }
         g.end().map_err(|r| DemoError::Mismatch(r.to_string()))?;
+    }
+    for ban in client.bans() {
+        println!(
+            "\nbanned {}: {}\n  evidence: {}",
+            ban.peer, ban.reason, ban.evidence
+        );
     }
     drop(client);
     drop(procs);
@@ -156,6 +171,7 @@ fn spawn_worker(
     dir: &Path,
     i: usize,
     boot: Option<&Multiaddr>,
+    cheat: bool,
 ) -> Result<Worker, DemoError> {
     let data = dir.join(format!("worker{i}"));
     std::fs::create_dir_all(&data)?;
@@ -177,6 +193,9 @@ fn spawn_worker(
     .stderr(log);
     if let Some(b) = boot {
         cmd.args(["--bootstrap", &b.to_string()]);
+    }
+    if cheat {
+        cmd.args(["--cheat", "corrupt"]);
     }
     Ok(Worker(cmd.spawn()?))
 }
