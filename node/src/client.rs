@@ -73,6 +73,8 @@ pub struct VerifySummary {
     pub freivalds: usize,
     pub sampled_rows: usize,
     pub recomputed: usize,
+    /// Canary tasks (fresh random inputs, answer known here) sent to peers.
+    pub canaries: usize,
     /// Results also run on a second peer, and how many of those agreed.
     pub replicated: usize,
     pub replicas_agreed: usize,
@@ -132,12 +134,13 @@ impl std::fmt::Display for JobSummary {
         let v = &self.verify;
         writeln!(
             f,
-            "verified: {} freivalds, {} sampled rows, {} recomputed; {} replicated ({} agreed), \
-             {} disputes; checks took {:.1} ms of requester CPU ({:.1} % of wall), \
+            "verified: {} freivalds, {} sampled rows, {} recomputed, {} canaries; {} replicated \
+             ({} agreed), {} disputes; checks took {:.1} ms of requester CPU ({:.1} % of wall), \
              {:.2} GFLOP of extra remote work",
             v.freivalds,
             v.sampled_rows,
             v.recomputed,
+            v.canaries,
             v.replicated,
             v.replicas_agreed,
             v.disputes,
@@ -494,6 +497,7 @@ struct Job {
     producer: Vec<Option<Producer>>,
     running: JoinSet<TaskOutcome>,
     replicas: JoinSet<ReplicaOutcome>,
+    canaries: JoinSet<(PeerId, Result<Accepted, Refusal>)>,
     task_subgraph: BTreeMap<u64, usize>,
     task_peer: BTreeMap<u64, PeerId>,
     /// Advertised determinism class of each peer: replicas go to the same class.
@@ -582,6 +586,7 @@ async fn run_job(
         trust,
         running: JoinSet::new(),
         replicas: JoinSet::new(),
+        canaries: JoinSet::new(),
         task_subgraph: BTreeMap::new(),
         task_peer: BTreeMap::new(),
         peer_class,
@@ -591,9 +596,13 @@ async fn run_job(
         verify: VerifySummary::default(),
         progress,
     };
+    if checks && cached < n {
+        job.send_canaries();
+    }
     let result = job.run().await;
     job.running.abort_all();
     job.replicas.abort_all();
+    job.canaries.abort_all();
     job.progress.finish_and_clear();
     let outputs = result.map(|()| {
         job.remember();
@@ -621,6 +630,7 @@ impl Job {
         let mut tick = tokio::time::interval(TICK);
         // Done when every subgraph has a result and every replica has reported: a replica
         // may still prove a result wrong.
+        // (Canaries only build trust: the job does not wait for them.)
         while !self.sched.finished() || !self.replicas.is_empty() {
             for d in self.sched.schedule(self.now()) {
                 self.dispatch(d);
@@ -634,6 +644,11 @@ impl Job {
                 r = self.replicas.join_next(), if !self.replicas.is_empty() => {
                     if let Some(Ok(r)) = r {
                         self.replica(r)?;
+                    }
+                }
+                c = self.canaries.join_next(), if !self.canaries.is_empty() => {
+                    if let Some(Ok((peer, outcome))) = c {
+                        self.canary(peer, outcome)?;
                     }
                 }
                 _ = tick.tick() => {
@@ -783,6 +798,63 @@ impl Job {
         Ok(())
     }
 
+    /// Sends a canary — a small matmul of fresh random inputs, checked like any result — to
+    /// every peer without a verified result yet, and to others with probability
+    /// [`CANARY_RATE`]. A peer that cheats only on some inputs cannot tell a canary from work.
+    fn send_canaries(&mut self) {
+        let mut rng = rand::rng();
+        let peers: Vec<PeerId> = {
+            let trust = lock(&self.trust);
+            self.sched
+                .peers()
+                .keys()
+                .filter(|p| trust.streak(p) == 0 || rng.random::<f64>() < CANARY_RATE)
+                .copied()
+                .collect()
+        };
+        for peer in peers {
+            let (sg, inputs) = canary(&mut rng);
+            self.verify.canaries += 1;
+            let task = self.next_check;
+            self.next_check += 1;
+            let (node, memory, verifier) = (
+                self.node.clone(),
+                self.memory.clone(),
+                self.verifier.clone(),
+            );
+            self.canaries.spawn(async move {
+                let held = vec![false; inputs.len()];
+                let timeout = Duration::from_secs(2);
+                let r = remote(
+                    &node, &memory, &verifier, task, peer, &sg, inputs, held, timeout,
+                )
+                .await;
+                (peer, r)
+            });
+        }
+    }
+
+    fn canary(
+        &mut self,
+        peer: PeerId,
+        outcome: Result<Accepted, Refusal>,
+    ) -> Result<(), EvalError> {
+        match outcome {
+            Ok(a) => {
+                self.verify.cpu += Duration::from_secs_f64(a.verify_secs);
+                lock(&self.trust).credit(&peer);
+                Ok(())
+            }
+            Err(Refusal::Cheated { reason, evidence }) => {
+                self.ban(peer, &format!("{reason} (canary)"), &evidence)
+            }
+            Err(Refusal::Failed(why)) => {
+                tracing::debug!(%peer, %why, "canary failed");
+                Ok(())
+            }
+        }
+    }
+
     /// Runs `sg` again on another peer of the same class as `primary` and compares.
     fn replicate(&mut self, sg: usize, primary: PeerId, first: Arc<Accepted>) {
         let class = self.peer_class.get(&primary).cloned();
@@ -793,6 +865,10 @@ impl Job {
             .filter(|(p, _)| **p != primary && self.peer_class.get(p) == class.as_ref())
             .map(|(p, _)| *p)
             .collect();
+        // At most one replica in flight per peer, so checks never crowd out work.
+        if self.replicas.len() >= self.sched.peers().len() {
+            return;
+        }
         // The candidate with the fewest failures, then the least loaded.
         let Some(replica) = candidates
             .iter()
@@ -1227,6 +1303,34 @@ fn dispute(
         primary_wrong,
         replica_wrong,
     }
+}
+
+/// Probability that a trusted peer gets a canary in a job.
+const CANARY_RATE: f64 = 0.1;
+
+/// A canary: `a @ b` for fresh random 64×64 `a` and `b`, as a subgraph with its inputs.
+fn canary(rng: &mut impl Rng) -> (Subgraph, Vec<Arc<Data>>) {
+    use corvid_kernels::{Op, Program, TensorMeta};
+    use corvid_sdk::ids::{op_value_id, subgraph_id};
+    let n = 64;
+    let inputs: Vec<Arc<Data>> = (0..2)
+        .map(|_| Arc::new(Data::random_uniform(vec![n, n], -1.0, 1.0, rng.random())))
+        .collect();
+    let input_ids: Vec<ValueId> = inputs.iter().map(|t| t.content_id().into()).collect();
+    let program = Program::single(Op::MatMul, vec![TensorMeta::f32(vec![n, n]); 2]);
+    let sg = Subgraph {
+        id: subgraph_id(&program.canonical_bytes(), &input_ids),
+        output_ids: vec![op_value_id(&Op::MatMul, &input_ids)],
+        inputs: vec![Source::Leaf(0), Source::Leaf(1)],
+        input_ids,
+        cost: corvid_sdk::Cost {
+            flops: 2 * (n * n * n) as u64,
+            bytes_in: 2 * (4 * n * n) as u64,
+            bytes_out: (4 * n * n) as u64,
+        },
+        program,
+    };
+    (sg, inputs)
 }
 
 /// The inputs of subgraph `sg`: constants and earlier results.

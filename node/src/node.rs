@@ -154,7 +154,8 @@ impl Node {
             // The worker: tasks from peers run on this node's backend, `slots` at a time.
             let work = if config.contribute {
                 let slots = config.slots as usize;
-                let (work_tx, work_rx) = mpsc::channel(2 * slots.max(1));
+                // Room for a requester's queued tasks plus its checks (canaries, replicas).
+                let (work_tx, work_rx) = mpsc::channel(2 * slots.max(1) + 4);
                 let executor = std::sync::Arc::new(corvid_sdk::LocalExecutor::new(backend));
                 let worker = crate::work::run(crate::work::Worker::new(work_rx, client.tx.clone(), executor, key.clone(), slots, config.fault), cancel.clone());
                 worker_task = Some(tokio::spawn(worker.in_current_span()));

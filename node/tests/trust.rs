@@ -126,6 +126,9 @@ fn zeroed_replayed_and_wrongly_signed_results_are_refused() {
     for seed in 1..=6 {
         let s = run(&client, seed, seed % 2 == 0);
         println!("{s}");
+        if seed == 1 {
+            assert_eq!(s.verify.canaries, 4, "every new peer gets a canary:\n{s}");
+        }
         if client.bans().len() == 3 {
             break;
         }
@@ -138,8 +141,11 @@ fn zeroed_replayed_and_wrongly_signed_results_are_refused() {
             .unwrap_or_else(|| panic!("{peer} was not banned: {bans:?}"))
     };
     assert!(reason(&ids[1]).contains("wrong result"), "{bans:?}");
-    assert_eq!(reason(&ids[2]), "replayed result");
-    assert_eq!(reason(&ids[3]), "result signed by another peer");
+    assert!(reason(&ids[2]).starts_with("replayed result"), "{bans:?}");
+    assert!(
+        reason(&ids[3]).starts_with("result signed by another peer"),
+        "{bans:?}"
+    );
     assert!(
         bans.iter().all(|b| b.peer != ids[0]),
         "the honest peer was banned: {bans:?}"
