@@ -135,7 +135,7 @@ impl Projection {
             return Err(NotApplicable::Shapes);
         };
         let m = *m;
-        if *ka != k || c.shape() != [m, n] {
+        if *ka != k || c.shape() != [m, n] || m == 0 || k == 0 || n == 0 {
             return Err(NotApplicable::Shapes);
         }
         let ad = a.as_f32().map_err(|_| NotApplicable::Shapes)?;

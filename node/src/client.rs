@@ -379,6 +379,9 @@ struct Memory {
     cids: HashMap<ValueId, ContentId>,
     /// Measured FLOP/s and link bytes/s per peer.
     measured: HashMap<PeerId, (Option<f64>, Option<f64>)>,
+    /// Cached results that only a sample vouched for, and their producer: dropped if it is
+    /// banned later.
+    sampled_from: HashMap<corvid_sdk::SubgraphId, PeerId>,
 }
 
 impl Default for Memory {
@@ -388,6 +391,7 @@ impl Default for Memory {
             held: HashMap::new(),
             cids: HashMap::new(),
             measured: HashMap::new(),
+            sampled_from: HashMap::new(),
         }
     }
 }
@@ -498,11 +502,12 @@ struct Job {
     running: JoinSet<TaskOutcome>,
     replicas: JoinSet<ReplicaOutcome>,
     canaries: JoinSet<(PeerId, Result<Accepted, Refusal>)>,
+    /// Peers running a replica now.
+    replicating: BTreeSet<PeerId>,
     task_subgraph: BTreeMap<u64, usize>,
     task_peer: BTreeMap<u64, PeerId>,
     /// Advertised determinism class of each peer: replicas go to the same class.
     peer_class: HashMap<PeerId, String>,
-    next_check: u64,
     started: Instant,
     cached: usize,
     verify: VerifySummary,
@@ -587,10 +592,10 @@ async fn run_job(
         running: JoinSet::new(),
         replicas: JoinSet::new(),
         canaries: JoinSet::new(),
+        replicating: BTreeSet::new(),
         task_subgraph: BTreeMap::new(),
         task_peer: BTreeMap::new(),
         peer_class,
-        next_check: 1 << 48,
         started: Instant::now(),
         cached,
         verify: VerifySummary::default(),
@@ -687,6 +692,16 @@ impl Job {
         if let Ok(a) = &outcome {
             self.verify.cpu += Duration::from_secs_f64(a.verify_secs);
         }
+        // Proof of cheating counts even from a copy that lost the race; the ban comes first,
+        // so no retry budget can save the cheater.
+        if let (Err(Refusal::Cheated { reason, evidence }), Some(p)) = (&outcome, peer) {
+            let (reason, evidence) = (reason.clone(), evidence.clone());
+            self.ban(p, &reason, &evidence)?;
+            if self.sched.knows(task) {
+                self.fail(task, format!("{reason} (peer banned)"))?;
+            }
+            return Ok(());
+        }
         if !self.sched.knows(task) {
             return Ok(()); // expired or cancelled: its subgraph went elsewhere
         }
@@ -735,10 +750,9 @@ impl Job {
                 Ok(())
             }
             Err(Refusal::Failed(error)) => self.fail(task, error),
-            Err(Refusal::Cheated { reason, evidence }) => {
-                let peer = peer.expect("only remote results are refused as cheating");
-                self.fail(task, format!("{reason} (peer banned)"))?;
-                self.ban(peer, &reason, &evidence)
+            Err(Refusal::Cheated { reason, .. }) => {
+                // Local results are never refused as cheating; handled above for peers.
+                self.fail(task, reason)
             }
         }
     }
@@ -763,11 +777,28 @@ impl Job {
         self.verify
             .detections
             .push(format!("{peer}: {reason}: {evidence}"));
-        if !lock(&self.trust).ban(&peer, reason, evidence) {
+        if lock(&self.trust).ban(&peer, reason, evidence) {
+            self.verify.bans.push(format!("{peer} ({reason})"));
+        }
+        // Even if another job banned it first: this job stops using it too.
+        if !self.sched.peers().contains_key(&peer) {
             return Ok(());
         }
-        self.verify.bans.push(format!("{peer} ({reason})"));
         self.sched.remove_peer(&peer);
+        // Its cached results that only a sample vouched for go.
+        {
+            let mut mem = lock(&self.memory);
+            let ids: Vec<corvid_sdk::SubgraphId> = mem
+                .sampled_from
+                .iter()
+                .filter(|(_, p)| **p == peer)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                mem.cache.remove(&id);
+                mem.sampled_from.remove(&id);
+            }
+        }
         let running: Vec<u64> = self
             .task_peer
             .iter()
@@ -785,17 +816,29 @@ impl Job {
             })
             .collect();
         if !suspect.is_empty() {
-            let reopened = self.sched.reopen(&suspect);
-            self.verify.reopened += reopened.len();
-            for i in reopened {
-                if self.results[i].take().is_some() {
-                    self.progress.dec(1);
-                }
-                self.accepted[i] = None;
-                self.producer[i] = None;
-            }
+            self.reopen(&suspect);
         }
         Ok(())
+    }
+
+    /// Runs `subgraphs` and everything downstream again, forgetting their results and who
+    /// holds their values (a worker must not reuse a wrong value it was sent).
+    fn reopen(&mut self, subgraphs: &[usize]) {
+        let reopened = self.sched.reopen(subgraphs);
+        self.verify.reopened += reopened.len();
+        let mut mem = lock(&self.memory);
+        for i in reopened {
+            if self.results[i].take().is_some() {
+                self.progress.dec(1);
+            }
+            self.accepted[i] = None;
+            self.producer[i] = None;
+            for id in &self.plan.subgraphs[i].output_ids {
+                self.sched.forget(id);
+                mem.held.remove(id);
+                mem.cids.remove(id);
+            }
+        }
     }
 
     /// Sends a canary — a small matmul of fresh random inputs, checked like any result — to
@@ -815,8 +858,6 @@ impl Job {
         for peer in peers {
             let (sg, inputs) = canary(&mut rng);
             self.verify.canaries += 1;
-            let task = self.next_check;
-            self.next_check += 1;
             let (node, memory, verifier) = (
                 self.node.clone(),
                 self.memory.clone(),
@@ -825,10 +866,7 @@ impl Job {
             self.canaries.spawn(async move {
                 let held = vec![false; inputs.len()];
                 let timeout = Duration::from_secs(2);
-                let r = remote(
-                    &node, &memory, &verifier, task, peer, &sg, inputs, held, timeout,
-                )
-                .await;
+                let r = remote(&node, &memory, &verifier, peer, &sg, inputs, held, timeout).await;
                 (peer, r)
             });
         }
@@ -857,18 +895,22 @@ impl Job {
 
     /// Runs `sg` again on another peer of the same class as `primary` and compares.
     fn replicate(&mut self, sg: usize, primary: PeerId, first: Arc<Accepted>) {
+        // Another peer with no replica in flight (so checks never crowd out work), of the
+        // same class if there is one (bit-exact comparison), else any (within tolerance).
         let class = self.peer_class.get(&primary).cloned();
-        let candidates: Vec<PeerId> = self
+        let free: Vec<PeerId> = self
             .sched
             .peers()
-            .iter()
-            .filter(|(p, _)| **p != primary && self.peer_class.get(p) == class.as_ref())
-            .map(|(p, _)| *p)
+            .keys()
+            .filter(|p| **p != primary && !self.replicating.contains(p))
+            .copied()
             .collect();
-        // At most one replica in flight per peer, so checks never crowd out work.
-        if self.replicas.len() >= self.sched.peers().len() {
-            return;
-        }
+        let same: Vec<PeerId> = free
+            .iter()
+            .filter(|p| self.peer_class.get(p) == class.as_ref())
+            .copied()
+            .collect();
+        let candidates = if same.is_empty() { free } else { same };
         // The candidate with the fewest failures, then the least loaded.
         let Some(replica) = candidates
             .iter()
@@ -881,19 +923,18 @@ impl Job {
             return;
         };
         self.verify.replicated += 1;
+        self.replicating.insert(replica);
         let subgraph = self.plan.subgraphs[sg].clone();
         let inputs = gather(&self.plan, sg, &self.results);
         let node = self.node.clone();
         let memory = self.memory.clone();
         let verifier = self.verifier.clone();
         let local = self.local.clone();
-        let task = self.next_check;
-        self.next_check += 1;
         let flops = subgraph.cost.flops;
         self.replicas.spawn(async move {
             let started = Instant::now();
             let verdict = replica_verdict(
-                node, memory, verifier, local, task, replica, subgraph, inputs, first,
+                node, memory, verifier, local, replica, subgraph, inputs, first,
             )
             .await;
             ReplicaOutcome {
@@ -909,6 +950,7 @@ impl Job {
 
     fn replica(&mut self, r: ReplicaOutcome) -> Result<(), EvalError> {
         self.verify.extra_remote_flops += r.flops;
+        self.replicating.remove(&r.replica);
         match r.verdict {
             Replica::Agreed => {
                 self.verify.replicas_agreed += 1;
@@ -937,15 +979,7 @@ impl Job {
                 }
                 if let Some(e) = primary_wrong {
                     // Its result was accepted: redo it and everything downstream.
-                    let reopened = self.sched.reopen(&[r.subgraph]);
-                    self.verify.reopened += reopened.len();
-                    for i in reopened {
-                        if self.results[i].take().is_some() {
-                            self.progress.dec(1);
-                        }
-                        self.accepted[i] = None;
-                        self.producer[i] = None;
-                    }
+                    self.reopen(&[r.subgraph]);
                     self.ban(r.primary, "wrong result (replica dispute)", &e)?;
                 }
                 Ok(())
@@ -1000,10 +1034,8 @@ impl Job {
                 let memory = self.memory.clone();
                 let verifier = self.verifier.clone();
                 self.running.spawn(async move {
-                    let r = remote(
-                        &node, &memory, &verifier, task, peer, &sg, inputs, held, timeout,
-                    )
-                    .await;
+                    let r =
+                        remote(&node, &memory, &verifier, peer, &sg, inputs, held, timeout).await;
                     (task, r)
                 });
             }
@@ -1020,6 +1052,16 @@ impl Job {
                 .is_some_and(|p| trust.is_banned(&p));
             if let (Some(r), false) = (&self.results[i], banned) {
                 mem.cache.put(sg.id, r.clone());
+                if let Some(Producer {
+                    peer: Some(p),
+                    check: Some(CheckKind::SampledRows),
+                }) = self.producer[i]
+                {
+                    if mem.sampled_from.len() > MAX_TABLE {
+                        mem.sampled_from.clear();
+                    }
+                    mem.sampled_from.insert(sg.id, p);
+                }
             }
         }
         if mem.held.len() > MAX_TABLE {
@@ -1095,7 +1137,6 @@ async fn remote(
     node: &NodeClient,
     memory: &Arc<Mutex<Memory>>,
     verifier: &Arc<Verifier>,
-    task: u64,
     peer: PeerId,
     sg: &Subgraph,
     inputs: Vec<Arc<Data>>,
@@ -1103,6 +1144,7 @@ async fn remote(
     timeout: Duration,
 ) -> Result<Accepted, Refusal> {
     let nonce: [u8; 16] = rand::rng().random();
+    let wire_task: u64 = rand::rng().random();
     let sent = Instant::now();
     let send = |held: &[bool]| {
         let data = inputs
@@ -1116,12 +1158,15 @@ async fn remote(
                 }
             })
             .collect();
-        TaskRequest::new(task, nonce, sg, data)
+        // A random id on the wire: a worker cannot tell work from checks by numbering.
+        TaskRequest::new(wire_task, nonce, sg, data)
     };
+    let used_held = std::sync::atomic::AtomicBool::new(held.iter().any(|&h| h));
     let ask = async {
         let mut response = node.run_task(peer, send(&held)).await;
         if let Ok(TaskResponse::Missing { .. }) = &response {
             // The worker evicted a value: send everything.
+            used_held.store(false, std::sync::atomic::Ordering::Relaxed);
             response = node.run_task(peer, send(&vec![false; inputs.len()])).await;
         }
         response
@@ -1167,13 +1212,15 @@ async fn remote(
     let (input_cids, hash_secs) = hashing
         .await
         .map_err(|e| Refusal::Failed(format!("hashing panicked: {e}")))?;
+    let used_held = used_held.into_inner();
+    let memory = memory.clone();
     let verifier = verifier.clone();
     let sg = sg.clone();
     tokio::task::spawn_blocking(move || {
         let clock = trust::Stopwatch::start();
         check_shapes(&sg, &outputs).map_err(Refusal::Failed)?;
         let cids: Vec<ContentId> = outputs.iter().map(|t| t.content_id()).collect();
-        trust::open_receipt(
+        let opened = trust::open_receipt(
             &peer,
             &signer,
             &signature,
@@ -1181,7 +1228,23 @@ async fn remote(
             &trust::key_of(&sg, &input_cids),
             &nonce,
             &cids,
-        )?;
+        );
+        if let Err(Refusal::Cheated { reason, evidence }) = &opened
+            && reason == trust::OTHER_INPUTS
+            && used_held
+        {
+            // It ran on values it held, which differ from what we meant: stale, not proof.
+            let mut mem = lock(&memory);
+            for (id, h) in sg.input_ids.iter().zip(&held) {
+                if *h && let Some(holders) = mem.held.get_mut(id) {
+                    holders.remove(&peer);
+                }
+            }
+            return Err(Refusal::Failed(format!(
+                "the worker's held inputs were stale ({evidence})"
+            )));
+        }
+        opened?;
         let check = verifier.check(&sg, &inputs, &input_cids, &outputs, &receipt.class)?;
         Ok(Accepted {
             outputs,
@@ -1205,7 +1268,6 @@ async fn replica_verdict(
     memory: Arc<Mutex<Memory>>,
     verifier: Arc<Verifier>,
     local: Arc<LocalExecutor>,
-    task: u64,
     peer: PeerId,
     sg: Subgraph,
     inputs: Vec<Arc<Data>>,
@@ -1213,7 +1275,7 @@ async fn replica_verdict(
 ) -> Replica {
     let nonce: [u8; 16] = rand::rng().random();
     let req = TaskRequest::new(
-        task,
+        rand::rng().random(),
         nonce,
         &sg,
         inputs.iter().map(|t| Input::Data(t.clone())).collect(),
@@ -1253,6 +1315,21 @@ async fn replica_verdict(
         if cids == first.cids {
             return Replica::Agreed;
         }
+        // Different classes agree within tolerance.
+        if receipt.class != first.class {
+            let tol = corvid_kernels::verify::program_tolerance(&sg.program);
+            let close =
+                outputs
+                    .iter()
+                    .zip(&first.outputs)
+                    .all(|(a, b)| match (a.as_f32(), b.as_f32()) {
+                        (Ok(x), Ok(y)) => x.iter().zip(y).all(|(p, q)| tol.accepts(*p, *q)),
+                        _ => a == b,
+                    });
+            if close {
+                return Replica::Agreed;
+            }
+        }
         dispute(&verifier, &local, &sg, &inputs, &first, &outputs, &receipt)
     })
     .await
@@ -1279,23 +1356,41 @@ fn dispute(
             format!("op {k} ({})", sg.program.nodes[k].op)
         });
     let mine = local.backend().class().id();
-    let judge =
-        |outputs: &[Arc<Data>], op_hashes: &[ContentId], class: &[u8; 32]| -> Option<String> {
-            if *class == mine
-                && let Ok((_, hashes)) = local.backend().run_traced(&sg.program, inputs)
-            {
-                let k = hashes.iter().zip(op_hashes).position(|(a, b)| a != b)?;
-                return Some(format!(
-                    "subgraph {} first differs from a local recompute at op {k} ({})",
-                    sg.id.short(),
-                    sg.program.nodes[k].op
-                ));
+    // One local traced run: the outputs' content ids and every op's.
+    let here = local
+        .backend()
+        .run_traced(&sg.program, inputs)
+        .ok()
+        .map(|(outs, hashes)| {
+            let cids: Vec<ContentId> = outs.iter().map(Data::content_id).collect();
+            (cids, hashes)
+        });
+    let judge = |outputs: &[Arc<Data>], op_hashes: &[ContentId], class: &[u8; 32]| {
+        if *class == mine
+            && let Some((cids, hashes)) = &here
+        {
+            // Same class: the outputs and every op's hash must be ours, bit for bit.
+            let got: Vec<ContentId> = outputs.iter().map(|t| t.content_id()).collect();
+            if got == *cids && op_hashes == hashes.as_slice() {
+                return None;
             }
-            verifier
-                .recompute(sg, inputs, outputs, class)
-                .err()
-                .map(|m| format!("subgraph {}: {m}", sg.id.short()))
-        };
+            let at = hashes
+                .iter()
+                .zip(op_hashes)
+                .position(|(a, b)| a != b)
+                .map_or("its outputs".to_string(), |k| {
+                    format!("op {k} ({})", sg.program.nodes[k].op)
+                });
+            return Some(format!(
+                "subgraph {} first differs from a local recompute at {at}",
+                sg.id.short()
+            ));
+        }
+        verifier
+            .recompute(sg, inputs, outputs, class)
+            .err()
+            .map(|m| format!("subgraph {}: {m}", sg.id.short()))
+    };
     let primary_wrong = judge(&first.outputs, &first.op_hashes, &first.class);
     let replica_wrong = judge(second, &receipt.op_hashes, &receipt.class);
     tracing::warn!(subgraph = %sg.id.short(), %op, ?primary_wrong, ?replica_wrong, "replicas disagree");

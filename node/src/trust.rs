@@ -107,6 +107,16 @@ pub fn open_receipt(
             "the signature does not verify over the receipt".into(),
         ));
     }
+    if receipt.nonce == *expect_nonce && receipt.task != *expect_task {
+        return Err(cheated(
+            OTHER_INPUTS,
+            format!(
+                "signed for task {}, asked task {}",
+                hex8(&receipt.task),
+                hex8(expect_task)
+            ),
+        ));
+    }
     if receipt.task != *expect_task || receipt.nonce != *expect_nonce {
         return Err(cheated(
             "replayed result",
@@ -127,6 +137,10 @@ pub fn open_receipt(
     }
     Ok(())
 }
+
+/// The reason given when a worker signs for inputs other than the ones the requester meant:
+/// cheating if they were sent, a stale held value if the worker was told to use its own.
+pub const OTHER_INPUTS: &str = "result for other inputs";
 
 fn hex8(b: &[u8]) -> String {
     b.iter().take(4).map(|x| format!("{x:02x}")).collect()
@@ -195,8 +209,23 @@ impl Verifier {
             if let Ok(proj) = proj {
                 match proj.check(&inputs[0], &outputs[0]) {
                     Ok(Verdict::Pass) => return Ok(CheckKind::Freivalds),
-                    Ok(Verdict::Fail(m)) => return Err(wrong(CheckKind::Freivalds, m)),
-                    Err(_) => {} // non-finite inputs: recompute below
+                    // A ban is permanent: confirm with a full recompute, whose mismatch (an
+                    // element, got, want) is the evidence. An honest result that tripped the
+                    // threshold (overflow to inf, a lower-precision class) passes it.
+                    Ok(Verdict::Fail(m)) => {
+                        return self
+                            .recompute(sg, inputs, outputs, worker_class)
+                            .map(|()| CheckKind::Recomputed)
+                            .map_err(|e| Refusal::Cheated {
+                                reason: "wrong result (freivalds, confirmed by recompute)".into(),
+                                evidence: format!(
+                                    "subgraph {} ({}): {e}; {m}",
+                                    sg.id.short(),
+                                    sg.ops()
+                                ),
+                            });
+                    }
+                    Err(_) => {} // non-finite or empty inputs: recompute below
                 }
             }
         } else if let Some(rowed) = verify::row_inputs(p) {

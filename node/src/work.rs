@@ -345,9 +345,17 @@ impl Held {
         self.map.get(&(peer, id)).cloned()
     }
 
+    /// Keeps `t` as `peer`'s value `id`, replacing what was kept under that id (a requester
+    /// that sends data again means it).
     fn put(&mut self, peer: PeerId, id: ValueId, t: Arc<Data>) {
-        let size = t.meta().bytes();
-        if size > HELD_BYTES || self.map.contains_key(&(peer, id)) {
+        // Every entry is charged its bookkeeping, so empty tensors cannot pile up for free.
+        let size = t.meta().bytes() + 128;
+        if size > HELD_BYTES {
+            return;
+        }
+        if let Some(old) = self.map.get_mut(&(peer, id)) {
+            // Same id, same shape: the byte count and the order entry stay.
+            *old = t;
             return;
         }
         while self.bytes + size > HELD_BYTES {

@@ -273,6 +273,16 @@ impl ResultCache {
         self.bytes += size;
     }
 
+    /// Drops the result under `id` (it is no longer trusted).
+    pub fn remove(&mut self, id: &SubgraphId) {
+        if self.map.remove(id).is_some()
+            && let Some(k) = self.order.iter().position(|(o, _)| o == id)
+            && let Some((_, b)) = self.order.remove(k)
+        {
+            self.bytes -= b;
+        }
+    }
+
     /// How many results are held.
     pub fn len(&self) -> usize {
         self.map.len()

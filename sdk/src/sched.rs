@@ -302,6 +302,11 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         }
     }
 
+    /// Forgets who holds value `id` (it turned out wrong; no copy of it may be reused).
+    pub fn forget(&mut self, id: &ValueId) {
+        self.held.remove(id);
+    }
+
     /// Every value each peer is known to hold, to carry over to the next job.
     pub fn held(&self) -> &HashMap<ValueId, BTreeSet<P>> {
         &self.held
@@ -590,7 +595,8 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             if let Some(info) = self.peers.get_mut(p) {
                 // Measured throughput replaces the advert: exponential average of FLOP/s over
                 // the worker's compute time (the whole round trip if it did not say).
-                let compute = compute_secs.map_or(elapsed, |c| c.clamp(1e-6, elapsed));
+                // A worker cannot claim to be more than 4x faster than the round trip shows.
+                let compute = compute_secs.map_or(elapsed, |c| c.clamp(0.25 * elapsed, elapsed));
                 let measured = self.flops[sg] as f64 / compute;
                 // The rest of the round trip is latency and transfer; large transfers measure
                 // the link.

@@ -18,6 +18,11 @@ use libp2p::StreamProtocol;
 pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/corvid/task/2");
 /// Largest task request or response, in bytes.
 pub const MAX_TASK_BYTES: u64 = 1 << 30;
+/// Largest message head (program, ids, receipt, tensor shapes), in bytes.
+const MAX_HEAD_BYTES: u64 = 16 << 20;
+/// Most tensors one message carries, and the bookkeeping each is charged.
+const MAX_TENSORS: usize = 4096;
+const TENSOR_OVERHEAD: u64 = 256;
 
 /// The task codec with an explicit size cap (libp2p's stock codecs stop at a few MiB).
 #[derive(Clone, Debug)]
@@ -44,7 +49,7 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
     let mut len = [0u8; 8];
     io.read_exact(&mut len).await?;
     let len = u64::from_le_bytes(len);
-    if len > max {
+    if len > max.min(MAX_HEAD_BYTES) {
         return Err(invalid(format!(
             "task message head of {len} bytes is over the limit of {max} bytes"
         )));
@@ -52,6 +57,12 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
     let mut head = vec![0u8; len as usize];
     io.read_exact(&mut head).await.map_err(|e| eof(e, "head"))?;
     let metas = M::tensor_metas(&head).map_err(|e| invalid(e.to_string()))?;
+    if metas.len() > MAX_TENSORS {
+        return Err(invalid(format!(
+            "task message carries {} tensors, over the limit of {MAX_TENSORS}",
+            metas.len()
+        )));
+    }
     // Every size is checked before any tensor is allocated.
     let mut total = len;
     let mut sizes = Vec::with_capacity(metas.len());
@@ -62,7 +73,7 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
             .try_fold(1usize, |n, &d| n.checked_mul(d))
             .filter(|n| n.checked_mul(4).is_some())
             .ok_or_else(|| invalid(format!("tensor of shape {:?} is too large", m.shape)))?;
-        total = total.saturating_add(4 * numel as u64);
+        total = total.saturating_add(4 * numel as u64 + TENSOR_OVERHEAD);
         sizes.push(numel);
     }
     if total > max {
