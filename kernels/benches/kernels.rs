@@ -149,5 +149,42 @@ fn elementwise_cpu(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul_cpu, elementwise_cpu, matmul_gpu);
+/// Freivalds' check of one 2048×4096 @ 4096×2048 tile (what the swarm's 4096² matmul job
+/// checks per result): the weight-side projection, shared by tiles with the same `b`, and the
+/// per-result check. Compare with `matmul_cpu_gemm` for the tile's own cost (34 GFLOP).
+fn freivalds(c: &mut Criterion) {
+    use corvid_kernels::verify::Projection;
+    use rand::SeedableRng;
+    let (m, k, n) = if quick() {
+        (512, 1024, 512)
+    } else {
+        (2048, 4096, 2048)
+    };
+    let a = Tensor::random_uniform([m, k], -1.0, 1.0, 1);
+    let b = Tensor::random_uniform([k, n], -1.0, 1.0, 2);
+    let prod = CpuBackend::new()
+        .eval(&Op::MatMul, &[&a, &b])
+        .expect("matmul");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("a one-thread pool");
+    let mut g = c.benchmark_group("freivalds");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    let tile = format!("{m}x{k}x{n}");
+    g.bench_function(BenchmarkId::new("projection_1thread", &tile), |bch| {
+        one.install(|| bch.iter(|| black_box(Projection::new(&b, &mut rng).expect("projection"))))
+    });
+    let p = Projection::new(&b, &mut rng).expect("projection");
+    g.bench_function(BenchmarkId::new("check_1thread", &tile), |bch| {
+        one.install(|| bch.iter(|| black_box(p.check(&a, &prod).expect("check"))))
+    });
+    g.bench_function(BenchmarkId::new("check_all_threads", &tile), |bch| {
+        bch.iter(|| black_box(p.check(&a, &prod).expect("check")))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, matmul_cpu, elementwise_cpu, matmul_gpu, freivalds);
 criterion_main!(benches);
