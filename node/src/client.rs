@@ -86,8 +86,11 @@ pub struct VerifySummary {
     pub bans: Vec<String>,
     /// Subgraphs run again because their producer was banned.
     pub reopened: usize,
-    /// Requester CPU time spent checking (summed over threads).
-    pub cpu: Duration,
+    /// Requester time spent checking and hashing results: the elapsed time of each check,
+    /// summed over checks that ran at the same time. A check uses all cores for its span, so
+    /// on an idle machine this is close to the wall time it adds; on a loaded one it includes
+    /// waiting for a core.
+    pub check_time: Duration,
     /// FLOPs run remotely only to check (replicas).
     pub extra_remote_flops: u64,
 }
@@ -135,7 +138,8 @@ impl std::fmt::Display for JobSummary {
         writeln!(
             f,
             "verified: {} freivalds, {} sampled rows, {} recomputed, {} canaries; {} replicated \
-             ({} agreed), {} disputes; checks took {:.1} ms of requester CPU ({:.1} % of wall), \
+             ({} agreed), {} disputes; checks and hashing ran {:.1} ms ({:.1} % of wall, summed over \
+             concurrent checks), \
              {:.2} GFLOP of extra remote work",
             v.freivalds,
             v.sampled_rows,
@@ -144,8 +148,8 @@ impl std::fmt::Display for JobSummary {
             v.replicated,
             v.replicas_agreed,
             v.disputes,
-            v.cpu.as_secs_f64() * 1e3,
-            100.0 * v.cpu.as_secs_f64() / self.wall.as_secs_f64().max(1e-9),
+            v.check_time.as_secs_f64() * 1e3,
+            100.0 * v.check_time.as_secs_f64() / self.wall.as_secs_f64().max(1e-9),
             v.extra_remote_flops as f64 / 1e9
         )?;
         for d in &v.detections {
@@ -690,7 +694,7 @@ impl Job {
         };
         let peer = self.task_peer.get(&task).copied();
         if let Ok(a) = &outcome {
-            self.verify.cpu += Duration::from_secs_f64(a.verify_secs);
+            self.verify.check_time += Duration::from_secs_f64(a.verify_secs);
         }
         // Proof of cheating counts even from a copy that lost the race; the ban comes first,
         // so no retry budget can save the cheater.
@@ -879,7 +883,7 @@ impl Job {
     ) -> Result<(), EvalError> {
         match outcome {
             Ok(a) => {
-                self.verify.cpu += Duration::from_secs_f64(a.verify_secs);
+                self.verify.check_time += Duration::from_secs_f64(a.verify_secs);
                 lock(&self.trust).credit(&peer);
                 Ok(())
             }
@@ -973,7 +977,7 @@ impl Job {
                 replica_wrong,
             } => {
                 self.verify.disputes += 1;
-                self.verify.cpu += Duration::from_secs_f64(r.verify_secs);
+                self.verify.check_time += Duration::from_secs_f64(r.verify_secs);
                 if let Some(e) = replica_wrong {
                     self.ban(r.replica, "wrong result (replica dispute)", &e)?;
                 }

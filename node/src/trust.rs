@@ -435,7 +435,7 @@ impl Trust {
     }
 }
 
-/// Requester CPU time spent on checks, for the summary.
+/// Elapsed time of one check, for the summary.
 #[derive(Debug)]
 pub struct Stopwatch(Instant);
 
