@@ -123,8 +123,80 @@ impl Program {
         last
     }
 
+    /// The part of the program that node `node` depends on: its ancestors and itself, in
+    /// order, over the same inputs, with that node's value as the only output. Also returns
+    /// which original node each kept node is. What a verifier runs to recompute one op.
+    pub fn cone(&self, node: usize) -> Option<(Program, Vec<usize>)> {
+        let n_in = self.inputs.len();
+        if node >= self.nodes.len() {
+            return None;
+        }
+        let mut needed = vec![false; self.nodes.len()];
+        needed[node] = true;
+        for i in (0..=node).rev() {
+            if needed[i] {
+                for &a in &self.nodes[i].args {
+                    if let Some(j) = (a as usize).checked_sub(n_in) {
+                        needed[j] = true;
+                    }
+                }
+            }
+        }
+        let kept: Vec<usize> = (0..=node).filter(|&i| needed[i]).collect();
+        // Old value id -> new value id; inputs keep theirs.
+        let mut map: Vec<ValueId> = (0..n_in as ValueId).collect();
+        map.resize(n_in + self.nodes.len(), ValueId::MAX);
+        let mut cone = Program::new(self.inputs.clone());
+        for &i in &kept {
+            let args: Vec<ValueId> = self.nodes[i]
+                .args
+                .iter()
+                .map(|&a| map[a as usize])
+                .collect();
+            map[n_in + i] = cone.push(self.nodes[i].op.clone(), &args);
+        }
+        cone.outputs = vec![map[n_in + node]];
+        Some((cone, kept))
+    }
+
     /// Canonical bytes: the postcard encoding. Equal programs have equal bytes.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         postcard::to_allocvec(self).expect("programs always serialise")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::{BinaryOp, UnaryOp};
+
+    #[test]
+    fn a_cone_keeps_only_the_ancestors_of_its_node() {
+        let f = |s: &[usize]| TensorMeta::f32(s.to_vec());
+        let mut p = Program::new(vec![f(&[2, 3]), f(&[3, 4]), f(&[4])]);
+        let mm = p.push(Op::MatMul, &[0, 1]);
+        let unrelated = p.push(Op::Unary(UnaryOp::Exp), &[0]);
+        let add = p.push(Op::Binary(BinaryOp::Add), &[mm, 2]);
+        let relu = p.push(Op::Unary(UnaryOp::Relu), &[add]);
+        p.outputs = vec![relu, unrelated];
+
+        let (cone, kept) = p.cone(2).expect("node 2 exists");
+        assert_eq!(kept, vec![0, 2]);
+        assert_eq!(cone.inputs, p.inputs);
+        assert_eq!(cone.nodes[0], p.nodes[0]);
+        assert_eq!(
+            cone.nodes[1].args,
+            vec![3, 2],
+            "the add now reads the cone's matmul"
+        );
+        assert_eq!(cone.outputs, vec![4]);
+        assert_eq!(cone.infer().expect("a valid program")[4], f(&[2, 4]));
+
+        let (cone, kept) = p.cone(1).expect("node 1 exists");
+        assert_eq!(
+            (kept, cone.nodes.len(), cone.outputs),
+            (vec![1], 1, vec![3])
+        );
+        assert!(p.cone(4).is_none());
     }
 }

@@ -1229,9 +1229,12 @@ async fn remote(
             &signer,
             &signature,
             &receipt,
-            &trust::key_of(&sg, &input_cids),
-            &nonce,
-            &cids,
+            &trust::Expected {
+                task: &trust::key_of(&sg, &input_cids),
+                nonce: &nonce,
+                outputs: &cids,
+                program: &sg.program,
+            },
         );
         if let Err(Refusal::Cheated { reason, evidence }) = &opened
             && reason == trust::OTHER_INPUTS
@@ -1310,9 +1313,12 @@ async fn replica_verdict(
             &signer,
             &signature,
             &receipt,
-            &trust::key_of(&sg, &input_cids),
-            &nonce,
-            &cids,
+            &trust::Expected {
+                task: &trust::key_of(&sg, &input_cids),
+                nonce: &nonce,
+                outputs: &cids,
+                program: &sg.program,
+            },
         ) {
             return Replica::Cheated(r);
         }
@@ -1340,8 +1346,14 @@ async fn replica_verdict(
     .unwrap_or_else(|e| Replica::Unusable(format!("dispute panicked: {e}")))
 }
 
-/// Two signed results disagree: find the first op where their per-op hashes differ and
-/// recompute here to decide who is wrong.
+/// Two signed results disagree: decide here who is wrong.
+///
+/// When both workers and this requester share a determinism class, their per-op hashes are
+/// comparable bit for bit: the first op where the two receipts differ is recomputed here (with
+/// only the ops it depends on) and whoever's hash for it differs from ours is wrong. Otherwise
+/// (classes differ, or the receipts agree op by op but not on the outputs) the whole subgraph
+/// is recomputed and each result compared with it, exactly within a class and within
+/// tolerance across classes.
 fn dispute(
     verifier: &Verifier,
     local: &LocalExecutor,
@@ -1351,15 +1363,44 @@ fn dispute(
     second: &[Arc<Data>],
     receipt: &Receipt,
 ) -> Replica {
-    let op = first
+    let mine = local.backend().class().id();
+    let name = |k: usize| format!("op {k} ({})", sg.program.nodes[k].op);
+    let first_differing = first
         .op_hashes
         .iter()
         .zip(&receipt.op_hashes)
-        .position(|(a, b)| a != b)
-        .map_or("an output".to_string(), |k| {
-            format!("op {k} ({})", sg.program.nodes[k].op)
-        });
-    let mine = local.backend().class().id();
+        .position(|(a, b)| a != b);
+    if first.class == mine
+        && receipt.class == mine
+        && let Some(k) = first_differing
+        && let Some((cone, kept)) = sg.program.cone(k)
+        && let Ok((_, hashes)) = local.backend().run_traced(&cone, inputs)
+    {
+        // Both receipts were opened against this program: one hash per op.
+        let judge = |claimed: &[ContentId]| {
+            kept.iter()
+                .zip(&hashes)
+                .find(|&(&i, h)| claimed.get(i) != Some(h))
+                .map(|(&i, _)| {
+                    format!(
+                        "subgraph {}: {} differs from a local recompute of that op ({} of {} \
+                         ops recomputed)",
+                        sg.id.short(),
+                        name(i),
+                        kept.len(),
+                        sg.program.nodes.len()
+                    )
+                })
+        };
+        let primary_wrong = judge(&first.op_hashes);
+        let replica_wrong = judge(&receipt.op_hashes);
+        tracing::warn!(subgraph = %sg.id.short(), op = %name(k), ?primary_wrong, ?replica_wrong,
+            "replicas disagree; recomputed the first op that differs");
+        return Replica::Dispute {
+            primary_wrong,
+            replica_wrong,
+        };
+    }
     // One local traced run: the outputs' content ids and every op's.
     let here = local
         .backend()
@@ -1382,9 +1423,7 @@ fn dispute(
                 .iter()
                 .zip(op_hashes)
                 .position(|(a, b)| a != b)
-                .map_or("its outputs".to_string(), |k| {
-                    format!("op {k} ({})", sg.program.nodes[k].op)
-                });
+                .map_or("its outputs".to_string(), name);
             return Some(format!(
                 "subgraph {} first differs from a local recompute at {at}",
                 sg.id.short()
@@ -1397,7 +1436,8 @@ fn dispute(
     };
     let primary_wrong = judge(&first.outputs, &first.op_hashes, &first.class);
     let replica_wrong = judge(second, &receipt.op_hashes, &receipt.class);
-    tracing::warn!(subgraph = %sg.id.short(), %op, ?primary_wrong, ?replica_wrong, "replicas disagree");
+    tracing::warn!(subgraph = %sg.id.short(), ?primary_wrong, ?replica_wrong,
+        "replicas disagree; recomputed the subgraph");
     Replica::Dispute {
         primary_wrong,
         replica_wrong,

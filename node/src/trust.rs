@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use corvid_kernels::verify::{self, Projection, Verdict};
-use corvid_kernels::{ContentId, Op, Tensor as Data};
+use corvid_kernels::{ContentId, Op, Program, Tensor as Data};
 use corvid_sdk::wire::{Receipt, task_key};
 use corvid_sdk::{LocalExecutor, Subgraph};
 use libp2p::PeerId;
@@ -78,17 +78,32 @@ pub enum Refusal {
     Cheated { reason: String, evidence: String },
 }
 
+/// What a result must be signed for: the task asked, the request's nonce, the outputs that
+/// came with it, and the program (one hash per op).
+#[derive(Clone, Copy, Debug)]
+pub struct Expected<'a> {
+    pub task: &'a [u8; 32],
+    pub nonce: &'a [u8; 16],
+    pub outputs: &'a [ContentId],
+    pub program: &'a Program,
+}
+
 /// Opens a signed result: the signer is `peer`, the signature covers the receipt, and the
-/// receipt is for this task, this nonce and these outputs.
+/// receipt is for this task, this nonce and these outputs, with per-op hashes that fit the
+/// program and the outputs.
 pub fn open_receipt(
     peer: &PeerId,
     signer: &[u8],
     signature: &[u8],
     receipt: &Receipt,
-    expect_task: &[u8; 32],
-    expect_nonce: &[u8; 16],
-    outputs: &[ContentId],
+    expected: &Expected<'_>,
 ) -> Result<(), Refusal> {
+    let Expected {
+        task: expect_task,
+        nonce: expect_nonce,
+        outputs,
+        program,
+    } = *expected;
     let cheated = |reason: &str, evidence: String| Refusal::Cheated {
         reason: reason.into(),
         evidence,
@@ -134,6 +149,32 @@ pub fn open_receipt(
             "outputs differ from the signed ones",
             format!("{:?} signed, {:?} sent", receipt.outputs, outputs),
         ));
+    }
+    // The per-op hashes are what disputes are settled on: one per op, and an output that is
+    // an op's value has that op's hash.
+    if receipt.op_hashes.len() != program.nodes.len() {
+        return Err(cheated(
+            "signed per-op hashes do not fit the program",
+            format!(
+                "{} hashes for {} ops",
+                receipt.op_hashes.len(),
+                program.nodes.len()
+            ),
+        ));
+    }
+    let n_in = program.inputs.len();
+    for (k, &o) in program.outputs.iter().enumerate() {
+        if let Some(i) = (o as usize).checked_sub(n_in)
+            && receipt.op_hashes[i] != outputs[k]
+        {
+            return Err(cheated(
+                "signed per-op hashes contradict the outputs",
+                format!(
+                    "output {k} is op {i} ({}): hash {:?}, output {:?}",
+                    program.nodes[i].op, receipt.op_hashes[i], outputs[k]
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -454,6 +495,54 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// A validly signed receipt whose per-op hashes contradict its outputs, or do not fit the
+    /// program, is refused as cheating; the consistent one opens.
+    #[test]
+    fn signed_op_hashes_must_agree_with_the_outputs() {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let program = Program::single(
+            Op::Unary(corvid_kernels::UnaryOp::Relu),
+            vec![corvid_kernels::TensorMeta::f32(vec![2])],
+        );
+        let out = Data::from_f32(vec![2], vec![1.0, 0.0])
+            .unwrap()
+            .content_id();
+        let other = Data::from_f32(vec![2], vec![1.0, 2.0])
+            .unwrap()
+            .content_id();
+        let open = |op_hashes: Vec<ContentId>| {
+            let receipt = Receipt {
+                task: [1; 32],
+                nonce: [2; 16],
+                outputs: vec![out],
+                op_hashes,
+                class: [3; 32],
+                class_name: "test".into(),
+            };
+            let signature = key.sign(&receipt.message()).unwrap();
+            let signer = key.public().encode_protobuf();
+            let expected = Expected {
+                task: &[1; 32],
+                nonce: &[2; 16],
+                outputs: &[out],
+                program: &program,
+            };
+            open_receipt(&peer, &signer, &signature, &receipt, &expected)
+        };
+        open(vec![out]).unwrap();
+        for (hashes, reason) in [
+            (vec![other], "contradict the outputs"),
+            (vec![out, out], "do not fit the program"),
+            (vec![], "do not fit the program"),
+        ] {
+            match open(hashes) {
+                Err(Refusal::Cheated { reason: r, .. }) => assert!(r.contains(reason), "{r}"),
+                got => panic!("expected a refusal for {reason}, got {got:?}"),
+            }
+        }
+    }
 
     #[test]
     fn bans_persist_with_their_evidence_and_streaks_set_replication() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{init_logs, spawn, wait_for};
 use corvid_kernels::{Backend, CpuBackend};
-use corvid_node::trust::{Refusal, open_receipt};
+use corvid_node::trust::{Expected, Refusal, open_receipt};
 use corvid_node::{Node, NodeConfig};
 use corvid_sdk::plan::Source;
 use corvid_sdk::wire::{Input, TaskRequest, TaskResponse, task_key};
@@ -107,9 +107,12 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
             &signer,
             &signature,
             &receipt,
-            &task_key(&sg.id, &cids),
-            &[i as u8; 16],
-            &out_cids,
+            &Expected {
+                task: &task_key(&sg.id, &cids),
+                nonce: &[i as u8; 16],
+                outputs: &out_cids,
+                program: &sg.program,
+            },
         )
         .unwrap();
         assert!(matches!(
@@ -118,9 +121,12 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
                 &signer,
                 &signature,
                 &receipt,
-                &task_key(&sg.id, &cids),
-                &[i as u8 + 1; 16],
-                &out_cids,
+                &Expected {
+                    task: &task_key(&sg.id, &cids),
+                    nonce: &[i as u8 + 1; 16],
+                    outputs: &out_cids,
+                    program: &sg.program,
+                },
             ),
             Err(Refusal::Cheated { .. })
         ));
