@@ -845,7 +845,7 @@ impl Job {
         }
     }
 
-    /// Sends a canary — a small matmul of fresh random inputs, checked like any result — to
+    /// Sends a canary — a small subgraph like the job's on fresh inputs, checked in full — to
     /// every peer without a verified result yet, and to others with probability
     /// [`CANARY_RATE`]. A peer that cheats only on some inputs cannot tell a canary from work.
     fn send_canaries(&mut self) {
@@ -860,7 +860,7 @@ impl Job {
                 .collect()
         };
         for peer in peers {
-            let (sg, inputs) = canary(&mut rng);
+            let (sg, inputs) = canary(&mut rng, &self.plan);
             self.verify.canaries += 1;
             let (node, memory, verifier) = (
                 self.node.clone(),
@@ -870,7 +870,36 @@ impl Job {
             self.canaries.spawn(async move {
                 let held = vec![false; inputs.len()];
                 let timeout = Duration::from_secs(2);
-                let r = remote(&node, &memory, &verifier, peer, &sg, inputs, held, timeout).await;
+                let r = remote(
+                    &node,
+                    &memory,
+                    &verifier,
+                    peer,
+                    &sg,
+                    inputs.clone(),
+                    held,
+                    timeout,
+                )
+                .await;
+                // Checked like work above, then in full: a canary is small, and a sample
+                // could miss a lie in it.
+                let r = match r {
+                    Ok(a) => tokio::task::spawn_blocking(move || {
+                        let clock = trust::Stopwatch::start();
+                        let full = verifier.recompute(&sg, &inputs, &a.outputs, &a.class);
+                        let verify_secs = a.verify_secs + clock.secs();
+                        match full {
+                            Ok(()) => Ok(Accepted { verify_secs, ..a }),
+                            Err(m) => Err(Refusal::Cheated {
+                                reason: "wrong result (recomputed)".into(),
+                                evidence: format!("subgraph {}: {m}", sg.id.short()),
+                            }),
+                        }
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(Refusal::Failed(format!("check panicked: {e}")))),
+                    Err(e) => Err(e),
+                };
                 (peer, r)
             });
         }
@@ -1447,26 +1476,87 @@ fn dispute(
 /// Probability that a trusted peer gets a canary in a job.
 const CANARY_RATE: f64 = 0.1;
 
-/// A canary: `a @ b` for fresh random 64×64 `a` and `b`, as a subgraph with its inputs.
-fn canary(rng: &mut impl Rng) -> (Subgraph, Vec<Arc<Data>>) {
+/// Largest job subgraph copied as a canary: flops and input bytes.
+const CANARY_MAX_FLOPS: u64 = 200_000_000;
+const CANARY_MAX_BYTES: u64 = 4 << 20;
+
+/// A canary, as a subgraph with its inputs. Where the job has a subgraph that reads only
+/// constants and costs little, a copy of it on fresh inputs (each f32 constant moved by a
+/// random relative 1 %, which keeps signs and magnitudes, so the same ops stay in their
+/// domains), so that a canary looks like work; otherwise `a @ b` for fresh random 64×64 `a`
+/// and `b`.
+fn canary(rng: &mut impl Rng, plan: &Plan) -> (Subgraph, Vec<Arc<Data>>) {
     use corvid_kernels::{Op, Program, TensorMeta};
     use corvid_sdk::ids::{op_value_id, subgraph_id};
-    let n = 64;
-    let inputs: Vec<Arc<Data>> = (0..2)
-        .map(|_| Arc::new(Data::random_uniform(vec![n, n], -1.0, 1.0, rng.random())))
+    use rand::seq::IndexedRandom;
+    let like_work: Vec<&Subgraph> = plan
+        .subgraphs
+        .iter()
+        .filter(|s| {
+            (1..=CANARY_MAX_FLOPS).contains(&s.cost.flops)
+                && s.cost.bytes_in <= CANARY_MAX_BYTES
+                && s.inputs.iter().all(|i| matches!(i, Source::Leaf(_)))
+        })
         .collect();
+    let (program, inputs, sources, cost) = match like_work.choose(rng) {
+        Some(sg) => {
+            let inputs: Vec<Arc<Data>> = sg
+                .inputs
+                .iter()
+                .map(|s| {
+                    let leaf = match *s {
+                        Source::Leaf(l) => &plan.leaves[l],
+                        Source::Output { .. } => unreachable!("filtered above"),
+                    };
+                    match leaf.as_f32() {
+                        Ok(v) => Arc::new(
+                            Data::from_f32(
+                                leaf.shape().to_vec(),
+                                v.iter()
+                                    .map(|x| x * (1.0 + 0.01 * rng.random_range(-1.0f32..1.0)))
+                                    .collect(),
+                            )
+                            .expect("same shape as the leaf"),
+                        ),
+                        Err(_) => leaf.clone(),
+                    }
+                })
+                .collect();
+            let sources = (0..inputs.len()).map(Source::Leaf).collect();
+            (sg.program.clone(), inputs, sources, sg.cost)
+        }
+        None => {
+            let n = 64;
+            let inputs: Vec<Arc<Data>> = (0..2)
+                .map(|_| Arc::new(Data::random_uniform(vec![n, n], -1.0, 1.0, rng.random())))
+                .collect();
+            let program = Program::single(Op::MatMul, vec![TensorMeta::f32(vec![n, n]); 2]);
+            let cost = corvid_sdk::Cost {
+                flops: 2 * (n * n * n) as u64,
+                bytes_in: 2 * (4 * n * n) as u64,
+                bytes_out: (4 * n * n) as u64,
+            };
+            (
+                program,
+                inputs,
+                vec![Source::Leaf(0), Source::Leaf(1)],
+                cost,
+            )
+        }
+    };
     let input_ids: Vec<ValueId> = inputs.iter().map(|t| t.content_id().into()).collect();
-    let program = Program::single(Op::MatMul, vec![TensorMeta::f32(vec![n, n]); 2]);
+    // Value ids as the planner derives them: from each op and its arguments' ids.
+    let mut ids = input_ids.clone();
+    for node in &program.nodes {
+        let args: Vec<ValueId> = node.args.iter().map(|&a| ids[a as usize]).collect();
+        ids.push(op_value_id(&node.op, &args));
+    }
     let sg = Subgraph {
         id: subgraph_id(&program.canonical_bytes(), &input_ids),
-        output_ids: vec![op_value_id(&Op::MatMul, &input_ids)],
-        inputs: vec![Source::Leaf(0), Source::Leaf(1)],
+        output_ids: program.outputs.iter().map(|&o| ids[o as usize]).collect(),
+        inputs: sources,
         input_ids,
-        cost: corvid_sdk::Cost {
-            flops: 2 * (n * n * n) as u64,
-            bytes_in: 2 * (4 * n * n) as u64,
-            bytes_out: (4 * n * n) as u64,
-        },
+        cost,
         program,
     };
     (sg, inputs)
@@ -1508,4 +1598,65 @@ fn check_shapes(sg: &Subgraph, outs: &[Arc<Data>]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use rand::SeedableRng;
+
+    /// A canary copies a cheap job subgraph that reads only constants: same program and input
+    /// shapes, new input content, ids derived from it; a job with no such subgraph gets the
+    /// 64×64 matmul.
+    #[test]
+    fn canaries_look_like_the_jobs_work() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let g = corvid_sdk::Graph::new("canary");
+        let y = (g
+            .random(&[64, 32], 0.5, 1.5, 1)
+            .matmul(&g.random(&[32, 16], 0.5, 1.5, 2))
+            .unwrap()
+            .log()
+            .unwrap())
+        .sum(&[1], false)
+        .unwrap();
+        let plan = g.plan(&[&y]).unwrap();
+        let (sg, inputs) = canary(&mut rng, &plan);
+        let twin = plan
+            .subgraphs
+            .iter()
+            .find(|s| s.program == sg.program)
+            .expect("a copy of one of the job's subgraphs");
+        assert_ne!(sg.id, twin.id, "fresh inputs make a new task");
+        assert_eq!(sg.cost, twin.cost);
+        assert_eq!(sg.output_ids.len(), twin.output_ids.len());
+        for (k, t) in inputs.iter().enumerate() {
+            let Source::Leaf(l) = twin.inputs[k] else {
+                panic!("copied a subgraph that reads results")
+            };
+            let leaf = &plan.leaves[l];
+            assert_eq!(t.meta(), leaf.meta());
+            assert_ne!(t.content_id(), leaf.content_id());
+            let (a, b) = (t.as_f32().unwrap(), leaf.as_f32().unwrap());
+            assert!(
+                a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x - y).abs() <= 0.0101 * y.abs())
+            );
+        }
+        // Its outputs' value ids follow from the new inputs: none collides with the job's.
+        assert!(sg.output_ids.iter().all(|id| !twin.output_ids.contains(id)));
+
+        let big = corvid_sdk::Graph::new("big");
+        let y = big
+            .random(&[1024, 1024], -1.0, 1.0, 1)
+            .matmul(&big.random(&[1024, 1024], -1.0, 1.0, 2))
+            .unwrap();
+        let (sg, inputs) = canary(&mut rng, &big.plan(&[&y]).unwrap());
+        assert_eq!(sg.program.nodes.len(), 1);
+        assert_eq!(sg.program.nodes[0].op, corvid_kernels::Op::MatMul);
+        assert_eq!(inputs[0].shape(), &[64, 64]);
+    }
 }
