@@ -463,10 +463,11 @@ enum RowStat<'a> {
 /// in f64, blocks of rows in parallel, and `stat` of every row of `lhs`.
 ///
 /// A thin product: `gemm` would pack `rhs` and a converted copy of every block of `lhs`, and
-/// spend more time on that than on arithmetic. Here each `lhs` element is read once and
-/// converted in a register; the accumulators of a row stay in registers over a block of
-/// columns. With AVX2 and FMA (checked at run time) this runs at about the core's f64 FMA
-/// throughput; elsewhere the same code, compiled for the baseline target, is the fallback.
+/// spend more time on that than on arithmetic. Here `lhs` is converted in registers, with no
+/// f64 copy; the accumulators of two rows stay in registers over a block of columns (the row
+/// sums read the block again, from cache). On x86-64 with AVX2 and FMA (checked at run time)
+/// this runs near the core's f64 FMA throughput; elsewhere the same code, compiled for the
+/// baseline target without fused multiply-add, is the fallback.
 fn project_rows(
     lhs: &[f32],
     width: usize,

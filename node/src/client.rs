@@ -845,9 +845,10 @@ impl Job {
         }
     }
 
-    /// Sends a canary — a small subgraph like the job's on fresh inputs, checked in full — to
-    /// every peer without a verified result yet, and to others with probability
-    /// [`CANARY_RATE`]. A peer that cheats only on some inputs cannot tell a canary from work.
+    /// Sends a canary — a small subgraph like the job's on fresh inputs, whose answer the
+    /// requester computes itself — to every peer without a verified result yet, and to others
+    /// with probability [`CANARY_RATE`]. A worker of the requester's class must match that
+    /// answer bit for bit; others are checked like work.
     fn send_canaries(&mut self) {
         let mut rng = rand::rng();
         let peers: Vec<PeerId> = {
@@ -862,43 +863,48 @@ impl Job {
         for peer in peers {
             let (sg, inputs) = canary(&mut rng, &self.plan);
             self.verify.canaries += 1;
-            let (node, memory, verifier) = (
+            self.verify.extra_remote_flops += sg.cost.flops;
+            let (node, memory, verifier, local) = (
                 self.node.clone(),
                 self.memory.clone(),
                 self.verifier.clone(),
+                self.local.clone(),
             );
             self.canaries.spawn(async move {
+                let answered =
+                    tokio::task::spawn_blocking(move || canary_answer(&local, sg, inputs))
+                        .await
+                        .ok()
+                        .flatten();
+                let Some(Canary {
+                    sg,
+                    inputs,
+                    want,
+                    class: mine,
+                }) = answered
+                else {
+                    return (
+                        peer,
+                        Err(Refusal::Failed("no canary could be run here".into())),
+                    );
+                };
                 let held = vec![false; inputs.len()];
-                let timeout = Duration::from_secs(2);
-                let r = remote(
-                    &node,
-                    &memory,
-                    &verifier,
-                    peer,
-                    &sg,
-                    inputs.clone(),
-                    held,
-                    timeout,
-                )
-                .await;
-                // Checked like work above, then in full: a canary is small, and a sample
-                // could miss a lie in it.
+                // Room for the inputs on a slow link and the flops on a slow CPU.
+                let timeout = Duration::from_secs_f64(
+                    2.0 + sg.cost.bytes_in as f64 / 20e6 + sg.cost.flops as f64 / 1e9,
+                );
+                let r = remote(&node, &memory, &verifier, peer, &sg, inputs, held, timeout).await;
                 let r = match r {
-                    Ok(a) => tokio::task::spawn_blocking(move || {
-                        let clock = trust::Stopwatch::start();
-                        let full = verifier.recompute(&sg, &inputs, &a.outputs, &a.class);
-                        let verify_secs = a.verify_secs + clock.secs();
-                        match full {
-                            Ok(()) => Ok(Accepted { verify_secs, ..a }),
+                    Ok(a) if a.class == mine => {
+                        match trust::compare(&sg, &a.outputs, &want, true) {
+                            Ok(()) => Ok(a),
                             Err(m) => Err(Refusal::Cheated {
                                 reason: "wrong result (recomputed)".into(),
-                                evidence: format!("subgraph {}: {m}", sg.id.short()),
+                                evidence: format!("subgraph {} ({}): {m}", sg.id.short(), sg.ops()),
                             }),
                         }
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(Refusal::Failed(format!("check panicked: {e}")))),
-                    Err(e) => Err(e),
+                    }
+                    other => other,
                 };
                 (peer, r)
             });
@@ -1379,10 +1385,12 @@ async fn replica_verdict(
 ///
 /// When both workers and this requester share a determinism class, their per-op hashes are
 /// comparable bit for bit: the first op where the two receipts differ is recomputed here (with
-/// only the ops it depends on) and whoever's hash for it differs from ours is wrong. Otherwise
-/// (classes differ, or the receipts agree op by op but not on the outputs) the whole subgraph
-/// is recomputed and each result compared with it, exactly within a class and within
-/// tolerance across classes.
+/// only the ops it depends on) and whoever's hash for it differs from ours is wrong there. If
+/// only the replica is, the primary's result — already accepted, and not vouched for by the
+/// replica's lie — is then recomputed in full. Otherwise (classes differ, or the receipts agree
+/// op by op but not on the outputs) the whole subgraph is recomputed and each result compared
+/// with it, exactly within a class and within tolerance across classes. A failure to compute
+/// here decides nothing.
 fn dispute(
     verifier: &Verifier,
     local: &LocalExecutor,
@@ -1399,6 +1407,7 @@ fn dispute(
         .iter()
         .zip(&receipt.op_hashes)
         .position(|(a, b)| a != b);
+    let full = || FullRecompute::new(verifier, local, sg, inputs);
     if first.class == mine
         && receipt.class == mine
         && let Some(k) = first_differing
@@ -1421,8 +1430,14 @@ fn dispute(
                     )
                 })
         };
-        let primary_wrong = judge(&first.op_hashes);
+        let mut primary_wrong = judge(&first.op_hashes);
         let replica_wrong = judge(&receipt.op_hashes);
+        if primary_wrong.is_none() && replica_wrong.is_some() {
+            match full().judge(&first.outputs, &first.op_hashes, &first.class) {
+                Ok(verdict) => primary_wrong = verdict,
+                Err(why) => tracing::warn!(%why, "could not recompute the primary's result"),
+            }
+        }
         tracing::warn!(subgraph = %sg.id.short(), op = %name(k), ?primary_wrong, ?replica_wrong,
             "replicas disagree; recomputed the first op that differs");
         return Replica::Dispute {
@@ -1430,46 +1445,93 @@ fn dispute(
             replica_wrong,
         };
     }
-    // One local traced run: the outputs' content ids and every op's.
-    let here = local
-        .backend()
-        .run_traced(&sg.program, inputs)
-        .ok()
-        .map(|(outs, hashes)| {
-            let cids: Vec<ContentId> = outs.iter().map(Data::content_id).collect();
-            (cids, hashes)
-        });
-    let judge = |outputs: &[Arc<Data>], op_hashes: &[ContentId], class: &[u8; 32]| {
-        if *class == mine
-            && let Some((cids, hashes)) = &here
-        {
-            // Same class: the outputs and every op's hash must be ours, bit for bit.
-            let got: Vec<ContentId> = outputs.iter().map(|t| t.content_id()).collect();
-            if got == *cids && op_hashes == hashes.as_slice() {
-                return None;
+    let full = full();
+    let verdicts = full
+        .judge(&first.outputs, &first.op_hashes, &first.class)
+        .and_then(|p| Ok((p, full.judge(second, &receipt.op_hashes, &receipt.class)?)));
+    match verdicts {
+        Ok((primary_wrong, replica_wrong)) => {
+            tracing::warn!(subgraph = %sg.id.short(), ?primary_wrong, ?replica_wrong,
+                "replicas disagree; recomputed the subgraph");
+            Replica::Dispute {
+                primary_wrong,
+                replica_wrong,
             }
-            let at = hashes
-                .iter()
-                .zip(op_hashes)
-                .position(|(a, b)| a != b)
-                .map_or("its outputs".to_string(), name);
-            return Some(format!(
-                "subgraph {} first differs from a local recompute at {at}",
-                sg.id.short()
-            ));
         }
-        verifier
-            .recompute(sg, inputs, outputs, class)
-            .err()
-            .map(|m| format!("subgraph {}: {m}", sg.id.short()))
-    };
-    let primary_wrong = judge(&first.outputs, &first.op_hashes, &first.class);
-    let replica_wrong = judge(second, &receipt.op_hashes, &receipt.class);
-    tracing::warn!(subgraph = %sg.id.short(), ?primary_wrong, ?replica_wrong,
-        "replicas disagree; recomputed the subgraph");
-    Replica::Dispute {
-        primary_wrong,
-        replica_wrong,
+        Err(why) => Replica::Unusable(format!("replicas disagree, undecided: {why}")),
+    }
+}
+
+/// A whole subgraph recomputed here to judge results against (traced once, when a result of
+/// this machine's class needs it).
+struct FullRecompute<'a> {
+    verifier: &'a Verifier,
+    local: &'a LocalExecutor,
+    sg: &'a Subgraph,
+    inputs: &'a [Arc<Data>],
+    here: std::cell::OnceCell<Result<Trace, String>>,
+}
+
+/// Content ids of a local run's outputs, and of every op's value.
+type Trace = (Vec<ContentId>, Vec<ContentId>);
+
+impl<'a> FullRecompute<'a> {
+    fn new(
+        verifier: &'a Verifier,
+        local: &'a LocalExecutor,
+        sg: &'a Subgraph,
+        inputs: &'a [Arc<Data>],
+    ) -> Self {
+        FullRecompute {
+            verifier,
+            local,
+            sg,
+            inputs,
+            here: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// `Some(evidence)` if the result is wrong, `None` if right; an error if this machine
+    /// could not tell.
+    fn judge(
+        &self,
+        outputs: &[Arc<Data>],
+        op_hashes: &[ContentId],
+        class: &[u8; 32],
+    ) -> Result<Option<String>, String> {
+        let sg = self.sg;
+        if *class != self.local.backend().class().id() {
+            // Another class: within tolerance of a recompute here.
+            return Ok(self
+                .verifier
+                .recompute(sg, self.inputs, outputs, class)?
+                .err()
+                .map(|m| format!("subgraph {}: {m}", sg.id.short())));
+        }
+        // Same class: the outputs and every op's hash must be ours, bit for bit.
+        let here = self.here.get_or_init(|| {
+            self.local
+                .backend()
+                .run_traced(&sg.program, self.inputs)
+                .map(|(outs, hashes)| (outs.iter().map(Data::content_id).collect(), hashes))
+                .map_err(|e| format!("subgraph {}: local recompute failed: {e}", sg.id.short()))
+        });
+        let (cids, hashes) = here.as_ref().map_err(Clone::clone)?;
+        let got: Vec<ContentId> = outputs.iter().map(|t| t.content_id()).collect();
+        if got == *cids && op_hashes == hashes.as_slice() {
+            return Ok(None);
+        }
+        let at = hashes
+            .iter()
+            .zip(op_hashes)
+            .position(|(a, b)| a != b)
+            .map_or("its outputs".to_string(), |k| {
+                format!("op {k} ({})", sg.program.nodes[k].op)
+            });
+        Ok(Some(format!(
+            "subgraph {} first differs from a local recompute at {at}",
+            sg.id.short()
+        )))
     }
 }
 
@@ -1480,14 +1542,11 @@ const CANARY_RATE: f64 = 0.1;
 const CANARY_MAX_FLOPS: u64 = 200_000_000;
 const CANARY_MAX_BYTES: u64 = 4 << 20;
 
-/// A canary, as a subgraph with its inputs. Where the job has a subgraph that reads only
-/// constants and costs little, a copy of it on fresh inputs (each f32 constant moved by a
-/// random relative 1 %, which keeps signs and magnitudes, so the same ops stay in their
-/// domains), so that a canary looks like work; otherwise `a @ b` for fresh random 64×64 `a`
-/// and `b`.
+/// A canary, as a subgraph with its inputs: where the job has a subgraph that reads only
+/// constants and costs little, a copy of it with each f32 constant moved by a random relative
+/// 1 % (signs and magnitudes kept), so that it runs the job's ops on the job's shapes;
+/// otherwise, or if that changed no input, `a @ b` for fresh random 64×64 `a` and `b`.
 fn canary(rng: &mut impl Rng, plan: &Plan) -> (Subgraph, Vec<Arc<Data>>) {
-    use corvid_kernels::{Op, Program, TensorMeta};
-    use corvid_sdk::ids::{op_value_id, subgraph_id};
     use rand::seq::IndexedRandom;
     let like_work: Vec<&Subgraph> = plan
         .subgraphs
@@ -1498,54 +1557,61 @@ fn canary(rng: &mut impl Rng, plan: &Plan) -> (Subgraph, Vec<Arc<Data>>) {
                 && s.inputs.iter().all(|i| matches!(i, Source::Leaf(_)))
         })
         .collect();
-    let (program, inputs, sources, cost) = match like_work.choose(rng) {
-        Some(sg) => {
-            let inputs: Vec<Arc<Data>> = sg
-                .inputs
-                .iter()
-                .map(|s| {
-                    let leaf = match *s {
-                        Source::Leaf(l) => &plan.leaves[l],
-                        Source::Output { .. } => unreachable!("filtered above"),
-                    };
-                    match leaf.as_f32() {
-                        Ok(v) => Arc::new(
-                            Data::from_f32(
-                                leaf.shape().to_vec(),
-                                v.iter()
-                                    .map(|x| x * (1.0 + 0.01 * rng.random_range(-1.0f32..1.0)))
-                                    .collect(),
-                            )
-                            .expect("same shape as the leaf"),
-                        ),
-                        Err(_) => leaf.clone(),
-                    }
-                })
-                .collect();
-            let sources = (0..inputs.len()).map(Source::Leaf).collect();
-            (sg.program.clone(), inputs, sources, sg.cost)
+    if let Some(sg) = like_work.choose(rng) {
+        let inputs: Vec<Arc<Data>> = sg
+            .inputs
+            .iter()
+            .map(|s| {
+                let leaf = match *s {
+                    Source::Leaf(l) => &plan.leaves[l],
+                    Source::Output { .. } => unreachable!("filtered above"),
+                };
+                match leaf.as_f32() {
+                    Ok(v) => Arc::new(
+                        Data::from_f32(
+                            leaf.shape().to_vec(),
+                            v.iter()
+                                .map(|x| x * (1.0 + 0.01 * rng.random_range(-1.0f32..1.0)))
+                                .collect(),
+                        )
+                        .expect("same shape as the leaf"),
+                    ),
+                    Err(_) => leaf.clone(),
+                }
+            })
+            .collect();
+        let copy = canary_subgraph(sg.program.clone(), inputs, sg.cost);
+        if copy.0.id != sg.id {
+            return copy;
         }
-        None => {
-            let n = 64;
-            let inputs: Vec<Arc<Data>> = (0..2)
-                .map(|_| Arc::new(Data::random_uniform(vec![n, n], -1.0, 1.0, rng.random())))
-                .collect();
-            let program = Program::single(Op::MatMul, vec![TensorMeta::f32(vec![n, n]); 2]);
-            let cost = corvid_sdk::Cost {
-                flops: 2 * (n * n * n) as u64,
-                bytes_in: 2 * (4 * n * n) as u64,
-                bytes_out: (4 * n * n) as u64,
-            };
-            (
-                program,
-                inputs,
-                vec![Source::Leaf(0), Source::Leaf(1)],
-                cost,
-            )
-        }
+    }
+    matmul_canary(rng)
+}
+
+/// `a @ b` for fresh random 64×64 `a` and `b`.
+fn matmul_canary(rng: &mut impl Rng) -> (Subgraph, Vec<Arc<Data>>) {
+    use corvid_kernels::{Op, Program, TensorMeta};
+    let n = 64;
+    let inputs: Vec<Arc<Data>> = (0..2)
+        .map(|_| Arc::new(Data::random_uniform(vec![n, n], -1.0, 1.0, rng.random())))
+        .collect();
+    let program = Program::single(Op::MatMul, vec![TensorMeta::f32(vec![n, n]); 2]);
+    let cost = corvid_sdk::Cost {
+        flops: 2 * (n * n * n) as u64,
+        bytes_in: 2 * (4 * n * n) as u64,
+        bytes_out: (4 * n * n) as u64,
     };
+    canary_subgraph(program, inputs, cost)
+}
+
+/// A subgraph of `program` over `inputs`, with ids derived as the planner derives them.
+fn canary_subgraph(
+    program: corvid_kernels::Program,
+    inputs: Vec<Arc<Data>>,
+    cost: corvid_sdk::Cost,
+) -> (Subgraph, Vec<Arc<Data>>) {
+    use corvid_sdk::ids::{op_value_id, subgraph_id};
     let input_ids: Vec<ValueId> = inputs.iter().map(|t| t.content_id().into()).collect();
-    // Value ids as the planner derives them: from each op and its arguments' ids.
     let mut ids = input_ids.clone();
     for node in &program.nodes {
         let args: Vec<ValueId> = node.args.iter().map(|&a| ids[a as usize]).collect();
@@ -1554,12 +1620,51 @@ fn canary(rng: &mut impl Rng, plan: &Plan) -> (Subgraph, Vec<Arc<Data>>) {
     let sg = Subgraph {
         id: subgraph_id(&program.canonical_bytes(), &input_ids),
         output_ids: program.outputs.iter().map(|&o| ids[o as usize]).collect(),
-        inputs: sources,
+        inputs: (0..inputs.len()).map(Source::Leaf).collect(),
         input_ids,
         cost,
         program,
     };
     (sg, inputs)
+}
+
+/// A canary ready to send, with the answer computed here.
+struct Canary {
+    sg: Subgraph,
+    inputs: Vec<Arc<Data>>,
+    want: Vec<Data>,
+    /// The class of the machine that computed `want`.
+    class: [u8; 32],
+}
+
+/// Runs a canary here. A copy whose answer is not finite (a moved input left an op's domain)
+/// is swapped for the matmul canary, so that honest rounding of a NaN or an overflow never
+/// decides a ban.
+fn canary_answer(local: &LocalExecutor, sg: Subgraph, inputs: Vec<Arc<Data>>) -> Option<Canary> {
+    let finite = |t: &Data| t.as_f32().map_or(true, |v| v.iter().all(|x| x.is_finite()));
+    let run = |sg: &Subgraph, inputs: &[Arc<Data>]| {
+        local
+            .backend()
+            .run_shared(&sg.program, inputs)
+            .ok()
+            .filter(|w| w.iter().all(finite))
+    };
+    let class = local.backend().class().id();
+    if let Some(want) = run(&sg, &inputs) {
+        return Some(Canary {
+            sg,
+            inputs,
+            want,
+            class,
+        });
+    }
+    let (sg, inputs) = matmul_canary(&mut rand::rng());
+    run(&sg, &inputs).map(|want| Canary {
+        sg,
+        inputs,
+        want,
+        class,
+    })
 }
 
 /// The inputs of subgraph `sg`: constants and earlier results.

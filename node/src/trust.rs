@@ -162,6 +162,16 @@ pub fn open_receipt(
             ),
         ));
     }
+    if outputs.len() != program.outputs.len() {
+        return Err(cheated(
+            "signed outputs do not fit the program",
+            format!(
+                "{} outputs for a program of {}",
+                outputs.len(),
+                program.outputs.len()
+            ),
+        ));
+    }
     let n_in = program.inputs.len();
     for (k, &o) in program.outputs.iter().enumerate() {
         if let Some(i) = (o as usize).checked_sub(n_in)
@@ -256,6 +266,7 @@ impl Verifier {
                     Ok(Verdict::Fail(m)) => {
                         return self
                             .recompute(sg, inputs, outputs, worker_class)
+                            .map_err(Refusal::Failed)?
                             .map(|()| CheckKind::Recomputed)
                             .map_err(|e| Refusal::Cheated {
                                 reason: "wrong result (freivalds, confirmed by recompute)".into(),
@@ -294,68 +305,32 @@ impl Verifier {
             }
         }
         self.recompute(sg, inputs, outputs, worker_class)
+            .map_err(Refusal::Failed)?
             .map(|()| CheckKind::Recomputed)
             .map_err(|m| wrong(CheckKind::Recomputed, m))
     }
 
     /// Recomputes `sg` here and compares: bit for bit when the worker's class is ours,
-    /// within the program's tolerance otherwise.
+    /// within the program's tolerance otherwise. The outer error is a failure to recompute
+    /// here, which proves nothing about the worker.
     pub fn recompute(
         &self,
         sg: &Subgraph,
         inputs: &[Arc<Data>],
         outputs: &[Arc<Data>],
         worker_class: &[u8; 32],
-    ) -> Result<(), verify::Mismatch> {
+    ) -> Result<Result<(), verify::Mismatch>, String> {
         let mine = self
             .local
             .backend()
             .run_shared(&sg.program, inputs)
-            .map_err(|e| verify::Mismatch {
-                what: format!("local recompute failed: {e}"),
-                index: vec![],
-                got: f64::NAN,
-                want: f64::NAN,
-                tolerance: 0.0,
-            })?;
-        let exact = *worker_class == self.local.backend().class().id();
-        let tol = verify::program_tolerance(&sg.program);
-        for (k, (got, want)) in outputs.iter().zip(&mine).enumerate() {
-            if **got == *want {
-                continue;
-            }
-            let what = format!("output {k} ({})", sg.ops());
-            let (Ok(g), Ok(w)) = (got.as_f32(), want.as_f32()) else {
-                return Err(verify::Mismatch {
-                    what,
-                    index: vec![],
-                    got: f64::NAN,
-                    want: f64::NAN,
-                    tolerance: 0.0,
-                });
-            };
-            let bad = (0..g.len()).find(|&e| {
-                if exact {
-                    g[e].to_bits() != w[e].to_bits()
-                } else {
-                    !tol.accepts(g[e], w[e])
-                }
-            });
-            if let Some(e) = bad {
-                return Err(verify::Mismatch {
-                    what,
-                    index: vec![e],
-                    got: f64::from(g[e]),
-                    want: f64::from(w[e]),
-                    tolerance: if exact {
-                        0.0
-                    } else {
-                        f64::from(tol.atol + tol.rtol * w[e].abs())
-                    },
-                });
-            }
-        }
-        Ok(())
+            .map_err(|e| format!("subgraph {}: local recompute failed: {e}", sg.id.short()))?;
+        Ok(compare(
+            sg,
+            outputs,
+            &mine,
+            worker_class == &self.local.backend().class().id(),
+        ))
     }
 
     fn projection(
@@ -474,6 +449,53 @@ impl Trust {
         let s = self.streak(peer);
         s < NEW_PEER_STREAK || rng.random::<f64>() < MIN_REPLICATION.max(1.0 / f64::from(s))
     }
+}
+
+/// Compares claimed `outputs` of `sg` with `mine`, computed here: bit for bit when `exact`
+/// (same determinism class), within the program's tolerance otherwise.
+pub fn compare(
+    sg: &Subgraph,
+    outputs: &[Arc<Data>],
+    mine: &[Data],
+    exact: bool,
+) -> Result<(), verify::Mismatch> {
+    let tol = verify::program_tolerance(&sg.program);
+    for (k, (got, want)) in outputs.iter().zip(mine).enumerate() {
+        if **got == *want {
+            continue;
+        }
+        let what = format!("output {k} ({})", sg.ops());
+        let (Ok(g), Ok(w)) = (got.as_f32(), want.as_f32()) else {
+            return Err(verify::Mismatch {
+                what,
+                index: vec![],
+                got: f64::NAN,
+                want: f64::NAN,
+                tolerance: 0.0,
+            });
+        };
+        let bad = (0..g.len()).find(|&e| {
+            if exact {
+                g[e].to_bits() != w[e].to_bits()
+            } else {
+                !tol.accepts(g[e], w[e])
+            }
+        });
+        if let Some(e) = bad {
+            return Err(verify::Mismatch {
+                what,
+                index: vec![e],
+                got: f64::from(g[e]),
+                want: f64::from(w[e]),
+                tolerance: if exact {
+                    0.0
+                } else {
+                    f64::from(tol.atol + tol.rtol * w[e].abs())
+                },
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Elapsed time of one check, for the summary.

@@ -214,13 +214,19 @@ fn a_lie_in_a_sampled_result_is_caught_by_a_replica_and_its_work_redone() {
     assert_eq!(bans.len(), 1, "{bans:?}\n{s}");
     assert_eq!(bans[0].peer, cheater);
     assert!(!bans[0].evidence.is_empty());
+    // Caught by a replica (usually: the sample is 4 rows of 640) and settled on the first op
+    // where the two receipts differ, the corrupted output's, recomputed here with what it
+    // depends on; or caught by the sample (confirmed by a recompute) or by its canary.
     if bans[0].reason.contains("dispute") {
-        // Settled on the first op where the two receipts differ (the corrupted output's),
-        // recomputed here with what it depends on.
         assert!(
             bans[0]
                 .evidence
                 .contains("(tanh) differs from a local recompute of that op"),
+            "{bans:?}"
+        );
+    } else {
+        assert!(
+            bans[0].reason.starts_with("wrong result (recomputed)"),
             "{bans:?}"
         );
     }
