@@ -888,7 +888,14 @@ impl Job {
                         Err(Refusal::Failed("no canary could be run here".into())),
                     );
                 };
-                let held = vec![false; inputs.len()];
+                // Values the peer holds (shared weights) are named, not sent, as for work.
+                let held: Vec<bool> = {
+                    let mem = lock(&memory);
+                    sg.input_ids
+                        .iter()
+                        .map(|id| mem.held.get(id).is_some_and(|h| h.contains(&peer)))
+                        .collect()
+                };
                 // Room for the inputs on a slow link and the flops on a slow CPU.
                 let timeout = Duration::from_secs_f64(
                     2.0 + sg.cost.bytes_in as f64 / 20e6 + sg.cost.flops as f64 / 1e9,
@@ -1543,9 +1550,11 @@ const CANARY_MAX_FLOPS: u64 = 200_000_000;
 const CANARY_MAX_BYTES: u64 = 4 << 20;
 
 /// A canary, as a subgraph with its inputs: where the job has a subgraph that reads only
-/// constants and costs little, a copy of it with each f32 constant moved by a random relative
-/// 1 % (signs and magnitudes kept), so that it runs the job's ops on the job's shapes;
-/// otherwise, or if that changed no input, `a @ b` for fresh random 64×64 `a` and `b`.
+/// constants and costs little, a copy of it that keeps the constants other subgraphs share
+/// (weights, which workers may hold) and draws the rest afresh, uniform over each one's range
+/// (so that signs, and with them the ops' domains, are kept), so that it runs the job's ops
+/// on the job's shapes and weights; otherwise, or if nothing could be drawn afresh, `a @ b`
+/// for fresh random 64×64 `a` and `b`.
 fn canary(rng: &mut impl Rng, plan: &Plan) -> (Subgraph, Vec<Arc<Data>>) {
     use rand::seq::IndexedRandom;
     let like_work: Vec<&Subgraph> = plan
@@ -1558,31 +1567,38 @@ fn canary(rng: &mut impl Rng, plan: &Plan) -> (Subgraph, Vec<Arc<Data>>) {
         })
         .collect();
     if let Some(sg) = like_work.choose(rng) {
-        let inputs: Vec<Arc<Data>> = sg
-            .inputs
-            .iter()
-            .map(|s| {
-                let leaf = match *s {
-                    Source::Leaf(l) => &plan.leaves[l],
-                    Source::Output { .. } => unreachable!("filtered above"),
-                };
-                match leaf.as_f32() {
-                    Ok(v) => Arc::new(
-                        Data::from_f32(
-                            leaf.shape().to_vec(),
-                            v.iter()
-                                .map(|x| x * (1.0 + 0.01 * rng.random_range(-1.0f32..1.0)))
-                                .collect(),
-                        )
-                        .expect("same shape as the leaf"),
-                    ),
-                    Err(_) => leaf.clone(),
+        let shared = |l: usize| {
+            plan.subgraphs
+                .iter()
+                .filter(|s| s.inputs.contains(&Source::Leaf(l)))
+                .count()
+                > 1
+        };
+        let (mut inputs, mut ids) = (Vec::new(), Vec::new());
+        for s in &sg.inputs {
+            let Source::Leaf(l) = *s else {
+                unreachable!("filtered above")
+            };
+            let leaf = &plan.leaves[l];
+            let range = leaf.as_f32().ok().and_then(|v| {
+                let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                (lo.is_finite() && hi.is_finite() && lo < hi).then_some((lo, hi))
+            });
+            match range {
+                Some((lo, hi)) if !shared(l) => {
+                    let fresh = Data::random_uniform(leaf.shape().to_vec(), lo, hi, rng.random());
+                    ids.push(fresh.content_id().into());
+                    inputs.push(Arc::new(fresh));
                 }
-            })
-            .collect();
-        let copy = canary_subgraph(sg.program.clone(), inputs, sg.cost);
-        if copy.0.id != sg.id {
-            return copy;
+                _ => {
+                    ids.push(plan.leaf_ids[l]);
+                    inputs.push(leaf.clone());
+                }
+            }
+        }
+        if ids != sg.input_ids {
+            return canary_subgraph(sg.program.clone(), inputs, ids, sg.cost);
         }
     }
     matmul_canary(rng)
@@ -1601,17 +1617,19 @@ fn matmul_canary(rng: &mut impl Rng) -> (Subgraph, Vec<Arc<Data>>) {
         bytes_in: 2 * (4 * n * n) as u64,
         bytes_out: (4 * n * n) as u64,
     };
-    canary_subgraph(program, inputs, cost)
+    let ids = inputs.iter().map(|t| t.content_id().into()).collect();
+    canary_subgraph(program, inputs, ids, cost)
 }
 
-/// A subgraph of `program` over `inputs`, with ids derived as the planner derives them.
+/// A subgraph of `program` over `inputs` (with value ids `input_ids`), with the other ids
+/// derived as the planner derives them.
 fn canary_subgraph(
     program: corvid_kernels::Program,
     inputs: Vec<Arc<Data>>,
+    input_ids: Vec<ValueId>,
     cost: corvid_sdk::Cost,
 ) -> (Subgraph, Vec<Arc<Data>>) {
     use corvid_sdk::ids::{op_value_id, subgraph_id};
-    let input_ids: Vec<ValueId> = inputs.iter().map(|t| t.content_id().into()).collect();
     let mut ids = input_ids.clone();
     for node in &program.nodes {
         let args: Vec<ValueId> = node.args.iter().map(|&a| ids[a as usize]).collect();
@@ -1713,8 +1731,8 @@ mod tests {
     use rand::SeedableRng;
 
     /// A canary copies a cheap job subgraph that reads only constants: same program and input
-    /// shapes, new input content, ids derived from it; a job with no such subgraph gets the
-    /// 64×64 matmul.
+    /// shapes, unshared inputs drawn afresh over their range, ids derived from them; a job with
+    /// no such subgraph gets the 64×64 matmul.
     #[test]
     fn canaries_look_like_the_jobs_work() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
@@ -1743,16 +1761,35 @@ mod tests {
             };
             let leaf = &plan.leaves[l];
             assert_eq!(t.meta(), leaf.meta());
+            // Used by this subgraph only: drawn afresh over the leaf's range.
             assert_ne!(t.content_id(), leaf.content_id());
+            assert_ne!(sg.input_ids[k], twin.input_ids[k]);
             let (a, b) = (t.as_f32().unwrap(), leaf.as_f32().unwrap());
-            assert!(
-                a.iter()
-                    .zip(b)
-                    .all(|(x, y)| (x - y).abs() <= 0.0101 * y.abs())
-            );
+            let lo = b.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert!(a.iter().all(|x| (lo..=hi).contains(x)));
         }
         // Its outputs' value ids follow from the new inputs: none collides with the job's.
         assert!(sg.output_ids.iter().all(|id| !twin.output_ids.contains(id)));
+
+        // A weight that two subgraphs share is kept (by its id: workers may hold it).
+        let g = corvid_sdk::Graph::new("shared");
+        let w = g.random(&[32, 16], -1.0, 1.0, 3);
+        let y1 = g.random(&[8, 32], -1.0, 1.0, 4).matmul(&w).unwrap();
+        let y2 = g.random(&[8, 32], -1.0, 1.0, 5).matmul(&w).unwrap();
+        let plan = g.plan(&[&y1, &y2]).unwrap();
+        assert_eq!(plan.subgraphs.len(), 2, "{}", plan.describe());
+        let (sg, inputs) = canary(&mut rng, &plan);
+        let twin = plan
+            .subgraphs
+            .iter()
+            .find(|s| s.program == sg.program && s.input_ids[1] == sg.input_ids[1])
+            .expect("a copy that keeps the shared weight");
+        assert_ne!(sg.input_ids[0], twin.input_ids[0]);
+        let Source::Leaf(l) = twin.inputs[1] else {
+            panic!("copied a subgraph that reads results")
+        };
+        assert_eq!(inputs[1].content_id(), plan.leaves[l].content_id());
 
         let big = corvid_sdk::Graph::new("big");
         let y = big
