@@ -23,6 +23,14 @@ fn sizes(all: &[usize]) -> Vec<usize> {
     }
 }
 
+/// A rayon pool of one thread, for single-core figures.
+fn one_thread() -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("a one-thread pool")
+}
+
 fn square_pair(n: usize) -> [Tensor; 2] {
     [
         Tensor::random_uniform([n, n], -1.0, 1.0, 1),
@@ -32,10 +40,7 @@ fn square_pair(n: usize) -> [Tensor; 2] {
 
 fn matmul_cpu(c: &mut Criterion) {
     let cpu = CpuBackend::new();
-    let one = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .expect("a one-thread pool");
+    let one = one_thread();
     let mut g = c.benchmark_group("matmul_cpu_gemm");
     g.sample_size(10).measurement_time(Duration::from_secs(4));
     for n in sizes(&[512, 1024, 2048, 4096]) {
@@ -166,10 +171,7 @@ fn freivalds(c: &mut Criterion) {
         .eval(&Op::MatMul, &[&a, &b])
         .expect("matmul");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let one = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .expect("a one-thread pool");
+    let one = one_thread();
     let mut g = c.benchmark_group("freivalds");
     g.sample_size(10).measurement_time(Duration::from_secs(3));
     let tile = format!("{m}x{k}x{n}");
