@@ -4,11 +4,13 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use crate::budget::{Budget, Footprint};
+use crate::cancel::{Cancel, Stopped};
 use crate::class::DeterminismClass;
 use crate::cpu::CpuBackend;
 use crate::gpu::{GpuBackend, GridTooLarge};
 use crate::program::{Program, ProgramError};
-use crate::tensor::{Tensor, TensorMeta};
+use crate::tensor::{ContentId, Tensor, TensorMeta};
 
 /// Environment variable that forces the backend: `auto`, `gpu` or `cpu`.
 pub const BACKEND_ENV: &str = "CORVID_BACKEND";
@@ -73,29 +75,43 @@ pub enum ExecError {
         expected: TensorMeta,
         got: TensorMeta,
     },
-    #[error(
-        "{what}: tensor {meta} is {bytes} bytes, over the device's binding limit of {limit} bytes"
-    )]
-    TooLarge {
-        what: String,
-        meta: TensorMeta,
-        bytes: u64,
-        limit: u64,
-    },
     #[error("node {node}: {source}")]
     Grid {
         node: usize,
         #[source]
         source: GridTooLarge,
     },
+    /// The run was cancelled or ran out of time.
+    #[error("stopped: {0}")]
+    Stopped(#[from] Stopped),
+    #[error("gpu out of memory: {0}")]
+    OutOfMemory(String),
     #[error("gpu device error: {0}")]
     Device(String),
     #[error("the backend has shut down")]
     BackendGone,
 }
 
-/// Checks inputs against the program's declared inputs and infers every value's meta.
-pub fn check_inputs(program: &Program, inputs: &[&Tensor]) -> Result<Vec<TensorMeta>, ExecError> {
+/// What one run may use, and when it must stop.
+#[derive(Clone, Debug)]
+pub struct Guard {
+    pub budget: Budget,
+    pub cancel: Cancel,
+}
+
+impl Guard {
+    pub fn new(budget: Budget, cancel: Cancel) -> Guard {
+        Guard { budget, cancel }
+    }
+}
+
+/// Checks inputs against the program's declared inputs, then validates the program against
+/// `budget` (every value's meta, peak memory, FLOPs) before anything is allocated.
+pub fn check_inputs(
+    program: &Program,
+    inputs: &[&Tensor],
+    budget: &Budget,
+) -> Result<Footprint, ExecError> {
     if inputs.len() != program.inputs.len() {
         return Err(ExecError::InputCount {
             expected: program.inputs.len(),
@@ -111,7 +127,7 @@ pub fn check_inputs(program: &Program, inputs: &[&Tensor]) -> Result<Vec<TensorM
             });
         }
     }
-    Ok(program.infer()?)
+    Ok(program.validate(budget)?)
 }
 
 /// An execution backend.
@@ -165,6 +181,7 @@ impl Backend {
         Ok(backend)
     }
 
+    /// Runs a program within this backend's own [`Backend::budget`], never cancelled.
     pub fn run(&self, program: &Program, inputs: &[Tensor]) -> Result<Vec<Tensor>, ExecError> {
         match self {
             Backend::Cpu(c) => c.run(program, inputs),
@@ -178,43 +195,58 @@ impl Backend {
         program: &Program,
         inputs: &[Arc<Tensor>],
     ) -> Result<Vec<Tensor>, ExecError> {
-        match self {
-            Backend::Cpu(c) => {
-                c.run_refs(program, &inputs.iter().map(|t| &**t).collect::<Vec<_>>())
-            }
-            Backend::Gpu(g) => g.run_shared(program, inputs.to_vec()),
-        }
+        self.run_with(program, inputs, &self.guard())
+    }
+
+    /// Runs a program that `guard`'s budget admits, stopping when its cancel token says so.
+    pub fn run_with(
+        &self,
+        program: &Program,
+        inputs: &[Arc<Tensor>],
+        guard: &Guard,
+    ) -> Result<Vec<Tensor>, ExecError> {
+        Ok(self.execute(program, inputs, guard, false)?.0)
     }
 
     /// Runs a program and also returns the content id of every node's output, in program
-    /// order: what a worker signs so that two disagreeing results can be traced to the first op
-    /// where they differ. Intermediates are kept until the end of the program.
+    /// order: what a worker signs so that two disagreeing results can be traced to the first
+    /// op where they differ. Each value is hashed as it is made and freed after its last use,
+    /// so a traced run needs no more memory than a plain one.
     pub fn run_traced(
         &self,
         program: &Program,
         inputs: &[Arc<Tensor>],
-    ) -> Result<(Vec<Tensor>, Vec<crate::ContentId>), ExecError> {
-        let n_in = program.inputs.len() as u32;
-        let mut all = program.clone();
-        all.outputs = (n_in..n_in + program.nodes.len() as u32).collect();
-        let mut values = self.run_shared(&all, inputs)?;
-        let hashes: Vec<crate::ContentId> = values.iter().map(Tensor::content_id).collect();
-        let mut outs = Vec::with_capacity(program.outputs.len());
-        for &o in &program.outputs {
-            let t = if o < n_in {
-                (*inputs[o as usize]).clone()
-            } else {
-                let k = (o - n_in) as usize;
-                // Move the value out unless a later output also names it.
-                if program.outputs.iter().filter(|&&p| p == o).count() > 1 {
-                    values[k].clone()
-                } else {
-                    std::mem::replace(&mut values[k], Tensor::scalar(0.0))
-                }
-            };
-            outs.push(t);
+        guard: &Guard,
+    ) -> Result<(Vec<Tensor>, Vec<ContentId>), ExecError> {
+        self.execute(program, inputs, guard, true)
+    }
+
+    fn execute(
+        &self,
+        program: &Program,
+        inputs: &[Arc<Tensor>],
+        guard: &Guard,
+        trace: bool,
+    ) -> Result<(Vec<Tensor>, Vec<ContentId>), ExecError> {
+        match self {
+            Backend::Cpu(c) => {
+                let refs: Vec<&Tensor> = inputs.iter().map(|t| &**t).collect();
+                c.execute(program, &refs, guard, trace)
+            }
+            Backend::Gpu(g) => g.execute(program, inputs.to_vec(), guard, trace),
         }
-        Ok((outs, hashes))
+    }
+
+    /// The limits every run on this backend is held to unless the caller sets tighter ones:
+    /// the device's binding limit per tensor, the default structure limits, and no limit on
+    /// memory or FLOPs (a local program's own business).
+    pub fn budget(&self) -> Budget {
+        Budget::local(self.max_tensor_bytes())
+    }
+
+    /// [`Backend::budget`] with no deadline.
+    pub fn guard(&self) -> Guard {
+        Guard::new(self.budget(), Cancel::none())
     }
 
     pub fn class(&self) -> &DeterminismClass {
@@ -224,10 +256,10 @@ impl Backend {
         }
     }
 
-    /// Largest tensor this backend accepts, in bytes.
+    /// Largest tensor this backend accepts, in bytes (by extent; see [`crate::budget`]).
     pub fn max_tensor_bytes(&self) -> u64 {
         match self {
-            Backend::Cpu(_) => u64::MAX,
+            Backend::Cpu(_) => crate::cpu::MAX_TENSOR_BYTES,
             Backend::Gpu(g) => g.adapter().max_binding,
         }
     }

@@ -8,13 +8,20 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::backend::{ExecError, check_inputs};
+use crate::backend::{ExecError, Guard, check_inputs};
+use crate::budget::Budget;
+use crate::cancel::{Cancel, Stopped};
+use crate::checked;
 use crate::class::{BackendKind, DeterminismClass};
 use crate::op::{BinaryOp, Op};
-use crate::program::Program;
+use crate::program::{Program, ProgramError};
 use crate::reference;
 use crate::shape::{OpError, broadcast_strides, contiguous_strides, infer};
-use crate::tensor::{Tensor, TensorMeta};
+use crate::tensor::{ContentId, Tensor, TensorMeta};
+
+/// Largest tensor the CPU backend takes (64 GiB): every index into it fits with room to spare.
+/// A node's own budget is usually far lower.
+pub const MAX_TENSOR_BYTES: u64 = 1 << 36;
 
 /// Below this many elements, elementwise ops run on one thread.
 const PAR_ELEMS: usize = 1 << 15;
@@ -22,6 +29,25 @@ const PAR_ELEMS: usize = 1 << 15;
 const CHUNK: usize = 1 << 14;
 /// Below this many multiply-adds, gemm runs on one thread.
 const PAR_FLOPS: usize = 1 << 18;
+/// A long matmul runs in blocks of rows of about this many multiply-adds (~0.1 s on a laptop
+/// core pair), checking for cancellation between them. Rows of a product do not depend on
+/// how many are computed at once, so the bits are those of one call. Smaller blocks cost
+/// throughput: gemm packs the right-hand side again for every call (at 2^30 a 2048×4096 ×
+/// 4096×2048 tile took 40 % longer; at 2^32 it is within noise of one call).
+const CANCEL_FLOPS: usize = 1 << 32;
+
+/// Why one op stopped: it does not apply, or the run was stopped.
+#[derive(Debug)]
+enum Halt {
+    Op(OpError),
+    Stopped(Stopped),
+}
+
+impl From<Stopped> for Halt {
+    fn from(s: Stopped) -> Halt {
+        Halt::Stopped(s)
+    }
+}
 
 /// The CPU backend. Stateless apart from its class; cheap to clone.
 #[derive(Clone, Debug)]
@@ -55,26 +81,37 @@ impl CpuBackend {
         &self.class
     }
 
-    /// Evaluates one op.
+    /// Evaluates one op (its inputs are trusted to be of a sane size: a local call).
     pub fn eval(&self, op: &Op, inputs: &[&Tensor]) -> Result<Tensor, OpError> {
+        match self.eval_within(op, inputs, &Cancel::none()) {
+            Ok(t) => Ok(t),
+            Err(Halt::Op(e)) => Err(e),
+            Err(Halt::Stopped(_)) => unreachable!("an op that cannot be cancelled was cancelled"),
+        }
+    }
+
+    fn eval_within(&self, op: &Op, inputs: &[&Tensor], cancel: &Cancel) -> Result<Tensor, Halt> {
         let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta()).collect();
-        let out = infer(op, &metas.iter().collect::<Vec<_>>())?;
+        let out = infer(op, &metas.iter().collect::<Vec<_>>()).map_err(Halt::Op)?;
         Ok(match op {
             Op::Unary(u) => {
                 let x = inputs[0].as_f32().expect("dtype checked by infer");
                 let mut o = vec![0.0; x.len()];
-                par_zip1(x, &mut o, |s, d| u.map_slice(s, d));
+                par_zip1(x, &mut o, cancel, |s, d| u.map_slice(s, d))?;
                 f32_tensor(&out, o)
             }
-            Op::Binary(b) => binary(*b, inputs[0], inputs[1], &out),
-            Op::MatMul => matmul(inputs[0], inputs[1], &out),
-            Op::Conv2d { stride, padding } => conv2d(inputs[0], inputs[1], *stride, *padding, &out),
+            Op::Binary(b) => binary(*b, inputs[0], inputs[1], &out, cancel)?,
+            Op::MatMul => matmul(inputs[0], inputs[1], &out, cancel)?,
+            Op::Conv2d { stride, padding } => {
+                conv2d(inputs[0], inputs[1], *stride, *padding, &out, cancel)?
+            }
             Op::Concat { axis } => concat(inputs, *axis, &out),
-            _ => return reference::eval(op, inputs),
+            _ => return reference::eval(op, inputs).map_err(Halt::Op),
         })
     }
 
-    /// Runs a program, dropping each intermediate after its last use.
+    /// Runs a program within [`crate::Backend::budget`], dropping each intermediate after its
+    /// last use.
     pub fn run(&self, program: &Program, inputs: &[Tensor]) -> Result<Vec<Tensor>, ExecError> {
         self.run_refs(program, &inputs.iter().collect::<Vec<_>>())
     }
@@ -85,13 +122,30 @@ impl CpuBackend {
         program: &Program,
         inputs: &[&Tensor],
     ) -> Result<Vec<Tensor>, ExecError> {
-        check_inputs(program, inputs)?;
+        let guard = Guard::new(Budget::local(MAX_TENSOR_BYTES), Cancel::none());
+        Ok(self.execute(program, inputs, &guard, false)?.0)
+    }
+
+    /// Validates `program` against the guard's budget, then runs it, checking for
+    /// cancellation between nodes and inside long kernels; with `trace`, also returns the
+    /// content id of every node's output, hashed as it is made.
+    pub(crate) fn execute(
+        &self,
+        program: &Program,
+        inputs: &[&Tensor],
+        guard: &Guard,
+        trace: bool,
+    ) -> Result<(Vec<Tensor>, Vec<ContentId>), ExecError> {
+        check_inputs(program, inputs, &guard.budget)?;
+        let cancel = &guard.cancel;
         let last = program.last_uses();
         let n_in = program.inputs.len();
+        let mut hashes = Vec::with_capacity(if trace { program.nodes.len() } else { 0 });
         let mut values: Vec<Option<Cow<'_, Tensor>>> =
             inputs.iter().map(|t| Some(Cow::Borrowed(*t))).collect();
         values.resize(program.value_count(), None);
         for (i, node) in program.nodes.iter().enumerate() {
+            cancel.check()?;
             let args: Vec<&Tensor> = node
                 .args
                 .iter()
@@ -101,14 +155,23 @@ impl CpuBackend {
                         .expect("argument computed and not yet dropped")
                 })
                 .collect();
-            let out = self.eval(&node.op, &args).map_err(|source| {
-                ExecError::Program(crate::program::ProgramError::Op { node: i, source })
-            })?;
+            let out = self
+                .eval_within(&node.op, &args, cancel)
+                .map_err(|h| match h {
+                    Halt::Op(source) => ExecError::Program(ProgramError::Op { node: i, source }),
+                    Halt::Stopped(s) => ExecError::Stopped(s),
+                })?;
+            if trace {
+                hashes.push(out.content_id());
+            }
             values[n_in + i] = Some(Cow::Owned(out));
             for &a in &node.args {
                 if last[a as usize] == i {
                     values[a as usize] = None;
                 }
+            }
+            if last[n_in + i] == i {
+                values[n_in + i] = None;
             }
         }
         // Move each output out; an output listed twice is copied.
@@ -123,7 +186,7 @@ impl CpuBackend {
             };
             outs.push(t);
         }
-        Ok(outs)
+        Ok((outs, hashes))
     }
 }
 
@@ -131,20 +194,37 @@ fn f32_tensor(meta: &TensorMeta, data: Vec<f32>) -> Tensor {
     Tensor::from_f32(meta.shape.clone(), data).expect("output sized from its meta")
 }
 
-/// `f` over matching chunks of `src` and `dst`, in parallel when large.
-fn par_zip1(src: &[f32], dst: &mut [f32], f: impl Fn(&[f32], &mut [f32]) + Sync) {
+/// `f` over matching chunks of `src` and `dst`, in parallel when large; each chunk checks
+/// `cancel` first.
+fn par_zip1(
+    src: &[f32],
+    dst: &mut [f32],
+    cancel: &Cancel,
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> Result<(), Stopped> {
     if dst.len() < PAR_ELEMS {
         f(src, dst);
+        Ok(())
     } else {
         dst.par_chunks_mut(CHUNK)
             .zip(src.par_chunks(CHUNK))
-            .for_each(|(d, s)| f(s, d));
+            .try_for_each(|(d, s)| {
+                cancel.check()?;
+                f(s, d);
+                Ok(())
+            })
     }
 }
 
 /// Broadcasting binary op. Works in runs of the longest trailing block over which both inputs
 /// are contiguous, so `[m, n] + [n]` and equal shapes use the vectorised slice loop.
-fn binary(op: BinaryOp, a: &Tensor, b: &Tensor, out: &TensorMeta) -> Tensor {
+fn binary(
+    op: BinaryOp,
+    a: &Tensor,
+    b: &Tensor,
+    out: &TensorMeta,
+    cancel: &Cancel,
+) -> Result<Tensor, Stopped> {
     let (x, y) = (a.as_f32().expect("f32"), b.as_f32().expect("f32"));
     let n = out.numel();
     let mut o = vec![0.0f32; n];
@@ -154,9 +234,13 @@ fn binary(op: BinaryOp, a: &Tensor, b: &Tensor, out: &TensorMeta) -> Tensor {
         } else {
             o.par_chunks_mut(CHUNK)
                 .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-                .for_each(|(d, (s, t))| op.map_slices(s, t, d));
+                .try_for_each(|(d, (s, t))| {
+                    cancel.check()?;
+                    op.map_slices(s, t, d);
+                    Ok(())
+                })?;
         }
-        return f32_tensor(out, o);
+        return Ok(f32_tensor(out, o));
     }
     // Scalars and small operands are expanded once so the hot loop stays the slice loop.
     let expand = |t: &Tensor, xs: &[f32]| -> Option<Vec<f32>> {
@@ -191,11 +275,19 @@ fn binary(op: BinaryOp, a: &Tensor, b: &Tensor, out: &TensorMeta) -> Tensor {
     if n < PAR_ELEMS {
         o.chunks_mut(inner).enumerate().for_each(|(r, d)| row(r, d));
     } else {
-        o.par_chunks_mut(inner)
+        // Rows are grouped so that each group is at least a chunk's work between checks.
+        let per = CHUNK.div_ceil(inner).max(1);
+        o.par_chunks_mut(inner * per)
             .enumerate()
-            .for_each(|(r, d)| row(r, d));
+            .try_for_each(|(g, rows)| {
+                cancel.check()?;
+                for (r, d) in rows.chunks_mut(inner).enumerate() {
+                    row(g * per + r, d);
+                }
+                Ok(())
+            })?;
     }
-    f32_tensor(out, o)
+    Ok(f32_tensor(out, o))
 }
 
 /// Length of the trailing block over which `strides` are the contiguous strides `so`.
@@ -225,9 +317,12 @@ fn broadcast_values(xs: &[f32], strides: &[usize], shape: &[usize]) -> Vec<f32> 
     (0..n).map(|i| xs[offset(i, shape, strides)]).collect()
 }
 
-/// Batched matmul through `gemm`; each batch's product is one call, so bits do not depend on
-/// the batch size.
-fn matmul(a: &Tensor, b: &Tensor, out: &TensorMeta) -> Tensor {
+/// Batched matmul through `gemm`; each batch's product is one call (or one per block of rows,
+/// which computes the same bits), so bits do not depend on the batch size.
+///
+/// The shapes were validated (their extents fit), so the products of their axes below cannot
+/// overflow; slicing checks every range against the real lengths.
+fn matmul(a: &Tensor, b: &Tensor, out: &TensorMeta, cancel: &Cancel) -> Result<Tensor, Stopped> {
     let r = out.rank();
     let (m, n) = (out.shape[r - 2], out.shape[r - 1]);
     let k = a.shape()[a.shape().len() - 1];
@@ -238,13 +333,31 @@ fn matmul(a: &Tensor, b: &Tensor, out: &TensorMeta) -> Tensor {
     let (x, y) = (a.as_f32().expect("f32"), b.as_f32().expect("f32"));
     let mut o = vec![0.0f32; out.numel()];
     if m * n > 0 {
+        // Rows per gemm call: about CANCEL_FLOPS of work, at least 64 rows.
+        let rows = (CANCEL_FLOPS / (n * k).max(1)).max(64);
         for (z, dst) in o.chunks_mut(m * n).enumerate().take(batch) {
             let ao = offset(z, batch_shape, &sa) * m * k;
             let bo = offset(z, batch_shape, &sb) * k * n;
-            gemm_f32(m, n, k, &x[ao..ao + m * k], &y[bo..bo + k * n], dst);
+            let (lhs, rhs) = (&x[ao..ao + m * k], &y[bo..bo + k * n]);
+            let mut i = 0;
+            while i < m {
+                cancel.check()?;
+                let h = rows.min(m - i);
+                // A block of one row would take gemm's matrix-vector path: keep two.
+                let h = if m - i - h == 1 { h + 1 } else { h };
+                gemm_f32(
+                    h,
+                    n,
+                    k,
+                    &lhs[i * k..(i + h) * k],
+                    rhs,
+                    &mut dst[i * n..(i + h) * n],
+                );
+                i += h;
+            }
         }
     }
-    f32_tensor(out, o)
+    Ok(f32_tensor(out, o))
 }
 
 /// `dst[m×n] = lhs[m×k] · rhs[k×n]`, all row-major and contiguous.
@@ -273,18 +386,35 @@ fn gemm_f32(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f
 
 #[allow(unsafe_code)]
 fn gemm_matrix(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f32]) {
-    assert!(lhs.len() >= m * k && rhs.len() >= k * n && dst.len() >= m * n);
+    // The invariant the unsafe call below relies on, computed with products that cannot wrap
+    // (a wrapped product could pass this check with buffers far too small).
+    let covers = |len: usize, rows: usize, cols: usize| {
+        checked::mul(rows, cols).is_some_and(|need| len >= need)
+    };
+    assert!(
+        covers(lhs.len(), m, k) && covers(rhs.len(), k, n) && covers(dst.len(), m, n),
+        "gemm buffers do not cover {m}x{k} @ {k}x{n}"
+    );
+    // Strides are passed as isize.
+    assert!(
+        isize::try_from(n.max(k)).is_ok(),
+        "gemm stride over isize::MAX"
+    );
     if k == 0 {
         dst[..m * n].fill(0.0);
         return;
     }
-    let par = if m * n * k >= PAR_FLOPS {
+    let par = if checked::mul(m, n)
+        .and_then(|mn| checked::mul(mn, k))
+        .is_none_or(|f| f >= PAR_FLOPS)
+    {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the assert above proves every pointer covers its row-major m×k, k×n and m×n
-    // matrix with the strides given; `dst` does not alias the inputs (it is a &mut).
+    // SAFETY: the asserts above prove, without wrapping, that every pointer covers its
+    // row-major m×k, k×n and m×n matrix with the strides given and that the strides fit an
+    // isize; `dst` does not alias the inputs (it is a &mut).
     unsafe {
         gemm::gemm(
             m,
@@ -310,8 +440,15 @@ fn gemm_matrix(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut
     }
 }
 
-/// conv2d as im2col + gemm, one image at a time.
-fn conv2d(x: &Tensor, w: &Tensor, stride: [usize; 2], pad: [usize; 2], out: &TensorMeta) -> Tensor {
+/// conv2d as im2col + gemm, one image at a time (the validator charged the columns).
+fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    stride: [usize; 2],
+    pad: [usize; 2],
+    out: &TensorMeta,
+    cancel: &Cancel,
+) -> Result<Tensor, Stopped> {
     let (xs, ws) = (x.shape(), w.shape());
     let (nb, c, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
     let (o, kh, kw) = (ws[0], ws[2], ws[3]);
@@ -321,8 +458,9 @@ fn conv2d(x: &Tensor, w: &Tensor, stride: [usize; 2], pad: [usize; 2], out: &Ten
     let mut cols = vec![0.0f32; ckk * oh * ow];
     let mut res = vec![0.0f32; out.numel()];
     for n in 0..nb {
+        cancel.check()?;
         let img = &xv[n * c * h * wd..(n + 1) * c * h * wd];
-        cols.par_chunks_mut(oh * ow)
+        cols.par_chunks_mut((oh * ow).max(1))
             .enumerate()
             .for_each(|(row, dst)| {
                 let (ci, dy, dx) = (row / (kh * kw), (row / kw) % kh, row % kw);
@@ -342,7 +480,7 @@ fn conv2d(x: &Tensor, w: &Tensor, stride: [usize; 2], pad: [usize; 2], out: &Ten
         let dst = &mut res[n * o * oh * ow..(n + 1) * o * oh * ow];
         gemm_f32(o, oh * ow, ckk, wv, &cols, dst);
     }
-    f32_tensor(out, res)
+    Ok(f32_tensor(out, res))
 }
 
 /// Concatenation as row copies: each input contributes one contiguous run per outer index.
@@ -358,7 +496,7 @@ fn concat(inputs: &[&Tensor], axis: usize, out: &TensorMeta) -> Tensor {
             words.extend_from_slice(&t.words()[o * run..(o + 1) * run]);
         }
     }
-    Tensor::from_words(out.dtype, out.shape.clone(), &words).expect("sized from the output meta")
+    Tensor::from_word_vec(out.dtype, out.shape.clone(), words).expect("sized from the output meta")
 }
 
 /// The vector extensions the gemm kernels can use here: they decide the CPU class.

@@ -18,6 +18,9 @@
 //! ```
 
 pub mod backend;
+pub mod budget;
+pub mod cancel;
+pub mod checked;
 pub mod class;
 pub mod cpu;
 pub mod gpu;
@@ -30,6 +33,8 @@ pub mod tensor;
 pub mod verify;
 
 pub use backend::{Backend, BackendChoice, BackendError, ExecError};
+pub use budget::{Budget, Footprint, Limit, TooLarge};
+pub use cancel::Cancel;
 pub use class::{BackendKind, DeterminismClass};
 pub use cpu::CpuBackend;
 pub use gpu::{AdapterSummary, GpuBackend};

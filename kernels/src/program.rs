@@ -2,8 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::budget::{self, Budget, Footprint, TooLarge};
 use crate::op::Op;
-use crate::shape::{OpError, infer};
+use crate::shape::{MAX_RANK, OpError, infer};
 use crate::tensor::TensorMeta;
 
 /// Index of a value in a [`Program`]: inputs first (`0..inputs.len()`), then one per node.
@@ -45,6 +46,10 @@ pub enum ProgramError {
         value: ValueId,
         count: usize,
     },
+    #[error("input {index} has rank {rank}, over the limit of {MAX_RANK}")]
+    InputRank { index: usize, rank: usize },
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
 }
 
 impl Program {
@@ -80,7 +85,8 @@ impl Program {
 
     /// Checks every node and returns the meta of every value (inputs, then nodes).
     pub fn infer(&self) -> Result<Vec<TensorMeta>, ProgramError> {
-        let mut metas: Vec<TensorMeta> = self.inputs.clone();
+        let mut metas: Vec<TensorMeta> = Vec::with_capacity(self.value_count());
+        metas.extend_from_slice(&self.inputs);
         for (i, node) in self.nodes.iter().enumerate() {
             let mut args = Vec::with_capacity(node.args.len());
             for &a in &node.args {
@@ -109,9 +115,21 @@ impl Program {
         Ok(metas)
     }
 
-    /// For each value, the index of the last node that reads it (`usize::MAX` for outputs).
+    /// Checks every node and every limit of `budget` before anything runs: what a backend
+    /// does first with a program it did not build (see [`crate::budget`]). Linear in the
+    /// program's size, never in the sizes it claims.
+    pub fn validate(&self, budget: &Budget) -> Result<Footprint, ProgramError> {
+        budget::validate(self, budget)
+    }
+
+    /// For each value, the index of the last node that reads it: `usize::MAX` for outputs,
+    /// the producing node itself for a node's value that nothing reads (it can go at once),
+    /// and 0 for an input nothing reads.
     pub fn last_uses(&self) -> Vec<usize> {
-        let mut last = vec![0usize; self.value_count()];
+        let n_in = self.inputs.len();
+        let mut last: Vec<usize> = (0..self.value_count())
+            .map(|v| v.saturating_sub(n_in))
+            .collect();
         for (i, n) in self.nodes.iter().enumerate() {
             for &a in &n.args {
                 last[a as usize] = last[a as usize].max(i);

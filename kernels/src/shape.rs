@@ -1,7 +1,12 @@
 //! Shape and dtype inference: the single place that decides whether an op accepts its inputs.
 
+use crate::checked::{self, Window};
 use crate::op::{Arity, Op, ReduceOp};
 use crate::tensor::{DType, TensorMeta};
+
+/// Most axes a tensor may have: a rule of the op set, so that no shape a peer sends can make
+/// shape inference or a kernel's index arithmetic do unbounded work per value.
+pub const MAX_RANK: usize = 8;
 
 /// Why an op cannot be applied to its inputs. Messages name the op (with parameters) and shapes.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -25,6 +30,19 @@ pub enum OpError {
         shapes: String,
         reason: String,
     },
+    #[error("op '{op}': {what} has rank {rank}, over the limit of {MAX_RANK}")]
+    Rank {
+        op: String,
+        what: String,
+        rank: usize,
+    },
+    /// A size computed from the inputs and parameters does not fit in a machine word.
+    #[error("op '{op}': {what} overflows (inputs {shapes})")]
+    Overflow {
+        op: String,
+        shapes: String,
+        what: String,
+    },
 }
 
 /// Infers the output of `op` applied to `inputs`, or says why it does not apply.
@@ -37,6 +55,32 @@ pub fn infer(op: &Op, inputs: &[&TensorMeta]) -> Result<TensorMeta, OpError> {
             got: inputs.len(),
         });
     }
+    for (i, m) in inputs.iter().enumerate() {
+        if m.rank() > MAX_RANK {
+            return Err(cx.rank(format!("input {i}"), m.rank()));
+        }
+    }
+    // Parameters that list one entry per axis are checked before anything walks them.
+    let per_axis = match op {
+        Op::Permute { axes } => axes.len(),
+        Op::Reshape { shape } | Op::BroadcastTo { shape } => shape.len(),
+        Op::Slice { starts, .. } => starts.len(),
+        Op::Pad { pads, .. } => pads.len(),
+        Op::Reduce { axes, .. } => axes.len(),
+        _ => 0,
+    };
+    if per_axis > MAX_RANK {
+        return Err(cx.rank("the parameter list".into(), per_axis));
+    }
+    let out = infer_checked(&cx)?;
+    if out.rank() > MAX_RANK {
+        return Err(cx.rank("the output".into(), out.rank()));
+    }
+    Ok(out)
+}
+
+fn infer_checked(cx: &Cx) -> Result<TensorMeta, OpError> {
+    let (op, inputs) = (cx.op, cx.inputs);
     match op {
         Op::Unary(_) | Op::Clamp { .. } | Op::Softmax { .. } | Op::LogSoftmax { .. } => {
             cx.want_f32(&[0])?;
@@ -59,7 +103,7 @@ pub fn infer(op: &Op, inputs: &[&TensorMeta]) -> Result<TensorMeta, OpError> {
             Ok(TensorMeta::f32(cx.broadcast(&[0, 1, 2])?))
         }
         Op::Cast { to } => Ok(TensorMeta::new(*to, inputs[0].shape.clone())),
-        Op::MatMul => matmul(&cx),
+        Op::MatMul => matmul(cx),
         Op::Permute { axes } => {
             let x = inputs[0];
             let mut seen = vec![false; x.rank()];
@@ -78,12 +122,10 @@ pub fn infer(op: &Op, inputs: &[&TensorMeta]) -> Result<TensorMeta, OpError> {
             ))
         }
         Op::Reshape { shape } => {
-            let n: Option<usize> = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-            if n != Some(inputs[0].numel()) {
-                return Err(cx.fail(format!(
-                    "cannot reshape {} elements into {shape:?}",
-                    inputs[0].numel()
-                )));
+            let have = checked::numel(&inputs[0].shape)
+                .ok_or_else(|| cx.overflow("the input's element count".into()))?;
+            if checked::numel(shape) != Some(have) {
+                return Err(cx.fail(format!("cannot reshape {have} elements into {shape:?}")));
             }
             Ok(TensorMeta::new(inputs[0].dtype, shape.clone()))
         }
@@ -138,7 +180,8 @@ pub fn infer(op: &Op, inputs: &[&TensorMeta]) -> Result<TensorMeta, OpError> {
                         "inputs must share dtype and every size but axis {axis}"
                     )));
                 }
-                shape[*axis] += x.shape[*axis];
+                shape[*axis] = checked::add(shape[*axis], x.shape[*axis])
+                    .ok_or_else(|| cx.overflow(format!("the length of axis {axis}")))?;
             }
             Ok(TensorMeta::new(first.dtype, shape))
         }
@@ -147,8 +190,16 @@ pub fn infer(op: &Op, inputs: &[&TensorMeta]) -> Result<TensorMeta, OpError> {
             if pads.len() != x.rank() {
                 return Err(cx.fail(format!("{} pads given for rank {}", pads.len(), x.rank())));
             }
-            let shape = x.shape.iter().zip(pads).map(|(d, [b, a])| d + b + a);
-            Ok(TensorMeta::new(x.dtype, shape.collect::<Vec<_>>()))
+            let mut shape = Vec::with_capacity(x.rank());
+            for (axis, (&d, &[b, a])) in x.shape.iter().zip(pads).enumerate() {
+                let len = checked::sum([d, b, a]).ok_or_else(|| {
+                    cx.overflow(format!(
+                        "axis {axis} padded by [{b}, {a}] ({d} + {b} + {a})"
+                    ))
+                })?;
+                shape.push(len);
+            }
+            Ok(TensorMeta::new(x.dtype, shape))
         }
         Op::Reduce {
             op: r,
@@ -156,16 +207,16 @@ pub fn infer(op: &Op, inputs: &[&TensorMeta]) -> Result<TensorMeta, OpError> {
             keepdims,
         } => {
             cx.want_f32(&[0])?;
-            let out = reduced(&cx, axes, *keepdims)?;
-            let count: usize = axes.iter().map(|&a| inputs[0].shape[a]).product();
-            if count == 0 && *r != ReduceOp::Sum {
+            let out = reduced(cx, axes, *keepdims)?;
+            let empty = axes.iter().any(|&a| inputs[0].shape[a] == 0);
+            if empty && *r != ReduceOp::Sum {
                 return Err(cx.fail(format!("cannot take {} of an empty axis", r.name())));
             }
             Ok(TensorMeta::f32(out))
         }
         Op::ArgMax { axis, keepdims } => {
             cx.want_f32(&[0])?;
-            let out = reduced(&cx, &[*axis], *keepdims)?;
+            let out = reduced(cx, &[*axis], *keepdims)?;
             if inputs[0].shape[*axis] == 0 {
                 return Err(cx.fail("cannot take argmax of an empty axis".into()));
             }
@@ -199,8 +250,8 @@ pub fn infer(op: &Op, inputs: &[&TensorMeta]) -> Result<TensorMeta, OpError> {
                     x[1], w[1]
                 )));
             }
-            let oh = window(&cx, x[2], w[2], stride[0], padding[0])?;
-            let ow = window(&cx, x[3], w[3], stride[1], padding[1])?;
+            let oh = window(cx, x[2], w[2], stride[0], padding[0])?;
+            let ow = window(cx, x[3], w[3], stride[1], padding[1])?;
             Ok(TensorMeta::f32(vec![x[0], w[0], oh, ow]))
         }
         Op::MaxPool2d {
@@ -218,8 +269,8 @@ pub fn infer(op: &Op, inputs: &[&TensorMeta]) -> Result<TensorMeta, OpError> {
                     "padding {padding:?} must be smaller than kernel {kernel:?}"
                 )));
             }
-            let oh = window(&cx, x[2], kernel[0], stride[0], padding[0])?;
-            let ow = window(&cx, x[3], kernel[1], stride[1], padding[1])?;
+            let oh = window(cx, x[2], kernel[0], stride[0], padding[0])?;
+            let ow = window(cx, x[3], kernel[1], stride[1], padding[1])?;
             Ok(TensorMeta::f32(vec![x[0], x[1], oh, ow]))
         }
     }
@@ -227,14 +278,14 @@ pub fn infer(op: &Op, inputs: &[&TensorMeta]) -> Result<TensorMeta, OpError> {
 
 /// Output size of a sliding window, or an error if it does not fit.
 fn window(cx: &Cx, size: usize, k: usize, stride: usize, pad: usize) -> Result<usize, OpError> {
-    if stride == 0 || k == 0 {
-        return Err(cx.fail("kernel and stride must be at least 1".into()));
+    match checked::window(size, k, stride, pad) {
+        Some(Window::Fits(n)) => Ok(n),
+        Some(Window::Degenerate) => Err(cx.fail("kernel and stride must be at least 1".into())),
+        Some(Window::TooSmall { padded }) => {
+            Err(cx.fail(format!("kernel {k} is larger than padded input {padded}")))
+        }
+        None => Err(cx.overflow(format!("input length {size} padded by {pad} on each side"))),
     }
-    let padded = size + 2 * pad;
-    if padded < k {
-        return Err(cx.fail(format!("kernel {k} is larger than padded input {padded}")));
-    }
-    Ok((padded - k) / stride + 1)
 }
 
 fn matmul(cx: &Cx) -> Result<TensorMeta, OpError> {
@@ -314,13 +365,10 @@ pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
         .collect()
 }
 
-/// Row-major element strides.
+/// Row-major element strides of a validated shape (see [`crate::checked`]: its extent fits,
+/// so no stride overflows; a shape that does not is a bug in the caller, not in the input).
 pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
-    }
-    s
+    checked::strides(shape).expect("strides of a shape whose extent was validated")
 }
 
 /// Inference context: the op and its inputs, for error messages.
@@ -333,14 +381,33 @@ impl Cx<'_> {
     fn fail(&self, reason: String) -> OpError {
         OpError::Shape {
             op: self.op.to_string(),
-            shapes: self
-                .inputs
-                .iter()
-                .map(|m| m.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            shapes: self.shapes(),
             reason,
         }
+    }
+
+    fn rank(&self, what: String, rank: usize) -> OpError {
+        OpError::Rank {
+            op: self.op.to_string(),
+            what,
+            rank,
+        }
+    }
+
+    fn overflow(&self, what: String) -> OpError {
+        OpError::Overflow {
+            op: self.op.to_string(),
+            shapes: self.shapes(),
+            what,
+        }
+    }
+
+    fn shapes(&self) -> String {
+        self.inputs
+            .iter()
+            .map(|m| m.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn want_f32(&self, idx: &[usize]) -> Result<(), OpError> {

@@ -10,6 +10,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::checked;
+
 /// Element types. `F32` for values, `I32` for indices (argmax) and integer data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DType {
@@ -63,12 +65,20 @@ impl TensorMeta {
         Self::new(DType::F32, shape)
     }
 
+    /// The element count; `usize::MAX` when it overflows, which no size check lets through.
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        checked::numel(&self.shape).unwrap_or(usize::MAX)
     }
 
+    /// The size of the data in bytes; `u64::MAX` when it overflows.
     pub fn bytes(&self) -> u64 {
-        self.numel() as u64 * self.dtype.size() as u64
+        checked::bytes(self.numel(), self.dtype.size()).unwrap_or(u64::MAX)
+    }
+
+    /// The element count with empty axes counted as 1 (see [`checked::extent`]); `usize::MAX`
+    /// when it overflows.
+    pub fn extent(&self) -> usize {
+        checked::extent(&self.shape).unwrap_or(usize::MAX)
     }
 
     pub fn rank(&self) -> usize {
@@ -148,11 +158,12 @@ impl Tensor {
     }
 
     fn new(shape: Vec<usize>, data: Data) -> Result<Self, TensorError> {
-        let expected: usize = shape.iter().product();
         let got = match &data {
             Data::F32(v) => v.len(),
             Data::I32(v) => v.len(),
         };
+        // An element count that overflows can never equal a real length.
+        let expected = checked::numel(&shape).unwrap_or(usize::MAX);
         if expected != got {
             return Err(TensorError::Length {
                 shape,
@@ -172,9 +183,12 @@ impl Tensor {
     }
 
     /// A tensor filled with `v`.
+    ///
+    /// # Panics
+    /// If the element count overflows, like `vec![v; n]` for an `n` too large to allocate.
     pub fn full(shape: impl Into<Vec<usize>>, v: f32) -> Self {
         let shape = shape.into();
-        let n = shape.iter().product();
+        let n = local_numel(&shape);
         Tensor {
             shape,
             data: Data::F32(vec![v; n]),
@@ -182,9 +196,12 @@ impl Tensor {
     }
 
     /// Seeded uniform random values in `[lo, hi)`: the same seed gives the same tensor everywhere.
+    ///
+    /// # Panics
+    /// If the element count overflows, like [`Tensor::full`].
     pub fn random_uniform(shape: impl Into<Vec<usize>>, lo: f32, hi: f32, seed: u64) -> Self {
         let shape = shape.into();
-        let n: usize = shape.iter().product();
+        let n = local_numel(&shape);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let data = (0..n).map(|_| rng.random_range(lo..hi)).collect();
         Tensor {
@@ -201,8 +218,8 @@ impl Tensor {
     ) -> Result<Self, TensorError> {
         let shape = shape.into();
         // Checked: the shape may come off the wire.
-        let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-        if numel.and_then(|n| n.checked_mul(4)) != Some(bytes.len()) {
+        let numel = checked::numel(&shape);
+        if numel.and_then(|n| checked::mul(n, 4)) != Some(bytes.len()) {
             return Err(TensorError::Bytes {
                 dtype,
                 shape,
@@ -240,7 +257,11 @@ impl Tensor {
 
     pub fn from_array_i32(a: ArrayD<i32>) -> Self {
         let shape = a.shape().to_vec();
-        let data = a.iter().copied().collect();
+        let data = if a.is_standard_layout() {
+            a.into_raw_vec_and_offset().0
+        } else {
+            a.iter().copied().collect()
+        };
         Tensor {
             shape,
             data: Data::I32(data),
@@ -258,8 +279,12 @@ impl Tensor {
         &self.shape
     }
 
+    /// The element count: the length of the data, which the shape was checked against.
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        match &self.data {
+            Data::F32(v) => v.len(),
+            Data::I32(v) => v.len(),
+        }
     }
 
     pub fn meta(&self) -> TensorMeta {
@@ -307,6 +332,19 @@ impl Tensor {
         Self::new(shape, data)
     }
 
+    /// A tensor owning `words` as its data, reinterpreted as `dtype` without a copy.
+    pub fn from_word_vec(
+        dtype: DType,
+        shape: Vec<usize>,
+        words: Vec<u32>,
+    ) -> Result<Self, TensorError> {
+        let data = match dtype {
+            DType::F32 => Data::F32(bytemuck::allocation::cast_vec(words)),
+            DType::I32 => Data::I32(bytemuck::allocation::cast_vec(words)),
+        };
+        Self::new(shape, data)
+    }
+
     /// Little-endian bytes of the data: the canonical encoding, on any host.
     pub fn to_le_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.numel() * 4);
@@ -318,7 +356,7 @@ impl Tensor {
 
     /// Same dtype and data under a new shape with the same element count.
     pub fn reshaped(mut self, shape: Vec<usize>) -> Result<Self, TensorError> {
-        let expected: usize = shape.iter().product();
+        let expected = checked::numel(&shape).unwrap_or(usize::MAX);
         if expected != self.numel() {
             return Err(TensorError::Length {
                 shape,
@@ -342,26 +380,42 @@ impl Tensor {
 
     /// blake3 over dtype, rank, dims (u64 LE) and the little-endian data.
     pub fn content_id(&self) -> ContentId {
-        let mut h = blake3::Hasher::new();
-        h.update(b"corvid-tensor-v1");
-        h.update(&[self.dtype().tag()]);
-        h.update(&(self.shape.len() as u64).to_le_bytes());
-        for d in &self.shape {
-            h.update(&(*d as u64).to_le_bytes());
-        }
         if cfg!(target_endian = "little") {
-            let bytes: &[u8] = bytemuck::cast_slice(self.words());
-            // blake3 hashes a tree: the same id whether the chunks run on one thread or many.
-            if bytes.len() >= 1 << 20 {
-                h.update_rayon(bytes);
-            } else {
-                h.update(bytes);
-            }
+            content_id_of(
+                self.dtype(),
+                &self.shape,
+                bytemuck::cast_slice(self.words()),
+            )
         } else {
-            h.update(&self.to_le_bytes());
+            content_id_of(self.dtype(), &self.shape, &self.to_le_bytes())
         }
-        ContentId(*h.finalize().as_bytes())
     }
+}
+
+/// The [`ContentId`] of a tensor given as its dtype, shape and little-endian bytes (what a GPU
+/// read-back holds), without building the tensor.
+pub fn content_id_of(dtype: DType, shape: &[usize], le_bytes: &[u8]) -> ContentId {
+    let mut h = blake3::Hasher::new();
+    h.update(b"corvid-tensor-v1");
+    h.update(&[dtype.tag()]);
+    h.update(&(shape.len() as u64).to_le_bytes());
+    for d in shape {
+        h.update(&(*d as u64).to_le_bytes());
+    }
+    // blake3 hashes a tree: the same id whether the chunks run on one thread or many.
+    if le_bytes.len() >= 1 << 20 {
+        h.update_rayon(le_bytes);
+    } else {
+        h.update(le_bytes);
+    }
+    ContentId(*h.finalize().as_bytes())
+}
+
+/// The element count of a shape the local program asked for (not one off the wire).
+fn local_numel(shape: &[usize]) -> usize {
+    checked::numel(shape).unwrap_or_else(|| {
+        panic!("a tensor of shape {shape:?} has more elements than fit in memory")
+    })
 }
 
 impl fmt::Debug for Tensor {

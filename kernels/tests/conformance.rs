@@ -9,7 +9,8 @@ mod common;
 use common::{compare, gpu, same_bits, shapes};
 use corvid_kernels::op::{BinaryOp, ReduceOp, UnaryOp};
 use corvid_kernels::{
-    Backend, CpuBackend, ExecError, Op, Program, Tensor, TensorMeta, reference, registry,
+    Backend, CpuBackend, ExecError, Limit, Op, Program, ProgramError, Tensor, TensorMeta,
+    reference, registry,
 };
 
 const SEEDS: u64 = 6;
@@ -264,12 +265,13 @@ fn gpu_refuses_tensors_over_the_binding_limit() {
     );
     let e = gpu.run(&p, &[col]).unwrap_err();
     assert!(
-        matches!(&e, ExecError::TooLarge { limit: l, .. } if *l == limit),
+        matches!(&e, ExecError::Program(ProgramError::TooLarge(t))
+            if t.limit == Limit::TensorBytes && t.max == limit),
         "unexpected error: {e}"
     );
     let msg = e.to_string();
     assert!(
-        msg.contains("broadcast_to") && msg.contains("binding limit"),
+        msg.contains("broadcast_to") && msg.contains(&format!("over the limit of {limit} bytes")),
         "{msg}"
     );
     // The backend still works afterwards.

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use corvid_kernels::{BackendKind, DeterminismClass};
+use corvid_kernels::{BackendKind, Budget, DeterminismClass};
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, PublicKey};
 use serde::{Deserialize, Serialize};
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 /// Gossipsub topic of version-1 adverts.
 pub const ADVERT_TOPIC: &str = "corvid/adverts/v1";
 /// Version of the envelope and of the advert inside it.
-pub const ADVERT_VERSION: u16 = 1;
+pub const ADVERT_VERSION: u16 = 2;
 /// Largest encoded envelope accepted; checked before decoding.
 pub const MAX_ADVERT_BYTES: usize = 4096;
 /// Longest text field (adapter name, determinism class parts).
@@ -53,6 +53,8 @@ pub struct Advert {
     pub slots_free: u32,
     /// `false` for requester-only peers.
     pub contributes: bool,
+    /// What one task may use on this node: requesters cut and place work to fit it.
+    pub task_budget: Budget,
 }
 
 /// The signed wire envelope. `signature` covers [`SIGNING_CONTEXT`] followed by `advert`.
@@ -211,6 +213,8 @@ fn sane(a: &Advert) -> bool {
         && a.slots_total <= crate::config::MAX_SLOTS
         && (a.contributes || a.slots_total == 0)
         && text.iter().all(|t| t.len() <= MAX_TEXT)
+        && a.task_budget.max_tensor_bytes <= a.task_budget.max_peak_bytes
+        && a.task_budget.max_peak_bytes <= a.memory_bytes
 }
 
 /// Unix time now, in milliseconds.
@@ -241,6 +245,7 @@ pub(crate) mod tests {
             slots_total: 2,
             slots_free: 2,
             contributes: true,
+            task_budget: Budget::new(256 << 20, 256 << 20, 1 << 40),
         }
     }
 
@@ -300,7 +305,7 @@ pub(crate) mod tests {
             Err(Rejection::Malformed)
         );
         let mut a = sample(&key, NOW);
-        a.version = 2;
+        a.version = ADVERT_VERSION + 1;
         assert_eq!(check(&a), Err(Rejection::Version));
         assert_eq!(check(&sample(&key, NOW + 31_000)), Err(Rejection::Future));
         assert_eq!(check(&sample(&key, NOW - 61_000)), Err(Rejection::Stale));
@@ -312,6 +317,10 @@ pub(crate) mod tests {
         assert_eq!(check(&a), Err(Rejection::Insane));
         let mut a = sample(&key, NOW);
         a.adapter = "x".repeat(MAX_TEXT + 1);
+        assert_eq!(check(&a), Err(Rejection::Insane));
+        // A task budget over the memory offered is a lie.
+        let mut a = sample(&key, NOW);
+        a.task_budget.max_peak_bytes = a.memory_bytes + 1;
         assert_eq!(check(&a), Err(Rejection::Insane));
     }
 

@@ -95,7 +95,7 @@ pub fn run(
         matmul_n,
         elementwise_gbps,
         elementwise_len,
-        memory_bytes: max_memory.map_or(available, |m| m.min(available)),
+        memory_bytes: max_memory.map_or(available / 2, |m| m.min(available)),
         max_tensor_bytes: backend.max_tensor_bytes(),
         took: start.elapsed(),
     })

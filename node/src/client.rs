@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use corvid_kernels::{Backend, BackendChoice, ContentId, Tensor as Data};
+use corvid_kernels::{Backend, BackendChoice, Budget, ContentId, Tensor as Data};
 use corvid_sdk::plan::{Plan, Settings, Source, Subgraph};
 use corvid_sdk::sched::{Decision, Place, SchedConfig, Scheduler};
 use corvid_sdk::wire::{Input, Receipt, TaskRequest, TaskResponse};
@@ -415,9 +415,56 @@ pub struct SwarmExecutor {
     checks: std::sync::atomic::AtomicBool,
 }
 
+impl SwarmExecutor {
+    /// The budget a subgraph should fit to be taken by at least half of the contributing,
+    /// unbanned peers (the lower median of each limit; a few peers with tiny budgets do not
+    /// shrink everyone's work). `None` when no peer says.
+    fn typical_budget(&self) -> Option<Budget> {
+        // Called from the developer's thread: ask the node on the client's runtime.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let node = self.node.clone();
+        self.handle.spawn(async move {
+            let _ = tx.send(node.peers().await);
+        });
+        let peers = rx.recv_timeout(Duration::from_secs(2)).ok()?.ok()?;
+        let trust = lock(&self.trust);
+        let budgets: Vec<Budget> = peers
+            .into_iter()
+            .filter(|p| p.contributes && p.slots_total > 0)
+            .filter(|p| p.peer_id.parse().is_ok_and(|id| !trust.is_banned(&id)))
+            .filter_map(|p| p.task_budget)
+            .collect();
+        lower_median(&budgets)
+    }
+}
+
+/// Each limit's lower median over `budgets`.
+fn lower_median(budgets: &[Budget]) -> Option<Budget> {
+    if budgets.is_empty() {
+        return None;
+    }
+    fn median<T: Ord + Copy>(mut v: Vec<T>) -> T {
+        v.sort_unstable();
+        v[(v.len() - 1) / 2]
+    }
+    let of = |f: fn(&Budget) -> u64| median(budgets.iter().map(f).collect());
+    Some(Budget {
+        max_nodes: median(budgets.iter().map(|b| b.max_nodes).collect()),
+        max_program_bytes: of(|b| b.max_program_bytes),
+        max_tensor_bytes: of(|b| b.max_tensor_bytes),
+        max_peak_bytes: of(|b| b.max_peak_bytes),
+        max_flops: of(|b| b.max_flops),
+    })
+}
+
 impl Executor for SwarmExecutor {
+    /// The client's settings, cut to fit what the swarm's peers take.
     fn settings(&self) -> Settings {
-        lock(&self.settings).clone()
+        let base = lock(&self.settings).clone();
+        match self.typical_budget() {
+            Some(b) => base.within(&b),
+            None => base,
+        }
     }
 
     fn execute(&self, plan: &Plan) -> Result<Vec<Arc<Data>>, EvalError> {
@@ -510,6 +557,8 @@ struct Job {
     replicating: BTreeSet<PeerId>,
     task_subgraph: BTreeMap<u64, usize>,
     task_peer: BTreeMap<u64, PeerId>,
+    /// The id each remote task travels under (random), to cancel it.
+    task_wire: BTreeMap<u64, u64>,
     /// Advertised determinism class of each peer: replicas go to the same class.
     peer_class: HashMap<PeerId, String>,
     started: Instant,
@@ -542,6 +591,9 @@ async fn run_job(
                         1e9,
                         p.slots_total as usize,
                     );
+                    if let Some(b) = &p.task_budget {
+                        sched.budget(&id, b.clone());
+                    }
                     peer_class.insert(id, p.class.clone());
                 }
             }
@@ -599,6 +651,7 @@ async fn run_job(
         replicating: BTreeSet::new(),
         task_subgraph: BTreeMap::new(),
         task_peer: BTreeMap::new(),
+        task_wire: BTreeMap::new(),
         peer_class,
         started: Instant::now(),
         cached,
@@ -609,6 +662,16 @@ async fn run_job(
         job.send_canaries();
     }
     let result = job.run().await;
+    // Whatever still runs remotely is no longer wanted.
+    let still: Vec<u64> = job
+        .task_wire
+        .keys()
+        .copied()
+        .filter(|&t| job.sched.knows(t))
+        .collect();
+    for t in still {
+        job.cancel_remote(t);
+    }
     job.running.abort_all();
     job.replicas.abort_all();
     job.canaries.abort_all();
@@ -674,7 +737,19 @@ impl Job {
         Ok(())
     }
 
+    /// Asks the worker running `task` to stop it (a copy that lost, a task past its deadline,
+    /// a job that ended). Fire and forget.
+    fn cancel_remote(&self, task: u64) {
+        if let (Some(&peer), Some(&wire)) = (self.task_peer.get(&task), self.task_wire.get(&task)) {
+            let node = self.node.clone();
+            tokio::spawn(async move {
+                let _ = node.cancel_task(peer, wire).await;
+            });
+        }
+    }
+
     fn fail(&mut self, task: u64, error: String) -> Result<(), EvalError> {
+        self.cancel_remote(task);
         if error.starts_with(UNREACHABLE)
             && let Some(peer) = self.task_peer.get(&task).copied()
         {
@@ -735,7 +810,9 @@ impl Job {
                     check: a.check,
                 });
                 let now = self.now();
-                self.sched.on_done(task, now, &ids, a.compute_secs);
+                for d in self.sched.on_done(task, now, &ids, a.compute_secs) {
+                    self.dispatch(d);
+                }
                 self.progress.inc(1);
                 self.progress.set_message(self.progress_message());
                 if let Some(p) = peer {
@@ -900,7 +977,11 @@ impl Job {
                 let timeout = Duration::from_secs_f64(
                     2.0 + sg.cost.bytes_in as f64 / 20e6 + sg.cost.flops as f64 / 1e9,
                 );
-                let r = remote(&node, &memory, &verifier, peer, &sg, inputs, held, timeout).await;
+                let wire = rand::rng().random();
+                let r = remote(
+                    &node, &memory, &verifier, peer, wire, &sg, inputs, held, timeout,
+                )
+                .await;
                 let r = match r {
                     Ok(a) if a.class == mine => {
                         match trust::compare(&sg, &a.outputs, &want, true) {
@@ -1033,17 +1114,17 @@ impl Job {
         }
     }
 
-    /// Starts a task where the scheduler placed it.
+    /// Starts a task where the scheduler placed it, or stops one it no longer needs.
     fn dispatch(&mut self, d: Decision<PeerId>) {
-        let Decision::Dispatch {
-            task,
-            subgraph,
-            place,
-            deadline,
-            held,
-        } = d
-        else {
-            return;
+        let (task, subgraph, place, deadline, held) = match d {
+            Decision::Dispatch {
+                task,
+                subgraph,
+                place,
+                deadline,
+                held,
+            } => (task, subgraph, place, deadline, held),
+            Decision::Cancel { task, .. } => return self.cancel_remote(task),
         };
         self.task_subgraph.insert(task, subgraph);
         let inputs = gather(&self.plan, subgraph, &self.results);
@@ -1076,12 +1157,17 @@ impl Job {
             }
             Place::Peer(peer) => {
                 self.task_peer.insert(task, peer);
+                // A random id on the wire: a worker cannot tell work from checks by numbering.
+                let wire: u64 = rand::rng().random();
+                self.task_wire.insert(task, wire);
                 let node = self.node.clone();
                 let memory = self.memory.clone();
                 let verifier = self.verifier.clone();
                 self.running.spawn(async move {
-                    let r =
-                        remote(&node, &memory, &verifier, peer, &sg, inputs, held, timeout).await;
+                    let r = remote(
+                        &node, &memory, &verifier, peer, wire, &sg, inputs, held, timeout,
+                    )
+                    .await;
                     (task, r)
                 });
             }
@@ -1184,13 +1270,13 @@ async fn remote(
     memory: &Arc<Mutex<Memory>>,
     verifier: &Arc<Verifier>,
     peer: PeerId,
+    wire_task: u64,
     sg: &Subgraph,
     inputs: Vec<Arc<Data>>,
     held: Vec<bool>,
     timeout: Duration,
 ) -> Result<Accepted, Refusal> {
     let nonce: [u8; 16] = rand::rng().random();
-    let wire_task: u64 = rand::rng().random();
     let sent = Instant::now();
     let send = |held: &[bool]| {
         let data = inputs
@@ -1204,7 +1290,6 @@ async fn remote(
                 }
             })
             .collect();
-        // A random id on the wire: a worker cannot tell work from checks by numbering.
         TaskRequest::new(wire_task, nonce, sg, data)
     };
     let used_held = std::sync::atomic::AtomicBool::new(held.iter().any(|&h| h));
@@ -1248,7 +1333,7 @@ async fn remote(
             signer,
             ..
         } => (outputs, compute_micros, receipt, signature, signer),
-        TaskResponse::Failed { error, .. } => return Err(Refusal::Failed(error)),
+        TaskResponse::Failed { error, .. } => return Err(Refusal::Failed(error.to_string())),
         TaskResponse::Missing { inputs, .. } => {
             return Err(Refusal::Failed(format!(
                 "the worker lacks inputs {inputs:?} even when sent"
@@ -1419,7 +1504,9 @@ fn dispute(
         && receipt.class == mine
         && let Some(k) = first_differing
         && let Some((cone, kept)) = sg.program.cone(k)
-        && let Ok((_, hashes)) = local.backend().run_traced(&cone, inputs)
+        && let Ok((_, hashes)) = local
+            .backend()
+            .run_traced(&cone, inputs, &local.backend().guard())
     {
         // Both receipts were opened against this program: one hash per op.
         let judge = |claimed: &[ContentId]| {
@@ -1519,7 +1606,7 @@ impl<'a> FullRecompute<'a> {
         let here = self.here.get_or_init(|| {
             self.local
                 .backend()
-                .run_traced(&sg.program, self.inputs)
+                .run_traced(&sg.program, self.inputs, &self.local.backend().guard())
                 .map(|(outs, hashes)| (outs.iter().map(Data::content_id).collect(), hashes))
                 .map_err(|e| format!("subgraph {}: local recompute failed: {e}", sg.id.short()))
         });
@@ -1733,6 +1820,17 @@ mod tests {
     /// A canary copies a cheap job subgraph that reads only constants: same program and input
     /// shapes, unshared inputs drawn afresh over their range, ids derived from them; a job with
     /// no such subgraph gets the 64×64 matmul.
+    #[test]
+    fn the_typical_budget_is_each_limits_lower_median() {
+        let b = |peak: u64, flops: u64| Budget::new(peak, peak, flops);
+        assert_eq!(lower_median(&[]), None);
+        let m = lower_median(&[b(8, 1), b(2, 100), b(4, 10)]).unwrap();
+        assert_eq!((m.max_peak_bytes, m.max_flops), (4, 10));
+        // Two peers: the smaller of each, so both take the work.
+        let m = lower_median(&[b(8, 1), b(2, 100)]).unwrap();
+        assert_eq!((m.max_peak_bytes, m.max_flops), (2, 1));
+    }
+
     #[test]
     fn canaries_look_like_the_jobs_work() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);

@@ -90,6 +90,9 @@ pub struct Timing {
     /// Time allowed for the start-up benchmark.
     #[serde(with = "humantime_serde")]
     pub bench_budget: Duration,
+    /// Longest any one task from a peer may run before it is stopped.
+    #[serde(with = "humantime_serde")]
+    pub max_task_time: Duration,
 }
 
 impl Default for Timing {
@@ -101,6 +104,7 @@ impl Default for Timing {
             dial_timeout: Duration::from_secs(10),
             bootstrap_retry: Duration::from_secs(15),
             bench_budget: Duration::from_secs(2),
+            max_task_time: Duration::from_secs(300),
         }
     }
 }
@@ -117,7 +121,7 @@ pub struct NodeConfig {
     /// Each ends in `/p2p/<peer id>`.
     pub bootstrap: Vec<Multiaddr>,
     pub backend: BackendChoice,
-    /// Memory offered to the network; `None` advertises what the machine has available.
+    /// Memory offered to the network; `None` offers half of what the machine has available.
     pub max_memory: Option<u64>,
     /// Private-network key; only nodes holding the same key connect.
     pub psk: Option<Psk>,
@@ -180,6 +184,7 @@ impl NodeConfig {
                 dial_timeout: Duration::from_secs(5),
                 bootstrap_retry: Duration::from_secs(1),
                 bench_budget: Duration::from_millis(150),
+                max_task_time: Duration::from_secs(60),
             },
             fault: None,
         }
@@ -227,6 +232,12 @@ impl NodeConfig {
                 None,
                 file.bench_budget,
                 defaults.bench_budget,
+            )?,
+            max_task_time: dur(
+                "max_task_time",
+                args.max_task_time.map(Into::into),
+                file.max_task_time,
+                defaults.max_task_time,
             )?,
         };
         let listen = pick(&args.listen, &file.listen);
@@ -374,9 +385,13 @@ pub struct NodeArgs {
     /// Execution backend: auto, gpu or cpu
     #[arg(long, env = "CORVID_BACKEND", value_name = "BACKEND")]
     pub backend: Option<String>,
-    /// Memory offered to the network, e.g. "8 GiB" [default: what is available]
+    /// Memory offered to the network, e.g. "8 GiB": every task, message and kept value fits
+    /// in it [default: half of what is available]
     #[arg(long, env = "CORVID_MAX_MEMORY", value_name = "SIZE")]
     pub max_memory: Option<ByteSize>,
+    /// Longest one task from a peer may run, e.g. "5m" [default: 5m]
+    #[arg(long, env = "CORVID_MAX_TASK_TIME", value_name = "DURATION")]
+    pub max_task_time: Option<humantime::Duration>,
     /// Private-network pre-shared key file: only nodes with the same key connect
     #[arg(long, env = "CORVID_PSK", value_name = "FILE")]
     pub psk: Option<PathBuf>,
@@ -452,6 +467,8 @@ struct FileConfig {
     bootstrap_retry: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     bench_budget: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_task_time: Option<Duration>,
 }
 
 impl FileConfig {

@@ -21,13 +21,17 @@ use crate::bench::{BenchError, BenchReport};
 use crate::config::{ConfigError, NodeConfig};
 use crate::control;
 use crate::identity::{IdentityError, load_keypair};
+use crate::limits::Limits;
 use crate::net::dial::DialFailure;
-use crate::net::event_loop::{Command, EventLoop};
+use crate::net::event_loop::{Command, EventLoop, WorkQueues};
 use crate::net::{NetError, build_swarm};
 use crate::peers::PeerInfo;
 
 /// Commands queued for the event loop at most.
 const COMMAND_QUEUE: usize = 64;
+/// Cancels of tasks queued for the worker at most (more are dropped: the task then runs to
+/// its deadline).
+const CANCEL_QUEUE: usize = 256;
 /// Listeners must report an address within this.
 const LISTEN_DEADLINE: Duration = Duration::from_secs(5);
 /// After the first address of each listener, further addresses are awaited this long.
@@ -109,6 +113,14 @@ impl Node {
         let span = tracing::info_span!("node", id = %short_id(&peer_id));
         async move {
             let (bench, backend) = benchmark(&config).await?;
+            let limits = Limits::derive(
+                bench.memory_bytes,
+                config.slots,
+                bench.max_tensor_bytes,
+                bench.matmul_gflops,
+                bench.elementwise_gbps,
+                config.timing.max_task_time,
+            );
             let advert = Advert {
                 version: ADVERT_VERSION,
                 peer_id: peer_id.to_bytes(),
@@ -127,6 +139,7 @@ impl Node {
                 slots_total: if config.contribute { config.slots } else { 0 },
                 slots_free: if config.contribute { config.slots } else { 0 },
                 contributes: config.contribute,
+                task_budget: limits.task.clone(),
             };
             let mut swarm = build_swarm(&key, &config)?;
             let listen_addrs = listen(&mut swarm, &config.listen).await?;
@@ -154,12 +167,31 @@ impl Node {
             // The worker: tasks from peers run on this node's backend, `slots` at a time.
             let work = if config.contribute {
                 let slots = config.slots as usize;
+                tracing::info!(memory = %bytesize::ByteSize(limits.memory).display().iec(),
+                    task_memory = %bytesize::ByteSize(limits.task.max_peak_bytes).display().iec(),
+                    task_tensor = %bytesize::ByteSize(limits.task.max_tensor_bytes).display().iec(),
+                    task_gflop = limits.task.max_flops as f64 / 1e9,
+                    max_task_time = %humantime::format_duration(limits.max_task_time),
+                    "limits on every task from a peer");
                 // Room for a requester's queued tasks plus its checks (canaries, replicas).
                 let (work_tx, work_rx) = mpsc::channel(2 * slots.max(1) + 4);
-                let executor = std::sync::Arc::new(corvid_sdk::LocalExecutor::new(backend));
-                let worker = crate::work::run(crate::work::Worker::new(work_rx, client.tx.clone(), executor, key.clone(), slots, config.fault), cancel.clone());
+                let (cancel_tx, cancel_rx) = mpsc::channel(CANCEL_QUEUE);
+                let executor = std::sync::Arc::new(
+                    corvid_sdk::LocalExecutor::new(backend).with_cache_bytes(limits.cache_bytes),
+                );
+                let worker = crate::work::Worker::new(
+                    work_rx,
+                    cancel_rx,
+                    client.tx.clone(),
+                    executor,
+                    key.clone(),
+                    limits.clone(),
+                    slots,
+                    config.fault,
+                );
+                let worker = crate::work::run(worker, cancel.clone());
                 worker_task = Some(tokio::spawn(worker.in_current_span()));
-                Some(work_tx)
+                Some(WorkQueues { tasks: work_tx, cancels: cancel_tx })
             } else {
                 None
             };
@@ -183,6 +215,7 @@ impl Node {
                 control_addr,
                 control_file,
                 bench,
+                limits,
                 cancel,
                 tasks: [Some(task), Some(control_task), worker_task].into_iter().flatten().collect(),
             })
@@ -341,6 +374,14 @@ impl NodeClient {
             .await
     }
 
+    /// Asks `peer` to stop task `task` this node sent it (fire and forget).
+    pub async fn cancel_task(&self, peer: PeerId, task: u64) -> Result<(), NodeError> {
+        self.tx
+            .send(Command::CancelTask { peer, task })
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
     /// Sends `peer` a task and waits for its answer.
     pub async fn run_task(
         &self,
@@ -377,6 +418,7 @@ pub struct NodeHandle {
     control_addr: SocketAddr,
     control_file: Option<PathBuf>,
     bench: BenchReport,
+    limits: Limits,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -414,6 +456,11 @@ impl NodeHandle {
     /// The start-up benchmark.
     pub fn bench(&self) -> &BenchReport {
         &self.bench
+    }
+
+    /// What one task from a peer may use here.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     pub fn client(&self) -> NodeClient {

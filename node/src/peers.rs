@@ -22,6 +22,9 @@ pub struct PeerInfo {
     pub slots_total: u32,
     pub slots_free: u32,
     pub contributes: bool,
+    /// What one task may use on this peer.
+    #[serde(default)]
+    pub task_budget: Option<corvid_kernels::Budget>,
     pub seq: u64,
     /// Milliseconds since the last valid advert arrived.
     pub last_seen_ms: u64,
@@ -41,6 +44,7 @@ impl PeerInfo {
             slots_total: a.slots_total,
             slots_free: a.slots_free,
             contributes: a.contributes,
+            task_budget: Some(a.task_budget.clone()),
             seq: a.seq,
             last_seen_ms: last_seen.as_millis() as u64,
         }

@@ -1,30 +1,41 @@
 //! The worker: runs subgraphs that peers send, at most `slots` at a time, on the node's backend
 //! through the SDK's local executor (which caches results), and signs every result.
 //!
+//! Every request is treated as hostile until checked: its program is validated against the
+//! node's [`Limits`] (rank, nodes, sizes, peak memory, FLOPs) before any of it runs, it gets a
+//! deadline from its FLOPs and the benchmark, and a requester can cancel it, queued or running.
+//! Failures go back as a typed [`TaskError`].
+//!
 //! Values a requester sent or had computed here are kept per requester (by the requester's
 //! value ids), so its later tasks can name them instead of sending them again. Keeping them per
 //! requester means one requester cannot plant values under ids another one will use.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use corvid_kernels::Tensor as Data;
+use corvid_kernels::backend::Guard;
+use corvid_kernels::cancel::Stopped;
 use corvid_kernels::verify::Projection;
-use corvid_sdk::wire::{Input, Receipt, TASK_VERSION, TaskRequest, TaskResponse, task_key};
+use corvid_kernels::{Cancel, ExecError, ProgramError, Tensor as Data};
+use corvid_sdk::wire::{
+    Input, Receipt, TASK_VERSION, TaskError, TaskRequest, TaskResponse, task_key,
+};
 use corvid_sdk::{LocalExecutor, ValueId};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
 use rand::SeedableRng;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Fault;
+use crate::limits::Limits;
 use crate::net::event_loop::Command;
 
-/// Bytes of held values kept for all requesters together; the oldest go first.
-const HELD_BYTES: u64 = 1 << 30;
+/// Cancellations of tasks not (yet) seen are remembered, at most this many.
+const MAX_EARLY_CANCELS: usize = 4096;
 
 /// One request to run, with the channel its answer goes back on.
 #[derive(Debug)]
@@ -37,6 +48,7 @@ pub(crate) struct Work {
 /// Everything the worker task owns.
 pub(crate) struct Worker {
     queue: mpsc::Receiver<Work>,
+    cancels: mpsc::Receiver<(PeerId, u64)>,
     commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     slots: usize,
@@ -46,6 +58,7 @@ pub(crate) struct Worker {
 struct Shared {
     executor: Arc<LocalExecutor>,
     key: Keypair,
+    limits: Limits,
     held: Mutex<Held>,
     fault: Option<Fault>,
     /// For faults: results answered so far, and the last answer (to replay).
@@ -53,21 +66,26 @@ struct Shared {
 }
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         queue: mpsc::Receiver<Work>,
+        cancels: mpsc::Receiver<(PeerId, u64)>,
         commands: mpsc::Sender<Command>,
         executor: Arc<LocalExecutor>,
         key: Keypair,
+        limits: Limits,
         slots: usize,
         fault: Option<Fault>,
     ) -> Worker {
         Worker {
             queue,
+            cancels,
             commands,
             shared: Arc::new(Shared {
                 executor,
                 key,
-                held: Mutex::new(Held::default()),
+                held: Mutex::new(Held::new(limits.held_bytes)),
+                limits,
                 fault,
                 answered: Mutex::new((0, None)),
             }),
@@ -78,76 +96,143 @@ impl Worker {
 
 /// Runs work items until cancelled or the queue closes; answers go back through the event loop.
 pub(crate) async fn run(mut worker: Worker, cancel: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(worker.slots.max(1)));
+    let slots = worker.slots.max(1);
+    // Tasks running now, by requester and task id, with the flag that stops each.
+    let mut running: HashMap<(PeerId, u64), Cancel> = HashMap::new();
+    let mut tasks: JoinSet<(PeerId, u64)> = JoinSet::new();
+    // Cancels that arrived before their task left the queue.
+    let mut early = EarlyCancels::default();
     // A hanging test worker keeps the channels it never answers on.
     let mut hung = Vec::new();
     loop {
-        let work = tokio::select! {
+        tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            w = worker.queue.recv() => match w {
-                Some(w) => w,
-                None => break,
-            },
-        };
-        if worker.shared.fault == Some(Fault::Hang) {
-            hung.push(work.channel);
-            continue;
-        }
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
-        let shared = worker.shared.clone();
-        let commands = worker.commands.clone();
-        tokio::spawn(async move {
-            let Work {
-                peer,
-                request,
-                channel,
-            } = work;
-            let task = request.task;
-            let response = tokio::task::spawn_blocking(move || shared.execute(peer, request))
-                .await
-                .unwrap_or_else(|e| TaskResponse::Failed {
-                    task,
-                    error: format!("worker panicked: {e}"),
-                });
-            drop(permit);
-            if let TaskResponse::Failed { error, .. } = &response {
-                tracing::warn!(%peer, task, %error, "task failed");
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok(key) = done {
+                    running.remove(&key);
+                }
             }
-            let _ = commands.send(Command::Respond { channel, response }).await;
-        });
+            Some(key) = worker.cancels.recv() => match running.get(&key) {
+                Some(flag) => {
+                    tracing::debug!(peer = %key.0, task = key.1, "cancelling a running task");
+                    flag.cancel();
+                }
+                None => early.insert(key),
+            },
+            w = worker.queue.recv(), if tasks.len() < slots => {
+                let Some(work) = w else { break };
+                if worker.shared.fault == Some(Fault::Hang) {
+                    hung.push(work.channel);
+                    continue;
+                }
+                let key = (work.peer, work.request.task);
+                if early.remove(&key) {
+                    let response = TaskResponse::Failed { task: key.1, error: TaskError::Cancelled };
+                    let _ = worker.commands.send(Command::Respond { channel: work.channel, response }).await;
+                    continue;
+                }
+                let flag = Cancel::none();
+                running.insert(key, flag.clone());
+                let shared = worker.shared.clone();
+                let commands = worker.commands.clone();
+                tasks.spawn(async move {
+                    let Work { peer, request, channel } = work;
+                    let task = request.task;
+                    let response =
+                        tokio::task::spawn_blocking(move || shared.execute(peer, request, flag))
+                            .await
+                            .unwrap_or_else(|e| TaskResponse::Failed {
+                                task,
+                                error: TaskError::Failed(format!("worker panicked: {e}")),
+                            });
+                    if let TaskResponse::Failed { error, .. } = &response {
+                        tracing::warn!(%peer, task, %error, "task failed");
+                    }
+                    let _ = commands.send(Command::Respond { channel, response }).await;
+                    (peer, task)
+                });
+            }
+        }
+    }
+    // Whatever still runs stops at its next check.
+    for flag in running.values() {
+        flag.cancel();
+    }
+}
+
+/// Cancels for tasks not seen yet, oldest forgotten first.
+#[derive(Default)]
+struct EarlyCancels {
+    set: HashSet<(PeerId, u64)>,
+    order: VecDeque<(PeerId, u64)>,
+}
+
+impl EarlyCancels {
+    fn insert(&mut self, key: (PeerId, u64)) {
+        if self.set.insert(key) {
+            self.order.push_back(key);
+        }
+        while self.order.len() > MAX_EARLY_CANCELS {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &(PeerId, u64)) -> bool {
+        self.set.remove(key)
+    }
+}
+
+/// The requester-facing reason for an execution error.
+fn task_error(e: ExecError) -> TaskError {
+    match e {
+        ExecError::Program(ProgramError::TooLarge(t)) => TaskError::TooLarge(t),
+        e @ (ExecError::Program(_) | ExecError::InputCount { .. } | ExecError::Input { .. }) => {
+            TaskError::Invalid(e.to_string())
+        }
+        ExecError::Stopped(Stopped::Cancelled) => TaskError::Cancelled,
+        ExecError::Stopped(Stopped::Deadline(d)) => TaskError::Deadline(d),
+        e => TaskError::Failed(e.to_string()),
     }
 }
 
 impl Shared {
-    /// Checks, runs and signs one request.
-    fn execute(&self, peer: PeerId, request: TaskRequest) -> TaskResponse {
+    /// Checks, runs and signs one request; `flag` is raised if the requester cancels it.
+    fn execute(&self, peer: PeerId, request: TaskRequest, flag: Cancel) -> TaskResponse {
         let task = request.task;
-        let fail = |error: String| TaskResponse::Failed { task, error };
+        let fail = |error: TaskError| TaskResponse::Failed { task, error };
+        let invalid = |msg: String| fail(TaskError::Invalid(msg));
         if request.version != TASK_VERSION {
-            return fail(format!(
+            return invalid(format!(
                 "task protocol version {} is not {TASK_VERSION}",
                 request.version
             ));
         }
         if !request.id_matches() {
-            return fail(format!(
+            return invalid(format!(
                 "subgraph id {} does not match its program and inputs",
                 request.subgraph.short()
             ));
         }
+        // The static pass next: nothing below allocates or loops over what a program claims
+        // until it fits this node's limits.
+        let footprint = match request.program.validate(&self.limits.task) {
+            Ok(f) => f,
+            Err(ProgramError::TooLarge(t)) => return fail(TaskError::TooLarge(t)),
+            Err(e) => return invalid(e.to_string()),
+        };
         let n = request.program.inputs.len();
         if request.inputs.len() != n || request.input_ids.len() != n {
-            return fail(format!(
+            return invalid(format!(
                 "the program takes {n} inputs, the task carries {} (and {} ids)",
                 request.inputs.len(),
                 request.input_ids.len()
             ));
         }
         if request.output_ids.len() != request.program.outputs.len() {
-            return fail(format!(
+            return invalid(format!(
                 "the program has {} outputs, the task names {}",
                 request.program.outputs.len(),
                 request.output_ids.len()
@@ -174,19 +259,32 @@ impl Shared {
                 inputs: missing,
             };
         }
+        for (index, (t, want)) in inputs.iter().zip(&request.program.inputs).enumerate() {
+            if t.dtype() != want.dtype || t.shape() != want.shape.as_slice() {
+                return invalid(format!(
+                    "input {index}: the program expects {want}, the task holds {}",
+                    t.meta()
+                ));
+            }
+        }
         let input_cids: Vec<_> = inputs.iter().map(|t| t.content_id()).collect();
         // Cache by the task key: the subgraph id *and* the content of the inputs, so a
         // requester cannot plant a result under an id that other requesters will ask for.
         let key = task_key(&request.subgraph, &input_cids);
         let started = Instant::now();
-        let traced =
-            match self
-                .executor
-                .run_traced(corvid_sdk::SubgraphId(key), &request.program, &inputs)
-            {
-                Ok(t) => t,
-                Err(e) => return fail(e.to_string()),
-            };
+        let guard = Guard::new(
+            self.limits.task.clone(),
+            flag.with_deadline(self.limits.deadline(&footprint)),
+        );
+        let traced = match self.executor.run_traced(
+            corvid_sdk::SubgraphId(key),
+            &request.program,
+            &inputs,
+            &guard,
+        ) {
+            Ok(t) => t,
+            Err(e) => return fail(task_error(e)),
+        };
         if let Some(Fault::Inflate { delay_ms, .. }) = self.fault {
             std::thread::sleep(std::time::Duration::from_millis(u64::from(delay_ms)));
         }
@@ -235,7 +333,9 @@ impl Shared {
         };
         let signature = match key.sign(&receipt.message()) {
             Ok(s) => s,
-            Err(e) => return fail(format!("could not sign the result: {e}")),
+            Err(e) => {
+                return fail(TaskError::Failed(format!("could not sign the result: {e}")));
+            }
         };
         let response = TaskResponse::Done {
             task,
@@ -332,15 +432,25 @@ fn corrupt(
     }
 }
 
-/// Values kept for requesters, by (requester, value id), oldest evicted first.
-#[derive(Default)]
+/// Values kept for requesters, by (requester, value id), oldest evicted first, at most `cap`
+/// bytes.
 struct Held {
     map: HashMap<(PeerId, ValueId), Arc<Data>>,
     order: VecDeque<(PeerId, ValueId, u64)>,
     bytes: u64,
+    cap: u64,
 }
 
 impl Held {
+    fn new(cap: u64) -> Held {
+        Held {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            cap,
+        }
+    }
+
     fn get(&self, peer: PeerId, id: ValueId) -> Option<Arc<Data>> {
         self.map.get(&(peer, id)).cloned()
     }
@@ -350,15 +460,27 @@ impl Held {
     fn put(&mut self, peer: PeerId, id: ValueId, t: Arc<Data>) {
         // Every entry is charged its bookkeeping, so empty tensors cannot pile up for free.
         let size = t.meta().bytes() + 128;
-        if size > HELD_BYTES {
+        if size > self.cap {
             return;
         }
         if let Some(old) = self.map.get_mut(&(peer, id)) {
-            // Same id, same shape: the byte count and the order entry stay.
-            *old = t;
-            return;
+            // The same id with the same size keeps its place; another size (a requester may
+            // send anything under an id) is charged afresh below.
+            if old.meta().bytes() == t.meta().bytes() {
+                *old = t;
+                return;
+            }
+            self.map.remove(&(peer, id));
+            if let Some(k) = self
+                .order
+                .iter()
+                .position(|&(p, v, _)| p == peer && v == id)
+                && let Some((_, _, b)) = self.order.remove(k)
+            {
+                self.bytes -= b;
+            }
         }
-        while self.bytes + size > HELD_BYTES {
+        while self.bytes + size > self.cap {
             let Some((p, v, b)) = self.order.pop_front() else {
                 break;
             };

@@ -34,7 +34,7 @@ async fn bad_adverts_are_rejected_counted_and_harmless() {
     let liar_key = load_keypair(&IdentitySource::Seed(41)).unwrap();
     let real = liar.status().await.unwrap().advert;
     let template = |key: &Keypair| Advert {
-        version: 1,
+        version: corvid_node::advert::ADVERT_VERSION,
         peer_id: key.public().to_peer_id().to_bytes(),
         timestamp_ms: now_ms(),
         seq: 1_000_000,
@@ -48,6 +48,7 @@ async fn bad_adverts_are_rejected_counted_and_harmless() {
         slots_total: 1,
         slots_free: 1,
         contributes: true,
+        task_budget: corvid_kernels::Budget::new(1, 1, 1),
     };
     // Signed by a key that is not the gossip author's: claims to be someone else.
     let stranger = Keypair::generate_ed25519();

@@ -13,7 +13,7 @@ use corvid_kernels::{Backend, CpuBackend};
 use corvid_node::trust::{Expected, Refusal, open_receipt};
 use corvid_node::{Node, NodeConfig};
 use corvid_sdk::plan::Source;
-use corvid_sdk::wire::{Input, TaskRequest, TaskResponse, task_key};
+use corvid_sdk::wire::{Input, TaskError, TaskRequest, TaskResponse, task_key};
 use corvid_sdk::{Executor, Graph, LocalExecutor, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -171,7 +171,7 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
     forged.program.nodes[0].op = corvid_kernels::Op::Unary(corvid_kernels::UnaryOp::Neg);
     let r = client.run_task(worker_id, forged).await.unwrap();
     assert!(
-        matches!(&r, TaskResponse::Failed { error, .. } if error.contains("does not match")),
+        matches!(&r, TaskResponse::Failed { error: TaskError::Invalid(e), .. } if e.contains("does not match")),
         "{r:?}"
     );
     let n_inputs = inputs.len();

@@ -6,6 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use corvid_kernels::backend::Guard;
 use corvid_kernels::{Backend, BackendChoice, ContentId, ExecError, Tensor as Data};
 use rayon::prelude::*;
 
@@ -58,6 +59,12 @@ impl LocalExecutor {
         }
     }
 
+    /// Same executor keeping at most `bytes` of results in its cache.
+    pub fn with_cache_bytes(self, bytes: u64) -> Self {
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = ResultCache::new(bytes);
+        self
+    }
+
     /// Same executor with other partition settings (block size, limits).
     pub fn with_settings(mut self, settings: Settings) -> Self {
         self.settings = settings;
@@ -100,12 +107,14 @@ impl LocalExecutor {
     }
 
     /// [`LocalExecutor::run_program`] that also returns the content id of every op's output in
-    /// program order (see [`Backend::run_traced`]). Cached by `id` like `run_program`.
+    /// program order (see [`Backend::run_traced`]), within `guard`'s budget and deadline.
+    /// Cached by `id` like `run_program`.
     pub fn run_traced(
         &self,
         id: SubgraphId,
         program: &corvid_kernels::Program,
         inputs: &[Arc<Data>],
+        guard: &Guard,
     ) -> Result<Traced, ExecError> {
         let trace = self
             .traces
@@ -116,7 +125,7 @@ impl LocalExecutor {
         if let (Some(outputs), Some(op_hashes)) = (self.cache().get(&id), trace) {
             return Ok(Traced { outputs, op_hashes });
         }
-        let (outs, hashes) = self.backend.run_traced(program, inputs)?;
+        let (outs, hashes) = self.backend.run_traced(program, inputs, guard)?;
         let outputs = Arc::new(outs.into_iter().map(Arc::new).collect::<Vec<_>>());
         let op_hashes = Arc::new(hashes);
         self.cache().put(id, outputs.clone());

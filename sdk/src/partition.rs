@@ -17,7 +17,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use corvid_kernels::{Op, Program, Tensor as Data, TensorMeta, reference, shape};
+use corvid_kernels::budget::{GEMM_WORKSPACE, workspace_bytes};
+use corvid_kernels::{Budget, Op, Program, Tensor as Data, TensorMeta, reference, shape};
 
 use crate::error::{BuildError, Site};
 use crate::graph::{Node, NodeId, NodeKind};
@@ -38,6 +39,9 @@ pub enum PartitionError {
         limit: u64,
     },
 }
+
+/// Room left in a task budget for what the byte estimates do not count (bookkeeping).
+const GROUP_SLACK: u64 = 1 << 20;
 
 /// A node of the rewritten graph.
 #[derive(Debug)]
@@ -356,13 +360,25 @@ impl Builder<'_> {
         }))
     }
 
-    /// Block sizes for a product with inner size `k`, shrunk until every block fits the limit.
+    /// Block sizes for a product with inner size `k`, shrunk until every block fits the
+    /// tensor limit and a tile's product (its blocks, result and a few results' worth of the
+    /// ops fused after it) fits the task budget.
     fn block_sizes(&self, k: usize) -> (usize, usize) {
         let limit = self.settings.max_tensor_bytes;
+        let budget = self.settings.task_budget.as_ref();
         let mut b = self.settings.block.max(1);
         let fits = |b: usize| {
-            let (bk, bb) = ((b * k * 4) as u64, (b * b * 4) as u64);
-            bk <= limit && bb <= limit
+            let (b, k) = (b as u64, k as u64);
+            let (bk, bb) = (b.saturating_mul(k).saturating_mul(4), b * b * 4);
+            let fits_budget = budget.is_none_or(|t| {
+                let bytes = bk
+                    .saturating_mul(2)
+                    .saturating_add(bb.saturating_mul(4))
+                    .saturating_add(GEMM_WORKSPACE + GROUP_SLACK);
+                let flops = bk.saturating_mul(b) / 2;
+                bytes <= t.max_peak_bytes && flops <= t.max_flops
+            });
+            bk <= limit && bb <= limit && fits_budget
         };
         while b > 1 && !fits(b) {
             b /= 2;
@@ -425,14 +441,33 @@ impl Builder<'_> {
             let ins: Vec<&TensorMeta> = p.args.iter().map(|&a| &self.pnodes[a].meta).collect();
             p.op.as_ref().map_or(0, |op| op.flops(&ins, &p.meta))
         };
+        // What one group may hold: a conservative sum (every member's output, workspace and
+        // arguments) that bounds the peak the validator will compute.
+        let budget = self.settings.task_budget.as_ref();
+        let max_nodes = budget.map_or(Budget::MAX_NODES, |b| b.max_nodes);
+        let max_bytes = budget.map_or(u64::MAX, |b| b.max_peak_bytes.saturating_sub(GROUP_SLACK));
+        let max_flops = budget.map_or(self.settings.max_subgraph_flops, |b| {
+            b.max_flops.min(self.settings.max_subgraph_flops)
+        });
+        let bytes = |p: &PNode| -> u64 {
+            let ins: Vec<&TensorMeta> = p.args.iter().map(|&a| &self.pnodes[a].meta).collect();
+            let args = ins.iter().fold(0u64, |s, m| s.saturating_add(m.bytes()));
+            p.op.as_ref().map_or(0, |op| {
+                workspace_bytes(op, &ins, &p.meta)
+                    .saturating_add(p.meta.bytes())
+                    .saturating_add(args)
+            })
+        };
         let mut group_of: Vec<Option<usize>> = vec![None; n];
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut group_flops: Vec<u64> = Vec::new();
+        let mut group_bytes: Vec<u64> = Vec::new();
         for (i, p) in self.pnodes.iter().enumerate() {
             if !needed[i] || p.leaf.is_some() {
                 continue;
             }
             let f = flops(p);
+            let pb = bytes(p);
             let main = p
                 .args
                 .iter()
@@ -448,16 +483,20 @@ impl Builder<'_> {
                 (consumers[m] == 1
                     && others_ok
                     && !concat
-                    && group_flops[g] + f <= self.settings.max_subgraph_flops)
+                    && group_flops[g].saturating_add(f) <= max_flops
+                    && group_bytes[g].saturating_add(pb) <= max_bytes
+                    && groups[g].len() < max_nodes)
                     .then_some(g)
             });
             let g = join.unwrap_or_else(|| {
                 groups.push(Vec::new());
                 group_flops.push(0);
+                group_bytes.push(0);
                 groups.len() - 1
             });
             groups[g].push(i);
-            group_flops[g] += f;
+            group_flops[g] = group_flops[g].saturating_add(f);
+            group_bytes[g] = group_bytes[g].saturating_add(pb);
             group_of[i] = Some(g);
         }
         // Values each group must export: read by a later group, or requested.

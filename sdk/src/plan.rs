@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use corvid_kernels::{Program, Tensor as Data};
+use corvid_kernels::{Budget, Program, Tensor as Data};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{SubgraphId, ValueId};
@@ -63,6 +63,10 @@ pub struct Settings {
     pub max_tensor_bytes: u64,
     /// A subgraph stops absorbing ops past this many FLOPs.
     pub max_subgraph_flops: u64,
+    /// What every subgraph must fit (a worker's advertised budget): tiles shrink and fusion
+    /// stops to stay within it. `None`: only the structure limits of [`Budget`].
+    #[serde(default)]
+    pub task_budget: Option<Budget>,
 }
 
 impl Default for Settings {
@@ -71,7 +75,20 @@ impl Default for Settings {
             block: 1024,
             max_tensor_bytes: u64::MAX,
             max_subgraph_flops: 8 << 30,
+            task_budget: None,
         }
+    }
+}
+
+impl Settings {
+    /// These settings, cut so that subgraphs fit `budget` too.
+    pub fn within(mut self, budget: &Budget) -> Settings {
+        self.max_tensor_bytes = self.max_tensor_bytes.min(budget.max_tensor_bytes);
+        self.task_budget = Some(match &self.task_budget {
+            Some(b) => b.min(budget),
+            None => budget.clone(),
+        });
+        self
     }
 }
 

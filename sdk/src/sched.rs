@@ -18,6 +18,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
+use corvid_kernels::{Budget, Footprint};
+
 use crate::ids::ValueId;
 use crate::plan::Plan;
 
@@ -103,6 +105,8 @@ pub struct PeerInfo {
     pub link_measured: bool,
     pub done: usize,
     pub failed: usize,
+    /// What one task may use there (advertised); `None`: unknown, anything is sent.
+    pub budget: Option<Budget>,
 }
 
 /// A decision for the caller to carry out.
@@ -192,6 +196,11 @@ pub struct Scheduler<P: Ord + Clone> {
     bytes_out: Vec<u64>,
     inputs: Vec<Vec<(ValueId, u64)>>,
     ops: Vec<String>,
+    /// What each subgraph needs of a worker's budget (`None`: it does not validate, and no
+    /// worker would take it).
+    needs: Vec<Option<Footprint>>,
+    /// Subgraphs already reported as fitting no peer.
+    unfit_noted: BTreeSet<usize>,
     state: Vec<State>,
     /// Subgraphs reading each subgraph's outputs, and how many distinct dependencies each
     /// still waits for.
@@ -243,6 +252,16 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             bytes_out: plan.subgraphs.iter().map(|s| s.cost.bytes_out).collect(),
             inputs,
             ops: plan.subgraphs.iter().map(|s| s.ops()).collect(),
+            needs: plan
+                .subgraphs
+                .iter()
+                .map(|s| {
+                    let mut f = s.program.validate(&Budget::unlimited()).ok()?;
+                    f.metas = Vec::new();
+                    Some(f)
+                })
+                .collect(),
+            unfit_noted: BTreeSet::new(),
             state: vec![State::Waiting; n],
             dependents,
             deps: deps_of,
@@ -324,6 +343,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             link_measured: false,
             done: 0,
             failed: 0,
+            budget: None,
         });
         if !e.measured {
             e.flops = flops;
@@ -332,6 +352,22 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             e.link = link;
         }
         e.slots = slots;
+    }
+
+    /// Sets what one task may use on peer `p`: subgraphs over it are never sent there.
+    pub fn budget(&mut self, p: &P, budget: Budget) {
+        if let Some(info) = self.peers.get_mut(p) {
+            info.budget = Some(budget);
+        }
+    }
+
+    /// Whether subgraph `sg` fits peer `info`'s budget (an unknown budget takes anything).
+    fn fits(&self, sg: usize, info: &PeerInfo) -> bool {
+        match (&info.budget, &self.needs[sg]) {
+            (None, _) => true,
+            (Some(b), Some(f)) => b.admits(f).is_ok(),
+            (Some(_), None) => false,
+        }
     }
 
     /// Seeds a peer's measured speed (FLOP/s) and link (bytes/s) from earlier jobs.
@@ -469,7 +505,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         let mut best_busy: Option<f64> = None;
         for (p, info) in &self.peers {
             let place = Place::Peer(p.clone());
-            if avoid.contains(&place) {
+            if avoid.contains(&place) || !self.fits(sg, info) {
                 continue;
             }
             let t = self.estimate(sg, &place, now);
@@ -490,8 +526,8 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         // peers are waited for.
         let no_peer = self
             .peers
-            .keys()
-            .all(|p| avoid.contains(&Place::Peer(p.clone())));
+            .iter()
+            .all(|(p, info)| avoid.contains(&Place::Peer(p.clone())) || !self.fits(sg, info));
         let local_free = self.local_in_flight == 0;
         if self.cfg.allow_local && local_free && no_peer {
             best = Some((self.estimate(sg, &Place::Local, now), Place::Local));
@@ -499,7 +535,33 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         best.map(|(_, p)| p)
     }
 
+    /// Why `sg` fits no known peer, if it fits none (for the job report).
+    fn unfit(&self, sg: usize) -> Option<String> {
+        if self.peers.is_empty() || self.peers.values().any(|i| self.fits(sg, i)) {
+            return None;
+        }
+        let Some(f) = &self.needs[sg] else {
+            return Some("it does not validate".into());
+        };
+        let why = self
+            .peers
+            .values()
+            .filter_map(|i| i.budget.as_ref()?.admits(f).err())
+            .max_by_key(|e| e.max)
+            .map_or_else(String::new, |e| format!(": {e}"));
+        Some(format!("fits no peer's budget{why}"))
+    }
+
     fn dispatch(&mut self, sg: usize, place: Place<P>, now: f64) -> Decision<P> {
+        if place == Place::Local
+            && !self.runs_locally(sg)
+            && !self.unfit_noted.contains(&sg)
+            && let Some(why) = self.unfit(sg)
+        {
+            self.unfit_noted.insert(sg);
+            self.redispatches
+                .push((sg, format!("ran on the requester: {why}")));
+        }
         let finish = self.estimate(sg, &place, now);
         let estimate = (finish - now).max(1e-3);
         let deadline = now + self.cfg.deadline_slack * estimate + self.cfg.deadline_grace;

@@ -8,15 +8,16 @@
 //! another task, another request or from another peer.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use corvid_kernels::{ContentId, Program, Tensor as Data, TensorMeta};
+use corvid_kernels::{ContentId, Program, Tensor as Data, TensorMeta, TooLarge};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{SubgraphId, ValueId, subgraph_id};
 use crate::plan::Subgraph;
 
 /// Version of the task protocol; a peer answers other versions with [`TaskResponse::Failed`].
-pub const TASK_VERSION: u16 = 2;
+pub const TASK_VERSION: u16 = 3;
 
 /// Domain separation for receipt signatures.
 const RECEIPT_DOMAIN: &[u8] = b"corvid/receipt/2";
@@ -28,6 +29,43 @@ pub enum Input {
     /// The worker holds this value (by the request's input id) from an earlier task of the
     /// same requester.
     Held,
+}
+
+/// What a requester asks a worker.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Request {
+    Run(TaskRequest),
+    /// Stop task `task` of this requester (a copy that lost, a job that ended): queued, it
+    /// never starts; running, it stops at its next check. Answered at once.
+    Cancel {
+        task: u64,
+    },
+}
+
+/// Why a worker did not run a task: what the requester decides on (retry elsewhere, cut
+/// smaller, give up), never parsed from text.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum TaskError {
+    /// The request itself is wrong: protocol version, ids, counts, or a program that does not
+    /// type-check. No worker would run it.
+    #[error("bad request: {0}")]
+    Invalid(String),
+    /// Over this worker's budget (which it advertises): a peer with a larger one, or a smaller
+    /// subgraph, would be admitted.
+    #[error("too large for this worker: {0}")]
+    TooLarge(TooLarge),
+    /// Every slot and the queue are taken.
+    #[error("busy: every execution slot is taken")]
+    Busy,
+    /// The requester cancelled it.
+    #[error("cancelled by the requester")]
+    Cancelled,
+    /// It ran past its time budget and was stopped.
+    #[error("stopped after its time budget of {0:?}")]
+    Deadline(Duration),
+    /// The worker could not run it (a device error, its executor restarting).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Run this subgraph on these inputs.
@@ -145,8 +183,19 @@ pub enum TaskResponse {
     },
     Failed {
         task: u64,
-        error: String,
+        error: TaskError,
     },
+}
+
+impl TaskResponse {
+    /// The task this answers.
+    pub fn task(&self) -> u64 {
+        match self {
+            TaskResponse::Done { task, .. }
+            | TaskResponse::Missing { task, .. }
+            | TaskResponse::Failed { task, .. } => *task,
+        }
+    }
 }
 
 /// How a message travels: a small postcard head, then the raw little-endian bytes of each
@@ -168,7 +217,13 @@ enum InputHead {
 }
 
 #[derive(Serialize, Deserialize)]
-struct RequestHead {
+enum RequestHead {
+    Run(RunHead),
+    Cancel { task: u64 },
+}
+
+#[derive(Serialize, Deserialize)]
+struct RunHead {
     version: u16,
     task: u64,
     nonce: [u8; 16],
@@ -199,17 +254,26 @@ enum ResponseHead {
     },
     Failed {
         task: u64,
-        error: String,
+        error: TaskError,
     },
 }
 
 /// A head that lists more (or fewer) tensors than arrived.
 const MISCOUNT: postcard::Error = postcard::Error::DeserializeBadEncoding;
 
-impl Framed for TaskRequest {
+impl Framed for Request {
     fn split(&self) -> Result<(Vec<u8>, Vec<Arc<Data>>), postcard::Error> {
+        let r = match self {
+            Request::Run(r) => r,
+            Request::Cancel { task } => {
+                return Ok((
+                    postcard::to_allocvec(&RequestHead::Cancel { task: *task })?,
+                    Vec::new(),
+                ));
+            }
+        };
         let mut tensors = Vec::new();
-        let inputs = self
+        let inputs = r
             .inputs
             .iter()
             .map(|i| match i {
@@ -220,32 +284,38 @@ impl Framed for TaskRequest {
                 Input::Held => InputHead::Held,
             })
             .collect();
-        let head = RequestHead {
-            version: self.version,
-            task: self.task,
-            nonce: self.nonce,
-            subgraph: self.subgraph,
-            program: self.program.clone(),
-            input_ids: self.input_ids.clone(),
-            output_ids: self.output_ids.clone(),
+        let head = RequestHead::Run(RunHead {
+            version: r.version,
+            task: r.task,
+            nonce: r.nonce,
+            subgraph: r.subgraph,
+            program: r.program.clone(),
+            input_ids: r.input_ids.clone(),
+            output_ids: r.output_ids.clone(),
             inputs,
-        };
+        });
         Ok((postcard::to_allocvec(&head)?, tensors))
     }
 
     fn tensor_metas(head: &[u8]) -> Result<Vec<TensorMeta>, postcard::Error> {
-        let h: RequestHead = postcard::from_bytes(head)?;
-        Ok(h.inputs
-            .into_iter()
-            .filter_map(|i| match i {
-                InputHead::Data(m) => Some(m),
-                InputHead::Held => None,
-            })
-            .collect())
+        Ok(match postcard::from_bytes(head)? {
+            RequestHead::Run(h) => h
+                .inputs
+                .into_iter()
+                .filter_map(|i| match i {
+                    InputHead::Data(m) => Some(m),
+                    InputHead::Held => None,
+                })
+                .collect(),
+            RequestHead::Cancel { .. } => Vec::new(),
+        })
     }
 
     fn join(head: &[u8], tensors: Vec<Arc<Data>>) -> Result<Self, postcard::Error> {
-        let h: RequestHead = postcard::from_bytes(head)?;
+        let h = match postcard::from_bytes(head)? {
+            RequestHead::Run(h) => h,
+            RequestHead::Cancel { task } => return Ok(Request::Cancel { task }),
+        };
         let mut tensors = tensors.into_iter();
         let inputs = h
             .inputs
@@ -255,7 +325,7 @@ impl Framed for TaskRequest {
                 InputHead::Held => Ok(Input::Held),
             })
             .collect::<Result<_, _>>()?;
-        Ok(TaskRequest {
+        Ok(Request::Run(TaskRequest {
             version: h.version,
             task: h.task,
             nonce: h.nonce,
@@ -264,7 +334,7 @@ impl Framed for TaskRequest {
             input_ids: h.input_ids,
             output_ids: h.output_ids,
             inputs,
-        })
+        }))
     }
 }
 

@@ -5,15 +5,18 @@ mod device;
 pub use kernel::GridTooLarge;
 pub mod kernel;
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, mpsc};
 use std::thread;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{BackendError, ExecError};
+use crate::backend::{BackendError, ExecError, Guard};
+use crate::budget::Budget;
+use crate::cancel::Cancel;
 use crate::class::{BackendKind, DeterminismClass};
 use crate::program::Program;
-use crate::tensor::Tensor;
+use crate::tensor::{ContentId, Tensor};
 
 /// What the chosen adapter is, for logs, adverts and the determinism class.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,10 +90,14 @@ fn rank(t: wgpu::DeviceType) -> u8 {
     }
 }
 
+type Reply = Result<(Vec<Tensor>, Vec<ContentId>), ExecError>;
+
 struct Job {
     program: Program,
     inputs: Vec<Arc<Tensor>>,
-    reply: mpsc::SyncSender<Result<Vec<Tensor>, ExecError>>,
+    guard: Guard,
+    trace: bool,
+    reply: mpsc::SyncSender<Reply>,
 }
 
 /// Handle to the GPU thread. Cloning shares the thread; it stops when the last handle drops.
@@ -115,17 +122,17 @@ impl GpuBackend {
         thread::Builder::new()
             .name("corvid-gpu".into())
             .spawn(move || {
-                let gpu = match open(allow_software) {
-                    Ok((gpu, summary)) => {
+                let (adapter, gpu) = match open(allow_software) {
+                    Ok((adapter, gpu, summary)) => {
                         let _ = ready_tx.send(Ok(summary));
-                        gpu
+                        (adapter, gpu)
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                serve(gpu, rx);
+                serve(adapter, gpu, rx);
             })
             .map_err(|e| BackendError::Thread(e.to_string()))?;
         let adapter = ready_rx
@@ -152,7 +159,8 @@ impl GpuBackend {
         &self.class
     }
 
-    /// Runs `program` on the device; blocks until the outputs are back on the host.
+    /// Runs `program` on the device within the binding limit; blocks until the outputs are
+    /// back on the host.
     pub fn run(&self, program: &Program, inputs: &[Tensor]) -> Result<Vec<Tensor>, ExecError> {
         self.run_shared(program, inputs.iter().cloned().map(Arc::new).collect())
     }
@@ -163,11 +171,26 @@ impl GpuBackend {
         program: &Program,
         inputs: Vec<Arc<Tensor>>,
     ) -> Result<Vec<Tensor>, ExecError> {
+        let guard = Guard::new(Budget::local(self.adapter.max_binding), Cancel::none());
+        Ok(self.execute(program, inputs, &guard, false)?.0)
+    }
+
+    /// Runs `program` within `guard`; with `trace`, also the content id of every node's
+    /// output (see [`crate::Backend::run_traced`]).
+    pub(crate) fn execute(
+        &self,
+        program: &Program,
+        inputs: Vec<Arc<Tensor>>,
+        guard: &Guard,
+        trace: bool,
+    ) -> Reply {
         let (reply, rx) = mpsc::sync_channel(1);
         self.jobs
             .send(Job {
                 program: program.clone(),
                 inputs,
+                guard: guard.clone(),
+                trace,
                 reply,
             })
             .map_err(|_| ExecError::BackendGone)?;
@@ -175,7 +198,9 @@ impl GpuBackend {
     }
 }
 
-fn open(allow_software: bool) -> Result<(device::Gpu, AdapterSummary), BackendError> {
+fn open(
+    allow_software: bool,
+) -> Result<(wgpu::Adapter, device::Gpu, AdapterSummary), BackendError> {
     let instance = instance();
     let mut found = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
     found.sort_by_key(|a| rank(a.get_info().device_type));
@@ -197,32 +222,68 @@ fn open(allow_software: bool) -> Result<(device::Gpu, AdapterSummary), BackendEr
     else {
         return Err(BackendError::NoAdapter { found: names });
     };
-    let limits = adapter.limits();
-    let summary = AdapterSummary::of(&adapter.get_info(), &limits);
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        label: Some("corvid"),
-        required_features: wgpu::Features::empty(),
-        required_limits: limits.clone(),
-        ..Default::default()
-    }))
-    .map_err(|e| BackendError::Device {
+    let summary = AdapterSummary::of(&adapter.get_info(), &adapter.limits());
+    let gpu = device::Gpu::open(&adapter).map_err(|reason| BackendError::Device {
         adapter: summary.name.clone(),
-        reason: e.to_string(),
+        reason,
     })?;
-    let name = summary.name.clone();
-    device.set_device_lost_callback(move |reason, msg| {
-        tracing::error!(adapter = %name, ?reason, %msg, "gpu device lost");
-    });
-    Ok((device::Gpu::new(device, queue, &limits), summary))
+    Ok((adapter, gpu, summary))
 }
 
-fn serve(mut gpu: device::Gpu, jobs: mpsc::Receiver<Job>) {
+/// The GPU thread's loop. A device that was lost, panicked or was left running work past a
+/// deadline is replaced by a fresh one on the same adapter before the next job (the old one
+/// is dropped on a thread of its own, in case dropping waits for that work), so one bad job
+/// costs that job, never the ones after it.
+fn serve(adapter: wgpu::Adapter, first: device::Gpu, jobs: mpsc::Receiver<Job>) {
+    let mut gpu = Some(first);
     while let Ok(job) = jobs.recv() {
-        let result = gpu.run(&job.program, &job.inputs);
+        if gpu.as_ref().is_none_or(device::Gpu::needs_replacing) {
+            if let Some(old) = gpu.take() {
+                retire(old);
+            }
+            match device::Gpu::open(&adapter) {
+                Ok(g) => {
+                    tracing::warn!("gpu device re-created");
+                    gpu = Some(g);
+                }
+                Err(e) => tracing::error!(error = %e, "could not re-create the gpu device"),
+            }
+        }
+        let result = match gpu.as_mut() {
+            None => Err(ExecError::Device(
+                "no gpu device: re-creating it failed".into(),
+            )),
+            Some(g) => catch_unwind(AssertUnwindSafe(|| {
+                g.run(&job.program, &job.inputs, &job.guard, job.trace)
+            }))
+            .unwrap_or_else(|panic| {
+                g.poison();
+                Err(ExecError::Device(format!(
+                    "the gpu thread panicked: {}",
+                    panic_message(&panic)
+                )))
+            }),
+        };
         // The caller may have given up waiting; nothing to do then.
         let _ = job.reply.send(result);
     }
-    tracing::debug!(max_binding = gpu.max_binding, "gpu thread stopping");
-    drop(gpu.queue);
-    drop(gpu.device);
+    tracing::debug!("gpu thread stopping");
+}
+
+/// Drops a device on a thread of its own: wgpu may wait there for work still running.
+fn retire(gpu: device::Gpu) {
+    let spawned = thread::Builder::new()
+        .name("corvid-gpu-retire".into())
+        .spawn(move || drop(gpu));
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start a thread to drop the old gpu device");
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }

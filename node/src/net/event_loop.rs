@@ -21,7 +21,7 @@ use crate::config::Timing;
 use crate::node::{BootstrapStatus, Status, bootstrap_line};
 use crate::peers::{Accepted, PeerInfo, PeerTable};
 use crate::work::Work;
-use corvid_sdk::wire::{TaskRequest, TaskResponse};
+use corvid_sdk::wire::{Request, TaskError, TaskRequest, TaskResponse};
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use std::collections::HashMap;
 
@@ -57,6 +57,11 @@ pub(crate) enum Command {
         request: Box<TaskRequest>,
         reply: oneshot::Sender<Result<TaskResponse, String>>,
     },
+    /// Asks a peer to stop a task this node sent it; the answer is not awaited.
+    CancelTask {
+        peer: PeerId,
+        task: u64,
+    },
     /// The worker's answer to a task a peer sent.
     Respond {
         channel: ResponseChannel<TaskResponse>,
@@ -75,6 +80,13 @@ struct Bootstrap {
     last_error: Option<DialFailure>,
 }
 
+/// The worker's inboxes: tasks to run, and (peer, task) pairs to stop.
+#[derive(Clone, Debug)]
+pub(crate) struct WorkQueues {
+    pub tasks: mpsc::Sender<Work>,
+    pub cancels: mpsc::Sender<(PeerId, u64)>,
+}
+
 /// The swarm's owner.
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -90,8 +102,8 @@ pub(crate) struct EventLoop {
     published: u64,
     started: Instant,
     summary_logged: bool,
-    /// Where received tasks go; `None` on a requester-only node.
-    work: Option<mpsc::Sender<Work>>,
+    /// Where received tasks, and cancels of them, go; `None` on a requester-only node.
+    work: Option<WorkQueues>,
     /// Replies owed for tasks this node sent.
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<TaskResponse, String>>>,
     tasks_answered: u64,
@@ -108,7 +120,7 @@ impl EventLoop {
         psk_path: Option<std::path::PathBuf>,
         bootstrap: &[Multiaddr],
         listen_addrs: Vec<Multiaddr>,
-        work: Option<mpsc::Sender<Work>>,
+        work: Option<WorkQueues>,
     ) -> EventLoop {
         let bootstrap = bootstrap
             .iter()
@@ -213,8 +225,15 @@ impl EventLoop {
                     .swarm
                     .behaviour_mut()
                     .task
-                    .send_request(&peer, *request);
+                    .send_request(&peer, Request::Run(*request));
                 self.pending.insert(id, reply);
+            }
+            Command::CancelTask { peer, task } => {
+                // The acknowledgement arrives as a response nobody waits for.
+                self.swarm
+                    .behaviour_mut()
+                    .task
+                    .send_request(&peer, Request::Cancel { task });
             }
             Command::Respond { channel, response } => {
                 // Fails only if the requester has gone; nothing to do then.
@@ -228,35 +247,55 @@ impl EventLoop {
         }
     }
 
-    fn handle_task(&mut self, event: request_response::Event<TaskRequest, TaskResponse>) {
+    fn handle_task(&mut self, event: request_response::Event<Request, TaskResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request, channel, ..
+                    request: Request::Cancel { task },
+                    channel,
+                    ..
+                } => {
+                    if let Some(w) = &self.work {
+                        // A full inbox drops the cancel: the task then runs to its deadline.
+                        let _ = w.cancels.try_send((peer, task));
+                    }
+                    let r = TaskResponse::Failed {
+                        task,
+                        error: TaskError::Cancelled,
+                    };
+                    let _ = self.swarm.behaviour_mut().task.send_response(channel, r);
+                }
+                request_response::Message::Request {
+                    request: Request::Run(request),
+                    channel,
+                    ..
                 } => {
                     let task = request.task;
                     let refusal = match self.work.clone() {
-                        None => Some((channel, "this node does not contribute (--no-contribute)")),
-                        Some(queue) => match queue.try_send(Work {
+                        None => Some((
+                            channel,
+                            TaskError::Invalid(
+                                "this node does not contribute (--no-contribute)".into(),
+                            ),
+                        )),
+                        Some(queues) => match queues.tasks.try_send(Work {
                             peer,
                             request,
                             channel,
                         }) {
                             Ok(()) => None,
                             Err(mpsc::error::TrySendError::Full(w)) => {
-                                Some((w.channel, "busy: every execution slot is taken"))
+                                Some((w.channel, TaskError::Busy))
                             }
-                            Err(mpsc::error::TrySendError::Closed(w)) => {
-                                Some((w.channel, "the worker has stopped"))
-                            }
+                            Err(mpsc::error::TrySendError::Closed(w)) => Some((
+                                w.channel,
+                                TaskError::Failed("the worker has stopped".into()),
+                            )),
                         },
                     };
                     if let Some((channel, error)) = refusal {
                         tracing::debug!(%peer, task, %error, "task refused");
-                        let r = TaskResponse::Failed {
-                            task,
-                            error: error.into(),
-                        };
+                        let r = TaskResponse::Failed { task, error };
                         let _ = self.swarm.behaviour_mut().task.send_response(channel, r);
                     }
                 }

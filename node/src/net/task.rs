@@ -11,15 +11,17 @@ use std::io;
 use std::sync::Arc;
 
 use corvid_kernels::{DType, Tensor};
-use corvid_sdk::wire::{Framed, TaskRequest, TaskResponse};
+use corvid_sdk::wire::{Framed, Request, TaskResponse};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 
-pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/corvid/task/2");
+pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/corvid/task/3");
 /// Largest task request or response, in bytes.
 pub const MAX_TASK_BYTES: u64 = 1 << 30;
-/// Largest message head (program, ids, receipt, tensor shapes), in bytes.
-const MAX_HEAD_BYTES: u64 = 16 << 20;
+/// Largest message head (program, ids, receipt, tensor shapes), in bytes. A program is at
+/// most [`corvid_kernels::Budget::MAX_PROGRAM_BYTES`]; the rest is ids and metas. Kept small
+/// because decoding a head builds structures some times its size.
+const MAX_HEAD_BYTES: u64 = 4 << 20;
 /// Most tensors one message carries, and the bookkeeping each is charged.
 const MAX_TENSORS: usize = 4096;
 const TENSOR_OVERHEAD: u64 = 256;
@@ -152,10 +154,10 @@ async fn write_message<T: AsyncWrite + Unpin + Send, M: Framed>(
 
 impl libp2p::request_response::Codec for TaskCodec {
     type Protocol = StreamProtocol;
-    type Request = TaskRequest;
+    type Request = Request;
     type Response = TaskResponse;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<TaskRequest>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Request>
     where
         T: AsyncRead + Unpin + Send,
     {
@@ -173,7 +175,7 @@ impl libp2p::request_response::Codec for TaskCodec {
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: TaskRequest,
+        req: Request,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
@@ -196,12 +198,12 @@ impl libp2p::request_response::Codec for TaskCodec {
 
 #[cfg(test)]
 mod tests {
-    use corvid_sdk::wire::{Input, Receipt};
+    use corvid_sdk::wire::{Input, Receipt, TaskRequest};
     use corvid_sdk::{Graph, LocalExecutor};
 
     use super::*;
 
-    fn request() -> TaskRequest {
+    fn request() -> Request {
         let exec = Arc::new(LocalExecutor::new(corvid_kernels::Backend::Cpu(
             corvid_kernels::CpuBackend::new(),
         )));
@@ -213,7 +215,7 @@ mod tests {
         let plan = g.plan(&[&c]).unwrap();
         let sg = &plan.subgraphs[0];
         let inputs = vec![Input::Data(plan.leaves[0].clone()), Input::Held];
-        TaskRequest::new(7, [3; 16], sg, inputs)
+        Request::Run(TaskRequest::new(7, [3; 16], sg, inputs))
     }
 
     #[test]
@@ -222,7 +224,7 @@ mod tests {
             let req = request();
             let mut buf = Vec::new();
             write_message(&mut buf, &req, 1 << 20).await.unwrap();
-            let back: TaskRequest = read_message(&mut buf.as_slice(), 1 << 20).await.unwrap();
+            let back: Request = read_message(&mut buf.as_slice(), 1 << 20).await.unwrap();
             assert_eq!(back, req);
             let res = TaskResponse::Done {
                 task: 7,
@@ -251,12 +253,12 @@ mod tests {
                 .unwrap_err();
             assert!(e.to_string().contains("over the limit"), "{e}");
             // A head declaring tensors over the cap is refused before they are read.
-            let e = read_message::<_, TaskRequest>(&mut buf.as_slice(), buf.len() as u64 - 9)
+            let e = read_message::<_, Request>(&mut buf.as_slice(), buf.len() as u64 - 9)
                 .await
                 .unwrap_err();
             assert!(e.to_string().contains("over the limit"), "{e}");
             // A truncated message is an error, not a hang or a panic.
-            let e = read_message::<_, TaskRequest>(&mut &buf[..buf.len() - 1], 1 << 20)
+            let e = read_message::<_, Request>(&mut &buf[..buf.len() - 1], 1 << 20)
                 .await
                 .unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
