@@ -3,7 +3,9 @@
 //! A tensor's [`ContentId`] is blake3 over its dtype, shape and little-endian bytes, so the same
 //! values have the same id on every machine.
 
+use std::any::Any;
 use std::fmt;
+use std::sync::Arc;
 
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
@@ -114,10 +116,45 @@ pub enum TensorError {
 }
 
 /// Element storage. Kept typed so the CPU paths need no casts.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum Data {
     F32(Vec<f32>),
     I32(Vec<i32>),
+    /// Words the tensor shares with others, read-only: a mapping of shared memory that
+    /// another process reads in place (see [`SharedWords`]).
+    Shared(DType, Arc<dyn SharedWords>),
+}
+
+impl Data {
+    fn dtype(&self) -> DType {
+        match self {
+            Data::F32(_) => DType::F32,
+            Data::I32(_) => DType::I32,
+            Data::Shared(d, _) => *d,
+        }
+    }
+
+    fn words(&self) -> &[u32] {
+        match self {
+            Data::F32(v) => bytemuck::cast_slice(v),
+            Data::I32(v) => bytemuck::cast_slice(v),
+            Data::Shared(_, w) => w.words(),
+        }
+    }
+}
+
+impl PartialEq for Data {
+    fn eq(&self, other: &Data) -> bool {
+        self.dtype() == other.dtype() && self.words() == other.words()
+    }
+}
+
+/// Read-only 32-bit words held somewhere other than a `Vec`: what [`Data::Shared`] points to.
+/// The words never change while any tensor holds them.
+pub trait SharedWords: Send + Sync + fmt::Debug + Any {
+    fn words(&self) -> &[u32];
+    /// For callers that need the concrete storage back (to pass its handle on).
+    fn as_any(&self) -> &dyn Any;
 }
 
 /// A dense, row-major tensor.
@@ -158,10 +195,7 @@ impl Tensor {
     }
 
     fn new(shape: Vec<usize>, data: Data) -> Result<Self, TensorError> {
-        let got = match &data {
-            Data::F32(v) => v.len(),
-            Data::I32(v) => v.len(),
-        };
+        let got = data.words().len();
         // An element count that overflows can never equal a real length.
         let expected = checked::numel(&shape).unwrap_or(usize::MAX);
         if expected != got {
@@ -269,9 +303,23 @@ impl Tensor {
     }
 
     pub fn dtype(&self) -> DType {
-        match self.data {
-            Data::F32(_) => DType::F32,
-            Data::I32(_) => DType::I32,
+        self.data.dtype()
+    }
+
+    /// A tensor over shared words (read in place, never copied), checking the length.
+    pub fn from_shared(
+        dtype: DType,
+        shape: Vec<usize>,
+        words: Arc<dyn SharedWords>,
+    ) -> Result<Self, TensorError> {
+        Self::new(shape, Data::Shared(dtype, words))
+    }
+
+    /// The shared storage this tensor reads, if it is not in a `Vec` of its own.
+    pub fn shared(&self) -> Option<&Arc<dyn SharedWords>> {
+        match &self.data {
+            Data::Shared(_, w) => Some(w),
+            _ => None,
         }
     }
 
@@ -281,10 +329,7 @@ impl Tensor {
 
     /// The element count: the length of the data, which the shape was checked against.
     pub fn numel(&self) -> usize {
-        match &self.data {
-            Data::F32(v) => v.len(),
-            Data::I32(v) => v.len(),
-        }
+        self.data.words().len()
     }
 
     pub fn meta(&self) -> TensorMeta {
@@ -298,9 +343,10 @@ impl Tensor {
     pub fn as_f32(&self) -> Result<&[f32], TensorError> {
         match &self.data {
             Data::F32(v) => Ok(v),
-            Data::I32(_) => Err(TensorError::DType {
+            Data::Shared(DType::F32, w) => Ok(bytemuck::cast_slice(w.words())),
+            d => Err(TensorError::DType {
                 expected: DType::F32,
-                got: DType::I32,
+                got: d.dtype(),
             }),
         }
     }
@@ -308,19 +354,17 @@ impl Tensor {
     pub fn as_i32(&self) -> Result<&[i32], TensorError> {
         match &self.data {
             Data::I32(v) => Ok(v),
-            Data::F32(_) => Err(TensorError::DType {
+            Data::Shared(DType::I32, w) => Ok(bytemuck::cast_slice(w.words())),
+            d => Err(TensorError::DType {
                 expected: DType::I32,
-                got: DType::F32,
+                got: d.dtype(),
             }),
         }
     }
 
     /// The raw 32-bit words, whatever the dtype: what the GPU uploads.
     pub fn words(&self) -> &[u32] {
-        match &self.data {
-            Data::F32(v) => bytemuck::cast_slice(v),
-            Data::I32(v) => bytemuck::cast_slice(v),
-        }
+        self.data.words()
     }
 
     /// Rebuilds a tensor from raw 32-bit words of the given dtype.
@@ -422,9 +466,10 @@ impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const SHOW: usize = 8;
         write!(f, "Tensor({}{:?} ", self.dtype(), self.shape)?;
-        match &self.data {
-            Data::F32(v) => write!(f, "{:?}", &v[..v.len().min(SHOW)])?,
-            Data::I32(v) => write!(f, "{:?}", &v[..v.len().min(SHOW)])?,
+        match (self.as_f32(), self.as_i32()) {
+            (Ok(v), _) => write!(f, "{:?}", &v[..v.len().min(SHOW)])?,
+            (_, Ok(v)) => write!(f, "{:?}", &v[..v.len().min(SHOW)])?,
+            _ => {}
         }
         if self.numel() > SHOW {
             write!(f, "…")?;

@@ -81,6 +81,10 @@ pub enum Command {
         #[arg(long)]
         cheater: bool,
     },
+    /// The confined process a node runs peers' tasks in (started by `corvid node`)
+    #[cfg(target_os = "linux")]
+    #[command(hide = true)]
+    Executor(crate::sandbox::child::ExecutorArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,6 +178,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             clap_complete::generate(shell, &mut Cli::command(), "corvid", &mut std::io::stdout());
             Ok(())
         }
+        // `main` runs it before any runtime starts.
+        #[cfg(target_os = "linux")]
+        Command::Executor(_) => Err(CliError::Output(
+            "the executor runs outside the async runtime".into(),
+        )),
     }
 }
 
@@ -378,6 +387,8 @@ struct ConfigDump<'a> {
     psk_fingerprint: Option<String>,
     contribute: bool,
     slots: u32,
+    /// Where peers' tasks run: "executor process" or "in process".
+    executor: String,
     control: String,
     max_connections: u32,
     timing: &'a Timing,
@@ -414,6 +425,12 @@ fn dump_config(args: &NodeArgs) -> Result<(), CliError> {
         psk_fingerprint: c.psk.as_ref().map(Psk::fingerprint),
         contribute: c.contribute,
         slots: c.slots,
+        executor: match &c.executor {
+            crate::config::ExecutorMode::Process { program } => {
+                format!("executor process ({} executor)", program.display())
+            }
+            crate::config::ExecutorMode::InProcess => "in process (no sandbox)".into(),
+        },
         control: c.control.to_string(),
         max_connections: c.max_connections,
         timing: &c.timing,

@@ -132,10 +132,22 @@ pub struct NodeConfig {
     pub control: SocketAddr,
     pub max_connections: u32,
     pub timing: Timing,
+    /// Where tasks from peers run.
+    pub executor: ExecutorMode,
     /// Misbehaviour for tests and demos of requesters' defences; set only by the hidden
     /// `--cheat` flag, never from files or the environment.
     #[doc(hidden)]
     pub fault: Option<Fault>,
+}
+
+/// Where a worker runs tasks from peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExecutorMode {
+    /// In a separate, confined executor process (`program executor`) that the node supervises:
+    /// the default.
+    Process { program: PathBuf },
+    /// In the node's own process: no confinement. For tests and debugging.
+    InProcess,
 }
 
 /// Ways a test worker misbehaves. Each cheat signs what it returns, as a real cheater would
@@ -158,6 +170,8 @@ pub enum Fault {
     /// A slow machine that says it is fast: advertises `factor` times its measured speed and
     /// takes `delay_ms` longer over every task.
     Inflate { factor: f32, delay_ms: u32 },
+    /// The executor process aborts on every `every`-th task (the node must restart it).
+    CrashExecutor { every: u32 },
 }
 
 impl NodeConfig {
@@ -186,6 +200,7 @@ impl NodeConfig {
                 bench_budget: Duration::from_millis(150),
                 max_task_time: Duration::from_secs(60),
             },
+            executor: ExecutorMode::InProcess,
             fault: None,
         }
     }
@@ -285,6 +300,17 @@ impl NodeConfig {
             control,
             max_connections: file.max_connections.unwrap_or(128),
             timing,
+            executor: if args.no_sandbox {
+                ExecutorMode::InProcess
+            } else {
+                ExecutorMode::Process {
+                    program: std::env::current_exe().map_err(|e| ConfigError::Value {
+                        field: "executor",
+                        value: "the corvid binary".into(),
+                        reason: format!("cannot find this program's path: {e}"),
+                    })?,
+                }
+            },
             fault: args.cheat.map(Fault::from),
         };
         config.validate()?;
@@ -410,6 +436,10 @@ pub struct NodeArgs {
     /// Forget peers not heard from for this long, e.g. "90s"
     #[arg(long, env = "CORVID_PEER_EXPIRY", value_name = "DURATION")]
     pub peer_expiry: Option<humantime::Duration>,
+    /// Run peers' tasks inside the node process instead of a confined executor process
+    /// (debugging only: a bug a task triggers then costs the node)
+    #[arg(long, env = "CORVID_NO_SANDBOX")]
+    pub no_sandbox: bool,
     /// Misbehave on purpose, to show requesters' defences (`corvid demo --cheater`). Hidden;
     /// no environment variable or config key sets it.
     #[arg(long, hide = true, value_name = "HOW")]
@@ -425,6 +455,8 @@ pub enum Cheat {
     Zeros,
     Replay,
     WrongKey,
+    /// The executor process aborts on every third task (tests of the node's recovery).
+    CrashExecutor,
 }
 
 impl From<Cheat> for Fault {
@@ -437,6 +469,7 @@ impl From<Cheat> for Fault {
             Cheat::Zeros => Fault::Zeros,
             Cheat::Replay => Fault::Replay,
             Cheat::WrongKey => Fault::WrongKey,
+            Cheat::CrashExecutor => Fault::CrashExecutor { every: 3 },
         }
     }
 }

@@ -29,6 +29,8 @@ pub mod limits;
 pub mod net;
 pub mod node;
 pub mod peers;
+#[cfg(target_os = "linux")]
+pub mod sandbox;
 pub mod trust;
 mod work;
 

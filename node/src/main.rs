@@ -8,6 +8,11 @@ use corvid_node::cli::{Cli, init_tracing, run};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log);
+    // The executor confines itself while it is still one thread: before any runtime starts.
+    #[cfg(target_os = "linux")]
+    if let corvid_node::cli::Command::Executor(args) = cli.command {
+        return corvid_node::sandbox::child::main(args);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -64,6 +64,8 @@ pub enum NodeError {
     Remote { peer: String, error: String },
     #[error("a blocking task failed: {0}")]
     Task(String),
+    #[error("cannot start the executor process: {0}")]
+    Executor(String),
 }
 
 /// A node's view of itself, served at `GET /status`.
@@ -141,7 +143,15 @@ impl Node {
                 contributes: config.contribute,
                 task_budget: limits.task.clone(),
             };
-            let mut swarm = build_swarm(&key, &config)?;
+            let codec = if config.contribute {
+                crate::net::task::TaskCodec::worker(
+                    limits.inbound_bytes,
+                    matches!(config.executor, crate::config::ExecutorMode::Process { .. }),
+                )
+            } else {
+                crate::net::task::TaskCodec::default()
+            };
+            let mut swarm = build_swarm(&key, &config, codec)?;
             let listen_addrs = listen(&mut swarm, &config.listen).await?;
 
             let cancel = shutdown.child_token();
@@ -176,14 +186,12 @@ impl Node {
                 // Room for a requester's queued tasks plus its checks (canaries, replicas).
                 let (work_tx, work_rx) = mpsc::channel(2 * slots.max(1) + 4);
                 let (cancel_tx, cancel_rx) = mpsc::channel(CANCEL_QUEUE);
-                let executor = std::sync::Arc::new(
-                    corvid_sdk::LocalExecutor::new(backend).with_cache_bytes(limits.cache_bytes),
-                );
+                let engine = engine(&config, &limits, &bench, backend).await?;
                 let worker = crate::work::Worker::new(
                     work_rx,
                     cancel_rx,
                     client.tx.clone(),
-                    executor,
+                    engine,
                     key.clone(),
                     limits.clone(),
                     slots,
@@ -244,6 +252,91 @@ async fn benchmark(
     })
     .await
     .map_err(|e| NodeError::Task(e.to_string()))?
+}
+
+/// Address space an executor process needs beyond the memory it is given: code, thread
+/// stacks, allocator arenas, gemm's buffers.
+const EXECUTOR_BASE_ADDRESS_SPACE: u64 = 2 << 30;
+
+/// Where this worker will run peers' tasks: the confined executor process (started here, and
+/// its protections logged), or `backend` in this process.
+async fn engine(
+    config: &NodeConfig,
+    limits: &Limits,
+    bench: &BenchReport,
+    backend: corvid_kernels::Backend,
+) -> Result<crate::work::Engine, NodeError> {
+    use crate::config::ExecutorMode;
+    let program = match &config.executor {
+        ExecutorMode::InProcess => {
+            tracing::warn!(
+                "peers' tasks run inside the node process (no executor process, no sandbox)"
+            );
+            return Ok(crate::work::Engine::InProcess(backend));
+        }
+        ExecutorMode::Process { program } => program.clone(),
+    };
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (program, limits, bench);
+        tracing::warn!("no executor process on this platform: peers' tasks run inside the node");
+        Ok(crate::work::Engine::InProcess(backend))
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use crate::sandbox::{Sandbox, SandboxConfig, child::DEFAULT_CPU_SECONDS, confine};
+        let choice = match bench.backend {
+            corvid_kernels::BackendKind::Cpu => corvid_kernels::BackendChoice::Cpu,
+            corvid_kernels::BackendKind::Gpu => corvid_kernels::BackendChoice::Gpu,
+        };
+        // The executor opens its own.
+        drop(backend);
+        let mut forbid: Vec<std::path::PathBuf> = Vec::new();
+        if let crate::config::IdentitySource::File(p) = &config.identity {
+            forbid.push(p.clone());
+        }
+        forbid.extend(config.data_dir.iter().cloned());
+        forbid.extend(config.psk.iter().map(|p| p.path.clone()));
+        for f in &forbid {
+            if confine::under_read_roots(f) {
+                tracing::warn!(path = %f.display(), "under a system directory the executor may read:                     move the data directory (--data-dir) to keep it from the executor");
+            }
+        }
+        let cfg = SandboxConfig {
+            program,
+            backend: choice,
+            address_space: Some(limits.memory / 2 + EXECUTOR_BASE_ADDRESS_SPACE),
+            cpu_seconds: DEFAULT_CPU_SECONDS,
+            forbid,
+            crash_every: match config.fault {
+                Some(crate::config::Fault::CrashExecutor { every }) => u64::from(every),
+                _ => 0,
+            },
+        };
+        let (sandbox, ready) = tokio::task::spawn_blocking(move || Sandbox::start(cfg))
+            .await
+            .map_err(|e| NodeError::Task(e.to_string()))?
+            .map_err(|e| NodeError::Executor(e.to_string()))?;
+        if ready.class != bench.class {
+            tracing::warn!(executor = %ready.class, benchmarked = %bench.class,
+                "the executor's determinism class differs from the benchmarked one");
+        }
+        let c = &ready.confinement;
+        tracing::info!(pid = sandbox.pid(), backend = %ready.backend, landlock = %c.landlock,
+            seccomp = c.seccomp, address_space = ?c.address_space.map(|b| bytesize::ByteSize(b).display().iec().to_string()),
+            cpu_seconds = ?c.cpu_seconds, "peers' tasks run in a confined executor process");
+        if !c.forbidden_readable.is_empty() {
+            tracing::warn!(files = ?c.forbidden_readable, "the executor can read files it should not");
+        }
+        if !c.seccomp || !c.landlock.starts_with("fully") {
+            tracing::warn!(landlock = %c.landlock, seccomp = c.seccomp,
+                "the executor is only partly confined on this system");
+        }
+        Ok(crate::work::Engine::Sandboxed {
+            sandbox,
+            class: ready.class,
+        })
+    }
 }
 
 /// Starts every listener and waits until each reports its address.

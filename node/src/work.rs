@@ -1,5 +1,6 @@
-//! The worker: runs subgraphs that peers send, at most `slots` at a time, on the node's backend
-//! through the SDK's local executor (which caches results), and signs every result.
+//! The worker: runs subgraphs that peers send, at most `slots` at a time, in the executor
+//! process ([`crate::sandbox`]) or, for tests and `--no-sandbox`, on a backend in this
+//! process; caches results by task, and signs every result.
 //!
 //! Every request is treated as hostile until checked: its program is validated against the
 //! node's [`Limits`] (rank, nodes, sizes, peak memory, FLOPs) before any of it runs, it gets a
@@ -17,11 +18,13 @@ use std::time::Instant;
 use corvid_kernels::backend::Guard;
 use corvid_kernels::cancel::Stopped;
 use corvid_kernels::verify::Projection;
-use corvid_kernels::{Cancel, ExecError, ProgramError, Tensor as Data};
+use corvid_kernels::{
+    Backend, Cancel, ContentId, DeterminismClass, ExecError, Program, ProgramError, Tensor as Data,
+};
 use corvid_sdk::wire::{
     Input, Receipt, TASK_VERSION, TaskError, TaskRequest, TaskResponse, task_key,
 };
-use corvid_sdk::{LocalExecutor, ValueId};
+use corvid_sdk::{ResultCache, SubgraphId, ValueId};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
@@ -43,6 +46,8 @@ pub(crate) struct Work {
     pub peer: PeerId,
     pub request: TaskRequest,
     pub channel: ResponseChannel<TaskResponse>,
+    /// The request's hold on the inbound budget: released when the task is answered.
+    pub lease: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Everything the worker task owns.
@@ -54,9 +59,61 @@ pub(crate) struct Worker {
     slots: usize,
 }
 
+/// Where tasks run.
+#[derive(Debug)]
+pub(crate) enum Engine {
+    /// On a backend in the node's own process (tests, `--no-sandbox`).
+    InProcess(Backend),
+    /// In the supervised executor process.
+    #[cfg(target_os = "linux")]
+    Sandboxed {
+        sandbox: crate::sandbox::Sandbox,
+        class: DeterminismClass,
+    },
+}
+
+impl Engine {
+    fn class(&self) -> &DeterminismClass {
+        match self {
+            Engine::InProcess(b) => b.class(),
+            #[cfg(target_os = "linux")]
+            Engine::Sandboxed { class, .. } => class,
+        }
+    }
+
+    fn run_traced(
+        &self,
+        program: &Program,
+        inputs: &[Arc<Data>],
+        guard: &Guard,
+    ) -> Result<(Vec<Arc<Data>>, Vec<ContentId>), TaskError> {
+        match self {
+            Engine::InProcess(b) => b
+                .run_traced(program, inputs, guard)
+                .map(|(o, h)| (o.into_iter().map(Arc::new).collect(), h))
+                .map_err(task_error),
+            #[cfg(target_os = "linux")]
+            Engine::Sandboxed { sandbox, .. } => sandbox.run_traced(program, inputs, guard),
+        }
+    }
+}
+
+/// Results by task key, with their per-op hashes.
+struct Results {
+    outputs: ResultCache,
+    hashes: HashMap<SubgraphId, Arc<Vec<ContentId>>>,
+}
+
+/// A task's outputs and the hash of every op's output, shared with the cache.
+type Ran = (Arc<Vec<Arc<Data>>>, Arc<Vec<ContentId>>);
+
+/// Per-op hash lists kept at most; the table is cleared past this.
+const MAX_TRACES: usize = 100_000;
+
 /// What running tasks share.
 struct Shared {
-    executor: Arc<LocalExecutor>,
+    engine: Engine,
+    results: Mutex<Results>,
     key: Keypair,
     limits: Limits,
     held: Mutex<Held>,
@@ -71,7 +128,7 @@ impl Worker {
         queue: mpsc::Receiver<Work>,
         cancels: mpsc::Receiver<(PeerId, u64)>,
         commands: mpsc::Sender<Command>,
-        executor: Arc<LocalExecutor>,
+        engine: Engine,
         key: Keypair,
         limits: Limits,
         slots: usize,
@@ -82,7 +139,11 @@ impl Worker {
             cancels,
             commands,
             shared: Arc::new(Shared {
-                executor,
+                results: Mutex::new(Results {
+                    outputs: ResultCache::new(limits.cache_bytes),
+                    hashes: HashMap::new(),
+                }),
+                engine,
                 key,
                 held: Mutex::new(Held::new(limits.held_bytes)),
                 limits,
@@ -137,7 +198,7 @@ pub(crate) async fn run(mut worker: Worker, cancel: CancellationToken) {
                 let shared = worker.shared.clone();
                 let commands = worker.commands.clone();
                 tasks.spawn(async move {
-                    let Work { peer, request, channel } = work;
+                    let Work { peer, request, channel, lease } = work;
                     let task = request.task;
                     let response =
                         tokio::task::spawn_blocking(move || shared.execute(peer, request, flag))
@@ -150,6 +211,7 @@ pub(crate) async fn run(mut worker: Worker, cancel: CancellationToken) {
                         tracing::warn!(%peer, task, %error, "task failed");
                     }
                     let _ = commands.send(Command::Respond { channel, response }).await;
+                    drop(lease);
                     (peer, task)
                 });
             }
@@ -186,7 +248,7 @@ impl EarlyCancels {
 }
 
 /// The requester-facing reason for an execution error.
-fn task_error(e: ExecError) -> TaskError {
+pub(crate) fn task_error(e: ExecError) -> TaskError {
     match e {
         ExecError::Program(ProgramError::TooLarge(t)) => TaskError::TooLarge(t),
         e @ (ExecError::Program(_) | ExecError::InputCount { .. } | ExecError::Input { .. }) => {
@@ -276,15 +338,11 @@ impl Shared {
             self.limits.task.clone(),
             flag.with_deadline(self.limits.deadline(&footprint)),
         );
-        let traced = match self.executor.run_traced(
-            corvid_sdk::SubgraphId(key),
-            &request.program,
-            &inputs,
-            &guard,
-        ) {
-            Ok(t) => t,
-            Err(e) => return fail(task_error(e)),
-        };
+        let (outputs, op_hashes) =
+            match self.run_cached(SubgraphId(key), &request.program, &inputs, &guard) {
+                Ok(t) => t,
+                Err(e) => return fail(e),
+            };
         if let Some(Fault::Inflate { delay_ms, .. }) = self.fault {
             std::thread::sleep(std::time::Duration::from_millis(u64::from(delay_ms)));
         }
@@ -294,12 +352,12 @@ impl Shared {
             for (id, t) in request.input_ids.iter().zip(&inputs) {
                 held.put(peer, *id, t.clone());
             }
-            for (id, t) in request.output_ids.iter().zip(traced.outputs.iter()) {
+            for (id, t) in request.output_ids.iter().zip(outputs.iter()) {
                 held.put(peer, *id, t.clone());
             }
         }
-        let mut outputs: Vec<Arc<Data>> = traced.outputs.to_vec();
-        let mut op_hashes = traced.op_hashes.to_vec();
+        let mut outputs: Vec<Arc<Data>> = outputs.to_vec();
+        let mut op_hashes = op_hashes.to_vec();
         let count = {
             let mut a = self.answered.lock().unwrap_or_else(|p| p.into_inner());
             a.0 += 1;
@@ -318,7 +376,7 @@ impl Shared {
             }
             _ => {}
         }
-        let class = self.executor.backend().class();
+        let class = self.engine.class();
         let receipt = Receipt {
             task: key,
             nonce: request.nonce,
@@ -368,6 +426,34 @@ impl Shared {
             a.1 = Some(response.clone());
         }
         response
+    }
+}
+
+impl Shared {
+    /// Runs a task, or answers it from the cache when the same subgraph ran on the same
+    /// inputs before.
+    fn run_cached(
+        &self,
+        key: SubgraphId,
+        program: &Program,
+        inputs: &[Arc<Data>],
+        guard: &Guard,
+    ) -> Result<Ran, TaskError> {
+        {
+            let r = self.results.lock().unwrap_or_else(|p| p.into_inner());
+            if let (Some(o), Some(h)) = (r.outputs.get(&key), r.hashes.get(&key)) {
+                return Ok((o, h.clone()));
+            }
+        }
+        let (outputs, hashes) = self.engine.run_traced(program, inputs, guard)?;
+        let (outputs, hashes) = (Arc::new(outputs), Arc::new(hashes));
+        let mut r = self.results.lock().unwrap_or_else(|p| p.into_inner());
+        r.outputs.put(key, outputs.clone());
+        if r.hashes.len() >= MAX_TRACES {
+            r.hashes.clear();
+        }
+        r.hashes.insert(key, hashes.clone());
+        Ok((outputs, hashes))
     }
 }
 

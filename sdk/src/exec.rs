@@ -6,8 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use corvid_kernels::backend::Guard;
-use corvid_kernels::{Backend, BackendChoice, ContentId, ExecError, Tensor as Data};
+use corvid_kernels::{Backend, BackendChoice, ExecError, Tensor as Data};
 use rayon::prelude::*;
 
 use crate::error::EvalError;
@@ -22,16 +21,6 @@ pub trait Executor: Send + Sync + fmt::Debug {
     fn execute(&self, plan: &Plan) -> Result<Vec<Arc<Data>>, EvalError>;
 }
 
-/// Per-op hashes kept at most (32 bytes per op each); the table is cleared past this.
-const MAX_TRACES: usize = 100_000;
-
-/// Outputs of a traced run and the content id of every op's output.
-#[derive(Clone, Debug)]
-pub struct Traced {
-    pub outputs: Arc<Vec<Arc<Data>>>,
-    pub op_hashes: Arc<Vec<ContentId>>,
-}
-
 /// Default cap on cached results, in bytes.
 pub const CACHE_BYTES: u64 = 1 << 30;
 
@@ -41,8 +30,6 @@ pub struct LocalExecutor {
     backend: Backend,
     settings: Settings,
     cache: Mutex<ResultCache>,
-    /// Per-op output hashes of traced runs, by the same key as `cache`.
-    traces: Mutex<HashMap<SubgraphId, Arc<Vec<ContentId>>>>,
 }
 
 impl LocalExecutor {
@@ -55,14 +42,7 @@ impl LocalExecutor {
             backend,
             settings,
             cache: Mutex::new(ResultCache::new(CACHE_BYTES)),
-            traces: Mutex::new(HashMap::new()),
         }
-    }
-
-    /// Same executor keeping at most `bytes` of results in its cache.
-    pub fn with_cache_bytes(self, bytes: u64) -> Self {
-        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = ResultCache::new(bytes);
-        self
     }
 
     /// Same executor with other partition settings (block size, limits).
@@ -104,37 +84,6 @@ impl LocalExecutor {
         let out = Arc::new(out);
         self.cache().put(id, out.clone());
         Ok(out)
-    }
-
-    /// [`LocalExecutor::run_program`] that also returns the content id of every op's output in
-    /// program order (see [`Backend::run_traced`]), within `guard`'s budget and deadline.
-    /// Cached by `id` like `run_program`.
-    pub fn run_traced(
-        &self,
-        id: SubgraphId,
-        program: &corvid_kernels::Program,
-        inputs: &[Arc<Data>],
-        guard: &Guard,
-    ) -> Result<Traced, ExecError> {
-        let trace = self
-            .traces
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned();
-        if let (Some(outputs), Some(op_hashes)) = (self.cache().get(&id), trace) {
-            return Ok(Traced { outputs, op_hashes });
-        }
-        let (outs, hashes) = self.backend.run_traced(program, inputs, guard)?;
-        let outputs = Arc::new(outs.into_iter().map(Arc::new).collect::<Vec<_>>());
-        let op_hashes = Arc::new(hashes);
-        self.cache().put(id, outputs.clone());
-        let mut traces = self.traces.lock().unwrap_or_else(|p| p.into_inner());
-        if traces.len() >= MAX_TRACES {
-            traces.clear();
-        }
-        traces.insert(id, op_hashes.clone());
-        Ok(Traced { outputs, op_hashes })
     }
 
     /// How many subgraph results are cached.

@@ -35,7 +35,7 @@ pub mod wire;
 
 pub use corvid_kernels as kernels;
 pub use error::{BuildError, EvalError, Site};
-pub use exec::{Executor, LocalExecutor, ResultCache, Traced};
+pub use exec::{Executor, LocalExecutor, ResultCache};
 pub use graph::Graph;
 pub use ids::{SubgraphId, ValueId};
 pub use plan::{Cost, Plan, Settings, Source, Subgraph};

@@ -2,6 +2,12 @@
 //!
 //! Everything here is pure data and logic, so it is tested (and the WGSL validated with naga)
 //! without a GPU.
+//!
+//! Kernel parameters are `u32`. [`plan`] is only called on programs validated against a budget
+//! whose tensor limit is the device's binding limit, itself at most `u32::MAX` bytes: every
+//! value's extent (see [`crate::checked`]) is then under 2^30 elements, and every size, stride
+//! or offset below is a product of a value's axes, so the `as u32` conversions cannot
+//! truncate.
 
 use crate::op::{BinaryOp, Op, UnaryOp};
 use crate::shape::{broadcast_strides, contiguous_strides};

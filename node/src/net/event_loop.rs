@@ -15,6 +15,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use super::dial::{self, DialFailure};
+use super::task::Envelope;
 use super::{Behaviour, BehaviourEvent, advert_topic};
 use crate::advert::{self, Advert};
 use crate::config::Timing;
@@ -225,7 +226,7 @@ impl EventLoop {
                     .swarm
                     .behaviour_mut()
                     .task
-                    .send_request(&peer, Request::Run(*request));
+                    .send_request(&peer, Request::Run(*request).into());
                 self.pending.insert(id, reply);
             }
             Command::CancelTask { peer, task } => {
@@ -233,7 +234,7 @@ impl EventLoop {
                 self.swarm
                     .behaviour_mut()
                     .task
-                    .send_request(&peer, Request::Cancel { task });
+                    .send_request(&peer, Request::Cancel { task }.into());
             }
             Command::Respond { channel, response } => {
                 // Fails only if the requester has gone; nothing to do then.
@@ -247,11 +248,15 @@ impl EventLoop {
         }
     }
 
-    fn handle_task(&mut self, event: request_response::Event<Request, TaskResponse>) {
+    fn handle_task(&mut self, event: request_response::Event<Envelope, TaskResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request: Request::Cancel { task },
+                    request:
+                        Envelope {
+                            request: Request::Cancel { task },
+                            ..
+                        },
                     channel,
                     ..
                 } => {
@@ -266,7 +271,11 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().task.send_response(channel, r);
                 }
                 request_response::Message::Request {
-                    request: Request::Run(request),
+                    request:
+                        Envelope {
+                            request: Request::Run(request),
+                            lease,
+                        },
                     channel,
                     ..
                 } => {
@@ -282,6 +291,7 @@ impl EventLoop {
                             peer,
                             request,
                             channel,
+                            lease,
                         }) {
                             Ok(()) => None,
                             Err(mpsc::error::TrySendError::Full(w)) => {

@@ -76,6 +76,7 @@ pub fn advert_topic() -> IdentTopic {
 pub(crate) fn build_swarm(
     key: &Keypair,
     config: &NodeConfig,
+    codec: task::TaskCodec,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let psk = config.psk.as_ref().map(|p| p.key);
     let dial_timeout = config.timing.dial_timeout;
@@ -101,7 +102,7 @@ pub(crate) fn build_swarm(
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_dns()
         .map_err(|e| NetError::Transport(e.to_string()))?
-        .with_behaviour(|key| behaviour(key, config))
+        .with_behaviour(|key| behaviour(key, config, codec))
         .map_err(|e| NetError::Behaviour(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
         .build();
@@ -111,6 +112,7 @@ pub(crate) fn build_swarm(
 fn behaviour(
     key: &Keypair,
     config: &NodeConfig,
+    codec: task::TaskCodec,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     let peer_id = key.public().to_peer_id();
     let limits = connection_limits::ConnectionLimits::default()
@@ -157,7 +159,7 @@ fn behaviour(
         kad,
         gossipsub,
         task: request_response::Behaviour::with_codec(
-            task::TaskCodec::default(),
+            codec,
             [(
                 task::TASK_PROTOCOL,
                 if config.contribute {

@@ -1,11 +1,17 @@
-//! The task protocol (`/corvid/task/2`): a requester sends a subgraph with its inputs, a worker
-//! answers with the outputs.
+//! The task protocol (`/corvid/task/3`): a requester sends a subgraph with its inputs (or a
+//! cancel), a worker answers with the outputs.
 //!
 //! A message is a postcard head behind a u64 length, then the raw little-endian bytes of each
 //! tensor the head lists ([`Framed`]). The head's length, and then the total of the tensor
 //! sizes it declares, are checked against a cap before anything is allocated; tensors are
 //! written straight from their memory and read straight into their final buffers, whose pages
 //! are committed only as bytes arrive.
+//!
+//! On a worker, a request first takes a lease on the node's inbound budget for all of its
+//! bytes (waiting while other requests hold it), so requests being received or waiting for a
+//! slot never hold more memory than `--max-memory` sets aside for them; the lease ends when
+//! the task does. With an executor process, large input tensors are read straight into
+//! sealed shared memory, which the executor then reads in place.
 
 use std::io;
 use std::sync::Arc;
@@ -14,8 +20,11 @@ use corvid_kernels::{DType, Tensor};
 use corvid_sdk::wire::{Framed, Request, TaskResponse};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/corvid/task/3");
+/// Inbound budget is counted in units of this many bytes.
+const LEASE_UNIT: u64 = 4096;
 /// Largest task request or response, in bytes.
 pub const MAX_TASK_BYTES: u64 = 1 << 30;
 /// Largest message head (program, ids, receipt, tensor shapes), in bytes. A program is at
@@ -26,18 +35,64 @@ const MAX_HEAD_BYTES: u64 = 4 << 20;
 const MAX_TENSORS: usize = 4096;
 const TENSOR_OVERHEAD: u64 = 256;
 
-/// The task codec with an explicit size cap (libp2p's stock codecs stop at a few MiB).
+/// A request as it travels through the node: the message, and on a worker the lease on the
+/// inbound budget that its bytes hold until the task is answered.
+#[derive(Debug)]
+pub struct Envelope {
+    pub request: Request,
+    pub lease: Option<OwnedSemaphorePermit>,
+}
+
+impl From<Request> for Envelope {
+    fn from(request: Request) -> Envelope {
+        Envelope {
+            request,
+            lease: None,
+        }
+    }
+}
+
+/// The task codec with explicit size caps (libp2p's stock codecs stop at a few MiB).
 #[derive(Clone, Debug)]
 pub struct TaskCodec {
-    pub max_bytes: u64,
+    /// Largest request read (a worker's inbound budget caps it further).
+    pub max_request_bytes: u64,
+    pub max_response_bytes: u64,
+    /// The worker's inbound budget, in [`LEASE_UNIT`]s; `None` on a requester-only node.
+    inbound: Option<Arc<Semaphore>>,
+    /// Read large request tensors into shared memory (for an executor process).
+    shared_memory: bool,
 }
 
 impl Default for TaskCodec {
     fn default() -> Self {
         TaskCodec {
-            max_bytes: MAX_TASK_BYTES,
+            max_request_bytes: MAX_TASK_BYTES,
+            max_response_bytes: MAX_TASK_BYTES,
+            inbound: None,
+            shared_memory: false,
         }
     }
+}
+
+impl TaskCodec {
+    /// A worker's codec: requests lease `inbound_bytes` in all, each at most that much.
+    pub fn worker(inbound_bytes: u64, shared_memory: bool) -> TaskCodec {
+        let units = (inbound_bytes / LEASE_UNIT).clamp(1, u64::from(u32::MAX));
+        TaskCodec {
+            max_request_bytes: MAX_TASK_BYTES.min(units * LEASE_UNIT),
+            inbound: Some(Arc::new(Semaphore::new(units as usize))),
+            shared_memory,
+            ..TaskCodec::default()
+        }
+    }
+}
+
+/// How a message's tensors are held while reading it.
+#[derive(Default)]
+struct Reading<'a> {
+    inbound: Option<&'a Arc<Semaphore>>,
+    shared_memory: bool,
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -47,7 +102,8 @@ fn invalid(msg: String) -> io::Error {
 async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
     io: &mut T,
     max: u64,
-) -> io::Result<M> {
+    how: Reading<'_>,
+) -> io::Result<(M, Option<OwnedSemaphorePermit>)> {
     let mut len = [0u8; 8];
     io.read_exact(&mut len).await?;
     let len = u64::from_le_bytes(len);
@@ -83,8 +139,37 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
             "task message of {total} bytes is over the limit of {max} bytes"
         )));
     }
+    // Wait for room in the inbound budget before allocating any of it.
+    let lease = match how.inbound {
+        Some(sem) => {
+            let units = u32::try_from(total.div_ceil(LEASE_UNIT))
+                .map_err(|_| invalid(format!("task message of {total} bytes is too large")))?;
+            Some(
+                sem.clone()
+                    .acquire_many_owned(units)
+                    .await
+                    .map_err(|_| invalid("the worker is stopping".into()))?,
+            )
+        }
+        None => None,
+    };
     let mut tensors = Vec::with_capacity(metas.len());
     for (m, n) in metas.into_iter().zip(sizes) {
+        #[cfg(target_os = "linux")]
+        if how.shared_memory
+            && cfg!(target_endian = "little")
+            && crate::sandbox::shm::worth_sharing(&m)
+        {
+            let mut w = crate::sandbox::shm::writer_for(&m).map_err(io::Error::other)?;
+            io.read_exact(w.bytes_mut())
+                .await
+                .map_err(|e| eof(e, "tensor"))?;
+            let shm = w.seal().map_err(io::Error::other)?;
+            tensors.push(Arc::new(
+                crate::sandbox::shm::tensor(&m, shm).map_err(invalid)?,
+            ));
+            continue;
+        }
         let t = match m.dtype {
             DType::F32 => {
                 let mut v = vec![0f32; n];
@@ -111,7 +196,8 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
         .map_err(|e| invalid(e.to_string()))?;
         tensors.push(Arc::new(t));
     }
-    M::join(&head, tensors).map_err(|e| invalid(e.to_string()))
+    let msg = M::join(&head, tensors).map_err(|e| invalid(e.to_string()))?;
+    Ok((msg, lease))
 }
 
 fn eof(e: io::Error, what: &str) -> io::Error {
@@ -154,33 +240,39 @@ async fn write_message<T: AsyncWrite + Unpin + Send, M: Framed>(
 
 impl libp2p::request_response::Codec for TaskCodec {
     type Protocol = StreamProtocol;
-    type Request = Request;
+    type Request = Envelope;
     type Response = TaskResponse;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Request>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Envelope>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_message(io, self.max_bytes).await
+        let how = Reading {
+            inbound: self.inbound.as_ref(),
+            shared_memory: self.shared_memory,
+        };
+        let (request, lease) = read_message(io, self.max_request_bytes, how).await?;
+        Ok(Envelope { request, lease })
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<TaskResponse>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_message(io, self.max_bytes).await
+        let (r, _) = read_message(io, self.max_response_bytes, Reading::default()).await?;
+        Ok(r)
     }
 
     async fn write_request<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Request,
+        req: Envelope,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_message(io, &req, self.max_bytes).await
+        write_message(io, &req.request, self.max_request_bytes).await
     }
 
     async fn write_response<T>(
@@ -192,7 +284,7 @@ impl libp2p::request_response::Codec for TaskCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_message(io, &res, self.max_bytes).await
+        write_message(io, &res, self.max_response_bytes).await
     }
 }
 
@@ -224,7 +316,10 @@ mod tests {
             let req = request();
             let mut buf = Vec::new();
             write_message(&mut buf, &req, 1 << 20).await.unwrap();
-            let back: Request = read_message(&mut buf.as_slice(), 1 << 20).await.unwrap();
+            let (back, _): (Request, _) =
+                read_message(&mut buf.as_slice(), 1 << 20, Reading::default())
+                    .await
+                    .unwrap();
             assert_eq!(back, req);
             let res = TaskResponse::Done {
                 task: 7,
@@ -243,25 +338,105 @@ mod tests {
             };
             let mut rbuf = Vec::new();
             write_message(&mut rbuf, &res, 1 << 20).await.unwrap();
-            let back: TaskResponse = read_message(&mut rbuf.as_slice(), 1 << 20).await.unwrap();
+            let (back, _): (TaskResponse, _) =
+                read_message(&mut rbuf.as_slice(), 1 << 20, Reading::default())
+                    .await
+                    .unwrap();
             assert_eq!(back, res);
             // A head claiming 2^40 bytes is refused on the length alone.
             let mut lying = (1u64 << 40).to_le_bytes().to_vec();
             lying.extend([0u8; 16]);
-            let e = read_message::<_, TaskResponse>(&mut lying.as_slice(), 1 << 30)
-                .await
-                .unwrap_err();
+            let e =
+                read_message::<_, TaskResponse>(&mut lying.as_slice(), 1 << 30, Reading::default())
+                    .await
+                    .unwrap_err();
             assert!(e.to_string().contains("over the limit"), "{e}");
             // A head declaring tensors over the cap is refused before they are read.
-            let e = read_message::<_, Request>(&mut buf.as_slice(), buf.len() as u64 - 9)
-                .await
-                .unwrap_err();
+            let e = read_message::<_, Request>(
+                &mut buf.as_slice(),
+                buf.len() as u64 - 9,
+                Reading::default(),
+            )
+            .await
+            .unwrap_err();
             assert!(e.to_string().contains("over the limit"), "{e}");
             // A truncated message is an error, not a hang or a panic.
-            let e = read_message::<_, Request>(&mut &buf[..buf.len() - 1], 1 << 20)
-                .await
-                .unwrap_err();
+            let e =
+                read_message::<_, Request>(&mut &buf[..buf.len() - 1], 1 << 20, Reading::default())
+                    .await
+                    .unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         });
+    }
+
+    /// A request carrying one `side × side` tensor.
+    fn big_request(side: usize) -> Vec<u8> {
+        let sg = corvid_sdk::plan::Subgraph {
+            id: corvid_sdk::SubgraphId([0; 32]),
+            program: corvid_kernels::Program::single(
+                corvid_kernels::Op::Unary(corvid_kernels::UnaryOp::Neg),
+                vec![corvid_kernels::TensorMeta::f32([side, side])],
+            ),
+            inputs: vec![],
+            input_ids: vec![corvid_sdk::ValueId([1; 32])],
+            output_ids: vec![corvid_sdk::ValueId([2; 32])],
+            cost: Default::default(),
+        };
+        let t = Arc::new(Tensor::random_uniform([side, side], -1.0, 1.0, 3));
+        let req = Request::Run(TaskRequest::new(1, [0; 16], &sg, vec![Input::Data(t)]));
+        let mut buf = Vec::new();
+        futures::executor::block_on(write_message(&mut buf, &req, 1 << 30)).unwrap();
+        buf
+    }
+
+    #[test]
+    fn requests_wait_for_room_in_the_inbound_budget_and_land_in_shared_memory() {
+        use futures::FutureExt;
+        let buf = big_request(256); // 256 KiB of tensor
+        let codec = TaskCodec::worker(400 << 10, true);
+        let how = || Reading {
+            inbound: codec.inbound.as_ref(),
+            shared_memory: true,
+        };
+        futures::executor::block_on(async {
+            let (first, lease): (Request, _) =
+                read_message(&mut buf.as_slice(), codec.max_request_bytes, how())
+                    .await
+                    .unwrap();
+            let Request::Run(r) = &first else { panic!() };
+            let Input::Data(t) = &r.inputs[0] else {
+                panic!()
+            };
+            assert!(
+                crate::sandbox::shm::of(t).is_some(),
+                "a large input is read into shared memory"
+            );
+            // The budget holds one such request: a second waits until the first is done.
+            let mut reader = buf.as_slice();
+            let mut second = Box::pin(read_message::<_, Request>(
+                &mut reader,
+                codec.max_request_bytes,
+                how(),
+            ));
+            assert!(
+                (&mut second).now_or_never().is_none(),
+                "the second request waits"
+            );
+            drop(lease);
+            let (again, _) = second.await.unwrap();
+            assert_eq!(again, first);
+        });
+        // One request over the whole budget is refused outright.
+        let small = TaskCodec::worker(128 << 10, false);
+        let e = futures::executor::block_on(read_message::<_, Request>(
+            &mut buf.as_slice(),
+            small.max_request_bytes,
+            Reading {
+                inbound: small.inbound.as_ref(),
+                shared_memory: false,
+            },
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("over the limit"), "{e}");
     }
 }
