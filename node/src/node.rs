@@ -308,11 +308,13 @@ async fn engine(
             address_space: Some(limits.memory / 2 + EXECUTOR_BASE_ADDRESS_SPACE),
             cpu_seconds: DEFAULT_CPU_SECONDS,
             forbid,
+            threads: config.slots as usize,
             crash_every: match config.fault {
                 Some(crate::config::Fault::CrashExecutor { every }) => u64::from(every),
                 _ => 0,
             },
         };
+        crate::sandbox::shm::set_pool_bytes(limits.inbound_bytes);
         let (sandbox, ready) = tokio::task::spawn_blocking(move || Sandbox::start(cfg))
             .await
             .map_err(|e| NodeError::Task(e.to_string()))?

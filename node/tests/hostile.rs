@@ -34,18 +34,30 @@ impl Drop for Proc {
 }
 
 fn worker(dir: &Path, extra: &[&str]) -> Proc {
+    worker_on("cpu", dir, extra)
+}
+
+fn worker_on(backend: &str, dir: &Path, extra: &[&str]) -> Proc {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.toml"), "bench_budget = \"300ms\"\n").unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corvid"));
-    cmd.args(["--log", "warn", "node", "--backend", "cpu", "--slots", "1"])
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--max-memory", "1GiB"])
-        // Short deadlines, so that the slow case is stopped quickly.
-        .args(["--max-task-time", "3s"])
-        .args(extra)
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "--log",
+        "warn",
+        "node",
+        "--backend",
+        backend,
+        "--slots",
+        "1",
+    ])
+    .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--max-memory", "1GiB"])
+    // Short deadlines, so that the slow case is stopped quickly.
+    .args(["--max-task-time", "3s"])
+    .args(extra)
+    .arg("--data-dir")
+    .arg(dir)
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
     Proc(cmd.spawn().unwrap())
 }
 
@@ -164,6 +176,22 @@ async fn requester(boot: &Status, shutdown: &CancellationToken) -> (NodeHandle, 
 
 async fn running(dir: &Path) -> Status {
     common::wait_for("the worker to run", Duration::from_secs(60), || status(dir)).await
+}
+
+/// Thousands of 16 MiB copies: no FLOPs, but far longer than any deadline.
+fn slow() -> Program {
+    let mut p = Program::new(vec![f(&[1, 1])]);
+    let mut v = p.push(
+        Op::BroadcastTo {
+            shape: vec![2048, 2048],
+        },
+        &[0],
+    );
+    for _ in 0..4000 {
+        v = p.push(Op::Permute { axes: vec![1, 0] }, &[v]);
+    }
+    p.outputs = vec![v];
+    p
 }
 
 fn refused(r: &TaskResponse) -> &TaskError {
@@ -292,20 +320,6 @@ async fn hostile_programs_get_errors_and_the_node_keeps_serving() {
     assert!(done(&ask(&client, peer, honest(71), quick).await));
 
     // Time: thousands of copies cost no FLOPs but take far longer than the deadline.
-    let slow = || {
-        let mut p = Program::new(vec![f(&[1, 1])]);
-        let mut v = p.push(
-            Op::BroadcastTo {
-                shape: vec![2048, 2048],
-            },
-            &[0],
-        );
-        for _ in 0..4000 {
-            v = p.push(Op::Permute { axes: vec![1, 0] }, &[v]);
-        }
-        p.outputs = vec![v];
-        p
-    };
     let started = Instant::now();
     let r = ask(
         &client,
@@ -392,6 +406,64 @@ async fn a_crashing_executor_is_restarted_and_the_node_keeps_serving() {
     let now = children(proc.0.id());
     assert_eq!(now.len(), 1, "one executor runs: {now:?}");
     assert_ne!(first, now, "it is a new process");
+    shutdown.cancel();
+    node.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_executor_refuses_stops_and_recovers() {
+    common::init_logs();
+    // The executor needs an adapter; CI requires one (lavapipe).
+    let required = std::env::var("CORVID_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    if let Err(e) = corvid_kernels::GpuBackend::new(true) {
+        assert!(!required, "CORVID_REQUIRE_GPU=1 but no gpu adapter: {e}");
+        eprintln!("skipping: no gpu adapter ({e})");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("gpu");
+    let mut proc = worker_on("gpu", &dir, &[]);
+    let boot = running(&dir).await;
+    assert!(boot.advert.backend == "gpu", "{}", boot.advert.backend);
+    let shutdown = CancellationToken::new();
+    let (node, peer) = requester(&boot, &shutdown).await;
+    let client = node.client();
+    let quick = Duration::from_secs(20);
+    let done = |r: &TaskResponse| matches!(r, TaskResponse::Done { .. });
+    assert!(done(&ask(&client, peer, honest(1), quick).await));
+    let one = Tensor::full([1], 2.0);
+    let p = Program::single(
+        Op::BroadcastTo {
+            shape: vec![1 << 20, 1 << 20],
+        },
+        vec![one.meta()],
+    );
+    let r = ask(&client, peer, request(2, p, vec![one]), quick).await;
+    assert!(
+        matches!(refused(&r), TaskError::TooLarge(t) if t.limit == Limit::TensorBytes),
+        "{}",
+        brief(&r)
+    );
+    // Past its deadline the device is left busy; the executor replaces it.
+    let r = ask(
+        &client,
+        peer,
+        request(3, slow(), vec![Tensor::full([1, 1], 1.0)]),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        matches!(refused(&r), TaskError::Deadline(_)),
+        "{}",
+        brief(&r)
+    );
+    assert!(done(
+        &ask(&client, peer, honest(4), Duration::from_secs(60)).await
+    ));
+    assert!(
+        proc.0.try_wait().unwrap().is_none(),
+        "the node process exited"
+    );
     shutdown.cancel();
     node.join().await;
 }

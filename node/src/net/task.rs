@@ -160,13 +160,12 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
             && cfg!(target_endian = "little")
             && crate::sandbox::shm::worth_sharing(&m)
         {
-            let mut w = crate::sandbox::shm::writer_for(&m).map_err(io::Error::other)?;
+            let mut w = crate::sandbox::shm::ShmMut::new(4 * n).map_err(io::Error::other)?;
             io.read_exact(w.bytes_mut())
                 .await
                 .map_err(|e| eof(e, "tensor"))?;
-            let shm = w.seal().map_err(io::Error::other)?;
             tensors.push(Arc::new(
-                crate::sandbox::shm::tensor(&m, shm).map_err(invalid)?,
+                crate::sandbox::shm::tensor(&m, w.freeze()).map_err(invalid)?,
             ));
             continue;
         }

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use corvid_kernels::backend::Guard;
-use corvid_kernels::{Backend, BackendChoice, Cancel, Op, Program, Tensor};
+use corvid_kernels::{Backend, BackendChoice, Cancel, ContentId, Op, Program, Tensor, TensorMeta};
 use corvid_sdk::wire::TaskError;
 
 use super::confine;
@@ -34,6 +34,9 @@ pub struct ExecutorArgs {
     /// A file the executor must not be able to read (checked and reported), repeatable
     #[arg(long)]
     pub forbid: Vec<PathBuf>,
+    /// Tasks run at once (the node's slots)
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
     /// Abort on every n-th task (fault injection for tests of the node's recovery)
     #[arg(long, default_value_t = 0)]
     pub crash_every: u64,
@@ -108,7 +111,7 @@ pub fn main(args: ExecutorArgs) -> ExitCode {
         tracing::error!(error = %e, "cannot reach the node");
         return ExitCode::from(2);
     }
-    serve(&sock, &writer, Arc::new(backend), args.crash_every)
+    serve(&sock, &writer, Arc::new(backend), &args)
 }
 
 /// Starts the thread pools and the backend's caches on our own work, before seccomp.
@@ -129,9 +132,95 @@ fn reply(
     proto::send(&sock, msg, fds)
 }
 
-fn serve(sock: &UnixStream, writer: &Writer, backend: Arc<Backend>, crash_every: u64) -> ExitCode {
+/// One task as the serving loop hands it to a task thread.
+struct Job {
+    id: u64,
+    program: Program,
+    inputs: Vec<Slot>,
+    /// The mappings of the shared inputs, in order.
+    shared: VecDeque<Arc<shm::Mapping>>,
+    /// For each output, the buffer the node lent to write it into, if any.
+    lent: Vec<Option<Arc<shm::MappingMut>>>,
+    guard: Guard,
+}
+
+/// Most buffer mappings kept; past this the cache is emptied (the node sends descriptors
+/// with every task, so nothing is lost but the time to map again).
+const MAX_MAPPINGS: usize = 1 << 14;
+
+/// This executor's mappings of the node's buffers, by the node's buffer id.
+#[derive(Default)]
+struct Mappings {
+    read: HashMap<u64, Arc<shm::Mapping>>,
+    write: HashMap<u64, Arc<shm::MappingMut>>,
+}
+
+impl Mappings {
+    fn forget(&mut self, ids: &[u64]) {
+        for id in ids {
+            self.read.remove(id);
+            self.write.remove(id);
+        }
+        if self.read.len() + self.write.len() > MAX_MAPPINGS {
+            self.read.clear();
+            self.write.clear();
+        }
+    }
+
+    fn read(&mut self, id: u64, fd: OwnedFd) -> Result<Arc<shm::Mapping>, shm::ShmError> {
+        if let Some(m) = self.read.get(&id) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(shm::Mapping::read(fd)?);
+        self.read.insert(id, m.clone());
+        Ok(m)
+    }
+
+    fn write(&mut self, id: u64, fd: OwnedFd) -> Result<Arc<shm::MappingMut>, shm::ShmError> {
+        if let Some(m) = self.write.get(&id) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(shm::MappingMut::write(fd)?);
+        self.write.insert(id, m.clone());
+        Ok(m)
+    }
+}
+
+fn serve(
+    sock: &UnixStream,
+    writer: &Writer,
+    backend: Arc<Backend>,
+    args: &ExecutorArgs,
+) -> ExitCode {
     let running: Arc<Mutex<HashMap<u64, Cancel>>> = Arc::default();
+    // A fixed set of task threads, started before any task arrives.
+    let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+    let queue = Arc::new(Mutex::new(queue));
+    for i in 0..args.threads.max(1) {
+        let (queue, backend, writer, running) = (
+            queue.clone(),
+            backend.clone(),
+            writer.clone(),
+            running.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("task-{i}"))
+            .spawn(move || {
+                loop {
+                    let job = match queue.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    finish(&backend, &writer, &running, job);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a task thread");
+            return ExitCode::from(2);
+        }
+    }
     let mut fds: VecDeque<OwnedFd> = VecDeque::new();
+    let mut maps = Mappings::default();
     let mut count = 0u64;
     loop {
         let msg = match proto::recv::<ToExecutor>(sock, &mut fds) {
@@ -152,104 +241,173 @@ fn serve(sock: &UnixStream, writer: &Writer, backend: Arc<Backend>, crash_every:
                 id,
                 program,
                 inputs,
+                lent,
+                buffers,
+                forget,
                 budget,
                 deadline,
             } => {
                 count += 1;
-                if crash_every > 0 && count.is_multiple_of(crash_every) {
+                if args.crash_every > 0 && count.is_multiple_of(args.crash_every) {
                     tracing::warn!(task = id, "crashing on purpose (fault injection)");
                     std::process::abort();
                 }
-                // Descriptors are taken in message order, here, before the next message.
-                let mut shared = Vec::new();
-                for slot in &inputs {
-                    if let Slot::Shared(_) = slot {
-                        shared.push(fds.pop_front());
+                maps.forget(&forget);
+                // This message's descriptors are taken here, in order, before the next one.
+                let mine: Vec<OwnedFd> = fds.drain(..buffers.len().min(fds.len())).collect();
+                let n_shared = inputs
+                    .iter()
+                    .filter(|s| matches!(s, Slot::Shared(_)))
+                    .count();
+                let mapped = map_buffers(&mut maps, &buffers, mine, n_shared, &lent);
+                let (shared, lent) = match mapped {
+                    Ok(m) => m,
+                    Err(error) => {
+                        let _ = reply(writer, &FromExecutor::Failed { id, error }, &[]);
+                        continue;
                     }
-                }
+                };
                 let flag = Cancel::none();
                 running
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(id, flag.clone());
-                let (backend, out, running) = (backend.clone(), writer.clone(), running.clone());
-                let guard = Guard::new(budget, flag.with_deadline(deadline));
-                let spawned = std::thread::Builder::new()
-                    .name(format!("task-{id}"))
-                    .spawn(move || {
-                        let result = run(&backend, &program, inputs, shared, &guard);
-                        running
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&id);
-                        let sent = match result {
-                            Ok((outputs, hashes, shms)) => {
-                                let fds: Vec<_> = shms.iter().map(shm::Shm::fd).collect();
-                                reply(
-                                    &out,
-                                    &FromExecutor::Done {
-                                        id,
-                                        outputs,
-                                        hashes,
-                                    },
-                                    &fds,
-                                )
-                            }
-                            Err(error) => reply(&out, &FromExecutor::Failed { id, error }, &[]),
-                        };
-                        if let Err(e) = sent {
-                            tracing::warn!(task = id, error = %e, "cannot answer the node");
-                        }
-                    });
-                if let Err(e) = spawned {
-                    let error =
-                        TaskError::Failed(format!("the executor cannot start a thread: {e}"));
-                    let _ = reply(writer, &FromExecutor::Failed { id, error }, &[]);
+                let job = Job {
+                    id,
+                    program,
+                    inputs,
+                    shared,
+                    lent,
+                    guard: Guard::new(budget, flag.with_deadline(deadline)),
+                };
+                // A tiny task runs right here: handing it to a task thread would cost more
+                // than running it, and nothing needs cancelling in a microsecond.
+                if is_tiny(&job) {
+                    finish(&backend, writer, &running, job);
+                } else if jobs.send(job).is_err() {
+                    return ExitCode::from(3);
                 }
             }
         }
     }
 }
 
-type Outcome = (Vec<Slot>, Vec<corvid_kernels::ContentId>, Vec<shm::Shm>);
+type Mapped = (
+    VecDeque<Arc<shm::Mapping>>,
+    Vec<Option<Arc<shm::MappingMut>>>,
+);
 
-/// One task: inputs mapped in place, the traced run, outputs shared or inlined.
-fn run(
-    backend: &Backend,
-    program: &Program,
-    inputs: Vec<Slot>,
-    mut shared: Vec<Option<OwnedFd>>,
-    guard: &Guard,
-) -> Result<Outcome, TaskError> {
-    shared.reverse();
+/// The mappings of a task's buffers: `n_shared` inputs, then one per lent output.
+fn map_buffers(
+    maps: &mut Mappings,
+    ids: &[u64],
+    fds: Vec<OwnedFd>,
+    n_shared: usize,
+    lent: &[bool],
+) -> Result<Mapped, TaskError> {
+    let failed = |e: shm::ShmError| TaskError::Failed(e.to_string());
+    let want = n_shared + lent.iter().filter(|&&l| l).count();
+    if fds.len() != want || ids.len() != want {
+        return Err(TaskError::Failed(format!(
+            "{} buffers arrived with {} ids for {want}",
+            fds.len(),
+            ids.len()
+        )));
+    }
+    let mut pairs = ids.iter().copied().zip(fds);
+    let mut shared = VecDeque::with_capacity(n_shared);
+    for (id, fd) in pairs.by_ref().take(n_shared) {
+        shared.push_back(maps.read(id, fd).map_err(failed)?);
+    }
+    let mut out = Vec::with_capacity(lent.len());
+    for &l in lent {
+        out.push(match l {
+            true => {
+                let (id, fd) = pairs.next().expect("counted above");
+                Some(maps.write(id, fd).map_err(failed)?)
+            }
+            false => None,
+        });
+    }
+    Ok((shared, out))
+}
+
+/// Whether a task is small enough to run on the thread that reads the socket.
+fn is_tiny(job: &Job) -> bool {
+    const TINY_BYTES: u64 = 64 << 10;
+    const TINY_FLOPS: u64 = 1 << 16;
+    job.shared.is_empty()
+        && job.program.nodes.len() <= 16
+        && job
+            .program
+            .validate(&job.guard.budget)
+            .is_ok_and(|f| f.flops <= TINY_FLOPS && f.largest_value <= TINY_BYTES)
+}
+
+/// Runs a task and answers the node.
+fn finish(backend: &Backend, writer: &Writer, running: &Mutex<HashMap<u64, Cancel>>, job: Job) {
+    let id = job.id;
+    let result = run(backend, job);
+    running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    let msg = match result {
+        Ok((outputs, hashes)) => FromExecutor::Done {
+            id,
+            outputs,
+            hashes,
+        },
+        Err(error) => FromExecutor::Failed { id, error },
+    };
+    if let Err(e) = reply(writer, &msg, &[]) {
+        tracing::warn!(task = id, error = %e, "cannot answer the node");
+    }
+}
+
+/// One task: inputs mapped in place, the traced run, large outputs written into the buffers
+/// the node lent.
+fn run(backend: &Backend, job: Job) -> Result<(Vec<Slot>, Vec<ContentId>), TaskError> {
+    let Job {
+        program,
+        inputs,
+        mut shared,
+        lent,
+        guard,
+        ..
+    } = job;
+    let failed = |e: shm::ShmError| TaskError::Failed(e.to_string());
+    let size = |meta: &TensorMeta| {
+        usize::try_from(meta.bytes())
+            .map_err(|_| TaskError::Invalid(format!("{meta} is too large")))
+    };
     let mut tensors = Vec::with_capacity(inputs.len());
     for slot in inputs {
         let t = match slot {
             Slot::Inline(t) => t,
             Slot::Shared(meta) => {
-                let fd = shared.pop().flatten().ok_or_else(|| {
+                let map = shared.pop_front().ok_or_else(|| {
                     TaskError::Failed("an input's shared memory did not arrive".into())
                 })?;
-                let len = usize::try_from(meta.bytes())
-                    .map_err(|_| TaskError::Invalid(format!("{meta} is too large")))?;
-                let map = shm::Shm::map(fd, len).map_err(|e| TaskError::Failed(e.to_string()))?;
-                shm::tensor(&meta, map).map_err(TaskError::Failed)?
+                let view = shm::View::new(map, size(&meta)?).map_err(failed)?;
+                shm::tensor(&meta, view).map_err(TaskError::Failed)?
             }
         };
         tensors.push(Arc::new(t));
     }
     let (outputs, hashes) = backend
-        .run_traced(program, &tensors, guard)
+        .run_traced(&program, &tensors, &guard)
         .map_err(crate::work::task_error)?;
     let mut slots = Vec::with_capacity(outputs.len());
-    let mut shms = Vec::new();
-    for t in outputs {
-        if shm::worth_sharing(&t.meta()) {
-            shms.push(shm::copy(&t).map_err(|e| TaskError::Failed(e.to_string()))?);
-            slots.push(Slot::Shared(t.meta()));
-        } else {
-            slots.push(Slot::Inline(t));
+    for (t, lent) in outputs.into_iter().zip(lent) {
+        match lent {
+            None => slots.push(Slot::Inline(t)),
+            Some(out) => {
+                out.write_prefix(bytemuck::cast_slice(t.words()))
+                    .map_err(failed)?;
+                slots.push(Slot::Shared(t.meta()));
+            }
         }
     }
-    Ok((slots, hashes, shms))
+    Ok((slots, hashes))
 }

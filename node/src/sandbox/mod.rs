@@ -60,6 +60,8 @@ pub struct SandboxConfig {
     pub cpu_seconds: u64,
     /// Files the executor must not read (the identity key): checked and reported at start.
     pub forbid: Vec<PathBuf>,
+    /// Tasks the executor runs at once (the node's slots).
+    pub threads: usize,
     /// Fault injection: the executor aborts on every n-th task (0: never).
     pub crash_every: u64,
 }
@@ -108,12 +110,14 @@ struct State {
 #[derive(Debug)]
 struct Pending {
     generation: u64,
-    reply: mpsc::SyncSender<Result<Answer, TaskError>>,
+    reply: mpsc::SyncSender<Result<Reply, TaskError>>,
     deadline: Duration,
     kill_at: Instant,
 }
 
 type Answer = (Vec<Arc<Tensor>>, Vec<ContentId>);
+/// What the executor sends back, before the node takes its lent buffers as the outputs.
+type Reply = (Vec<Slot>, Vec<ContentId>);
 
 impl Sandbox {
     /// Starts the executor and its supervisor; returns once the executor is ready (confined,
@@ -159,6 +163,8 @@ impl Sandbox {
 
     /// Runs `program` in the executor within `guard` (its budget travels along; its deadline
     /// is enforced there and, failing that, by killing the executor), with every op's hash.
+    /// Large inputs go as read-only descriptors of their shared memory, and the node lends a
+    /// buffer for each large output.
     pub fn run_traced(
         &self,
         program: &Program,
@@ -166,28 +172,44 @@ impl Sandbox {
         guard: &Guard,
     ) -> Result<Answer, TaskError> {
         let failed = |e: shm::ShmError| TaskError::Failed(e.to_string());
+        let metas = program
+            .infer()
+            .map_err(|e| TaskError::Invalid(e.to_string()))?;
+        // Inputs not already in shared memory that are worth sharing are copied there.
+        let copies: Vec<Option<shm::Shm>> = inputs
+            .iter()
+            .map(|t| match shm::of(t) {
+                None if shm::worth_sharing(&t.meta()) => shm::copy(t).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(failed)?;
         let mut slots = Vec::with_capacity(inputs.len());
-        let mut copies = Vec::new();
-        for t in inputs {
-            let meta = t.meta();
-            if shm::of(t).is_some() {
-                slots.push(Slot::Shared(meta));
-            } else if shm::worth_sharing(&meta) {
-                copies.push(shm::copy(t).map_err(failed)?);
-                slots.push(Slot::Shared(meta));
-            } else {
-                slots.push(Slot::Inline((**t).clone()));
+        let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
+        let mut buffers = Vec::new();
+        for (t, copy) in inputs.iter().zip(&copies) {
+            match shm::of(t).or(copy.as_ref()) {
+                Some(s) => {
+                    fds.push(s.fd().map_err(failed)?);
+                    buffers.push(s.id());
+                    slots.push(Slot::Shared(t.meta()));
+                }
+                None => slots.push(Slot::Inline((**t).clone())),
             }
         }
-        let mut copied = copies.iter();
-        let fds: Vec<BorrowedFd<'_>> = inputs
-            .iter()
-            .filter_map(|t| match shm::of(t) {
-                Some(s) => Some(s.fd()),
-                None if shm::worth_sharing(&t.meta()) => copied.next().map(shm::Shm::fd),
-                None => None,
-            })
-            .collect();
+        let mut lent: Vec<Option<shm::ShmMut>> = Vec::with_capacity(program.outputs.len());
+        for &o in &program.outputs {
+            let meta = &metas[o as usize];
+            lent.push(if shm::worth_sharing(meta) {
+                let len = usize::try_from(meta.bytes())
+                    .map_err(|_| TaskError::Invalid(format!("{meta} is too large")))?;
+                Some(shm::ShmMut::new(len).map_err(failed)?)
+            } else {
+                None
+            });
+        }
+        fds.extend(lent.iter().flatten().map(shm::ShmMut::fd));
+        buffers.extend(lent.iter().flatten().map(shm::ShmMut::id));
         let deadline = guard
             .cancel
             .remaining()
@@ -198,6 +220,9 @@ impl Sandbox {
                 id: 0,
                 program: program.clone(),
                 inputs: slots,
+                lent: lent.iter().map(Option::is_some).collect(),
+                buffers,
+                forget: shm::take_gone(),
                 budget: guard.budget.clone(),
                 deadline,
             },
@@ -205,9 +230,12 @@ impl Sandbox {
             tx,
             deadline,
         )?;
+        drop(fds);
         drop(copies);
+        // The lent buffers are held until the executor answers or is gone: never reused
+        // while it may still write to them.
         let mut cancel_sent = false;
-        let answer = loop {
+        let (outputs, hashes) = loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(r) => break r,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -221,8 +249,37 @@ impl Sandbox {
                 }
             }
         }?;
-        check_outputs(program, &answer)?;
-        Ok(answer)
+        let bad = |why: String| TaskError::Failed(format!("the executor answered wrongly: {why}"));
+        if outputs.len() != program.outputs.len() || hashes.len() != program.nodes.len() {
+            return Err(bad(format!(
+                "{} outputs and {} hashes for {} outputs and {} ops",
+                outputs.len(),
+                hashes.len(),
+                program.outputs.len(),
+                program.nodes.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(outputs.len());
+        for (k, ((slot, buffer), &o)) in outputs
+            .into_iter()
+            .zip(lent)
+            .zip(&program.outputs)
+            .enumerate()
+        {
+            let want = &metas[o as usize];
+            let t = match (slot, buffer) {
+                (Slot::Inline(t), None) => t,
+                (Slot::Shared(meta), Some(b)) if meta == *want => {
+                    shm::tensor(&meta, b.freeze()).map_err(bad)?
+                }
+                (slot, _) => return Err(bad(format!("output {k} came back as {slot:?}"))),
+            };
+            if t.meta() != *want {
+                return Err(bad(format!("output {k} is {}, not {want}", t.meta())));
+            }
+            out.push(Arc::new(t));
+        }
+        Ok((out, hashes))
     }
 }
 
@@ -231,38 +288,6 @@ impl Drop for Sandbox {
         self.inner.lock().stopping = true;
         self.inner.changed.notify_all();
     }
-}
-
-/// The executor must answer with the outputs the program declares, one hash per op: it runs
-/// strangers' work and is not trusted to.
-fn check_outputs(program: &Program, (outputs, hashes): &Answer) -> Result<(), TaskError> {
-    let metas = program
-        .infer()
-        .map_err(|e| TaskError::Invalid(e.to_string()))?;
-    let bad = |why: String| {
-        Err(TaskError::Failed(format!(
-            "the executor answered wrongly: {why}"
-        )))
-    };
-    if outputs.len() != program.outputs.len() || hashes.len() != program.nodes.len() {
-        return bad(format!(
-            "{} outputs and {} hashes for {} outputs and {} ops",
-            outputs.len(),
-            hashes.len(),
-            program.outputs.len(),
-            program.nodes.len()
-        ));
-    }
-    for (k, (t, &o)) in outputs.iter().zip(&program.outputs).enumerate() {
-        if t.meta() != metas[o as usize] {
-            return bad(format!(
-                "output {k} is {}, not {}",
-                t.meta(),
-                metas[o as usize]
-            ));
-        }
-    }
-    Ok(())
 }
 
 impl Inner {
@@ -285,7 +310,7 @@ impl Inner {
         &self,
         mut msg: ToExecutor,
         fds: &[BorrowedFd<'_>],
-        reply: mpsc::SyncSender<Result<Answer, TaskError>>,
+        reply: mpsc::SyncSender<Result<Reply, TaskError>>,
         deadline: Duration,
     ) -> Result<u64, TaskError> {
         let started = Instant::now();
@@ -341,7 +366,7 @@ impl Inner {
     }
 
     /// Answers a pending task of this generation.
-    fn deliver(&self, generation: u64, id: u64, answer: Result<Answer, TaskError>) {
+    fn deliver(&self, generation: u64, id: u64, answer: Result<Reply, TaskError>) {
         let mut st = self.lock();
         if st
             .pending
@@ -372,6 +397,7 @@ fn spawn(cfg: &SandboxConfig) -> Result<(Child, Arc<UnixStream>, Ready), Sandbox
     if cfg.crash_every > 0 {
         cmd.arg("--crash-every").arg(cfg.crash_every.to_string());
     }
+    cmd.arg("--threads").arg(cfg.threads.to_string());
     // Its own process group: a terminal's Ctrl-C reaches the node, which stops it.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.stdin(Stdio::from(OwnedFd::from(theirs)))
@@ -533,10 +559,7 @@ fn read(inner: Arc<Inner>, generation: u64, sock: Arc<UnixStream>) {
                 id,
                 outputs,
                 hashes,
-            })) => {
-                let answer = take_outputs(outputs, &mut fds).map(|o| (o, hashes));
-                inner.deliver(generation, id, answer);
-            }
+            })) => inner.deliver(generation, id, Ok((outputs, hashes))),
             Ok(Some(FromExecutor::Failed { id, error })) => {
                 inner.deliver(generation, id, Err(error));
             }
@@ -549,27 +572,6 @@ fn read(inner: Arc<Inner>, generation: u64, sock: Arc<UnixStream>) {
         }
     }
     inner.changed.notify_all();
-}
-
-fn take_outputs(
-    slots: Vec<Slot>,
-    fds: &mut VecDeque<OwnedFd>,
-) -> Result<Vec<Arc<Tensor>>, TaskError> {
-    let failed = |m: String| TaskError::Failed(format!("the executor's output: {m}"));
-    slots
-        .into_iter()
-        .map(|s| match s {
-            Slot::Inline(t) => Ok(Arc::new(t)),
-            Slot::Shared(meta) => {
-                let fd = fds
-                    .pop_front()
-                    .ok_or_else(|| failed("a shared output did not arrive".into()))?;
-                let len = usize::try_from(meta.bytes()).map_err(|_| failed(format!("{meta}")))?;
-                let map = shm::Shm::map(fd, len).map_err(|e| failed(e.to_string()))?;
-                shm::tensor(&meta, map).map(Arc::new).map_err(failed)
-            }
-        })
-        .collect()
 }
 
 /// "exited with code 3", "was killed by signal 9 (SIGKILL)".

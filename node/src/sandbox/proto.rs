@@ -30,13 +30,22 @@ const KIND_MESSAGE: u8 = 0;
 const KIND_FDS: u8 = 1;
 
 /// From the node to its executor.
+// One per task, moved once: boxing the run would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToExecutor {
-    /// Run `program` on `inputs` within `budget`, stopping after `deadline`.
+    /// Run `program` on `inputs` within `budget`, stopping after `deadline`. For each output
+    /// whose `lent` entry is set, a buffer to write it into follows the inputs' descriptors.
     Run {
         id: u64,
         program: Program,
         inputs: Vec<Slot>,
+        lent: Vec<bool>,
+        /// The node's id of each buffer whose descriptor comes with the message, in order:
+        /// the executor keeps its mapping of a buffer and reuses it when the id comes again.
+        buffers: Vec<u64>,
+        /// Buffers the node destroyed: their mappings must go.
+        forget: Vec<u64>,
         budget: Budget,
         deadline: Duration,
     },
@@ -49,6 +58,7 @@ pub enum ToExecutor {
 pub enum FromExecutor {
     /// Sent once, when the executor is confined and its backend open.
     Ready(Ready),
+    /// `Slot::Shared` outputs were written into the buffers the node lent.
     Done {
         id: u64,
         outputs: Vec<Slot>,
@@ -202,7 +212,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let tensors: Vec<Tensor> = (0..600).map(|i| Tensor::full([3], i as f32)).collect();
         let shms: Vec<shm::Shm> = tensors.iter().map(|t| shm::copy(t).unwrap()).collect();
-        let fds: Vec<BorrowedFd<'_>> = shms.iter().map(|s| s.fd()).collect();
+        let fds: Vec<BorrowedFd<'_>> = shms.iter().map(|s| s.fd().unwrap()).collect();
         let msg = FromExecutor::Done {
             id: 9,
             outputs: tensors.iter().map(|t| Slot::Shared(t.meta())).collect(),
@@ -220,9 +230,10 @@ mod tests {
         };
         assert_eq!((outputs.len(), queue.len()), (600, 600));
         for (i, fd) in queue.into_iter().enumerate() {
+            let map = std::sync::Arc::new(shm::Mapping::read(fd).unwrap());
             let t = shm::tensor(
                 &Tensor::full([3], 0.0).meta(),
-                shm::Shm::map(fd, 12).unwrap(),
+                shm::View::new(map, 12).unwrap(),
             )
             .unwrap();
             assert_eq!(t.as_f32().unwrap(), &[i as f32; 3]);
