@@ -367,22 +367,27 @@ impl Op {
         }
     }
 
-    /// Multiply-adds and other arithmetic the op performs, for cost estimates. Ops that only
-    /// move data (reshape, permute, slice, concat, pad, broadcast) count zero.
+    /// Multiply-adds and other arithmetic the op performs, for cost estimates and the FLOP
+    /// budget. Ops that only move data (reshape, permute, slice, concat, pad, broadcast)
+    /// count zero. Saturates: any meta, however absurd, gives a number, never an overflow.
     pub fn flops(&self, inputs: &[&crate::TensorMeta], out: &crate::TensorMeta) -> u64 {
         let n = out.numel() as u64;
+        let prod = |xs: &[usize]| xs.iter().fold(1u64, |p, &x| p.saturating_mul(x as u64));
         match self {
             Op::MatMul => {
-                let k = inputs[0].shape[inputs[0].rank() - 1] as u64;
-                2 * n * k
+                let k = inputs[0].shape.last().copied().unwrap_or(0) as u64;
+                n.saturating_mul(k).saturating_mul(2)
             }
             Op::Conv2d { .. } => {
                 let w = &inputs[1].shape;
-                2 * n * (w[1] * w[2] * w[3]) as u64
+                n.saturating_mul(prod(w.get(1..).unwrap_or(&[])))
+                    .saturating_mul(2)
             }
             Op::Reduce { .. } | Op::ArgMax { .. } => inputs[0].numel() as u64,
-            Op::Softmax { .. } | Op::LogSoftmax { .. } | Op::LayerNorm { .. } => 5 * n,
-            Op::MaxPool2d { kernel, .. } => n * (kernel[0] * kernel[1]) as u64,
+            Op::Softmax { .. } | Op::LogSoftmax { .. } | Op::LayerNorm { .. } => {
+                n.saturating_mul(5)
+            }
+            Op::MaxPool2d { kernel, .. } => n.saturating_mul(prod(kernel)),
             Op::Permute { .. }
             | Op::Reshape { .. }
             | Op::BroadcastTo { .. }

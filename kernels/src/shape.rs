@@ -157,7 +157,9 @@ fn infer_checked(cx: &Cx) -> Result<TensorMeta, OpError> {
             let mut shape = Vec::with_capacity(x.rank());
             for d in 0..x.rank() {
                 let (s, e, st) = (starts[d], ends[d], steps[d]);
-                if st == 0 || s > e || e > x.shape[d] {
+                // A step longer than the axis selects what a step of the axis's length does;
+                // refusing it keeps every stride times step within the input's extent.
+                if st == 0 || s > e || e > x.shape[d] || st > x.shape[d].max(1) {
                     return Err(cx.fail(format!(
                         "axis {d}: range {s}..{e} step {st} does not fit size {}",
                         x.shape[d]

@@ -315,6 +315,8 @@ async fn engine(
             },
         };
         crate::sandbox::shm::set_pool_bytes(limits.inbound_bytes);
+        // Every shared tensor holds a descriptor or two: take what the system allows.
+        raise_open_files();
         let (sandbox, ready) = tokio::task::spawn_blocking(move || Sandbox::start(cfg))
             .await
             .map_err(|e| NodeError::Task(e.to_string()))?
@@ -338,6 +340,25 @@ async fn engine(
             sandbox,
             class: ready.class,
         })
+    }
+}
+
+/// Raises this process's open-file limit to its hard limit.
+#[cfg(target_os = "linux")]
+fn raise_open_files() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
+    // The kernel caps descriptors at nr_open (2^20 by default) whatever the limit says.
+    let want = maximum.unwrap_or(1 << 20).min(1 << 20);
+    if current.is_some_and(|c| c < want) {
+        let raised = Rlimit {
+            current: Some(want),
+            maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::debug!(from = ?current, to = want, "raised the open-file limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
     }
 }
 

@@ -160,3 +160,52 @@ fn repeated_jobs_reuse_verified_results_and_values_workers_hold() {
         remote_in(&third)
     );
 }
+
+#[test]
+fn plans_are_cut_to_fit_small_worker_budgets_and_nothing_is_refused() {
+    // Workers that offer 64 MiB: 16 MiB for a task. A 1024² product in the default 1024
+    // blocks needs about 30 MiB, so the requester must cut smaller tiles.
+    let client = Client::local_with(2, |_, c| c.max_memory = Some(64 << 20)).unwrap();
+    let budget = client.workers()[0].limits().task.clone();
+    assert_eq!(budget.max_peak_bytes, 16 << 20);
+    let build = |g: &Graph| {
+        let a = g.random(&[1024, 1024], -1.0, 1.0, 1);
+        let b = g.random(&[1024, 1024], -1.0, 1.0, 2);
+        (a.matmul(&b).unwrap() + &g.random(&[1024], -1.0, 1.0, 3))
+            .relu()
+            .unwrap()
+    };
+    let g = Graph::new("fit").with_executor(client.executor());
+    let y = build(&g);
+    let plan = g.plan(&[&y]).unwrap();
+    for sg in plan.subgraphs.iter().filter(|s| s.cost.flops > 0) {
+        let f = sg
+            .program
+            .validate(&corvid_kernels::Budget::unlimited())
+            .unwrap();
+        assert!(
+            budget.admits(&f).is_ok(),
+            "subgraph {} ({}) needs {} bytes at peak, over {}",
+            sg.id.short(),
+            sg.ops(),
+            f.peak_bytes,
+            budget.max_peak_bytes
+        );
+    }
+    let got = y.eval_data().unwrap();
+    let local = Graph::new("fit-local").with_executor(Arc::new(LocalExecutor::new(Backend::Cpu(
+        CpuBackend::new(),
+    ))));
+    let want = build(&local).eval_data().unwrap();
+    assert_eq!(got.words(), want.words(), "swarm and local results differ");
+    let summary = client.last_summary().unwrap();
+    let failed: usize = summary.places.values().map(|s| s.failures).sum();
+    assert_eq!(failed, 0, "no task may be refused:\n{summary}");
+    let remote: usize = summary
+        .places
+        .iter()
+        .filter(|(p, _)| p.as_str() != "local")
+        .map(|(_, s)| s.tasks)
+        .sum();
+    assert!(remote >= 4, "the tiles ran on the workers:\n{summary}");
+}

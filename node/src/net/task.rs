@@ -160,14 +160,20 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
             && cfg!(target_endian = "little")
             && crate::sandbox::shm::worth_sharing(&m)
         {
-            let mut w = crate::sandbox::shm::ShmMut::new(4 * n).map_err(io::Error::other)?;
-            io.read_exact(w.bytes_mut())
-                .await
-                .map_err(|e| eof(e, "tensor"))?;
-            tensors.push(Arc::new(
-                crate::sandbox::shm::tensor(&m, w.freeze()).map_err(invalid)?,
-            ));
-            continue;
+            // Out of descriptors or memory maps: the heap will do (the executor then gets a
+            // copy).
+            match crate::sandbox::shm::ShmMut::new(4 * n) {
+                Ok(mut w) => {
+                    io.read_exact(w.bytes_mut())
+                        .await
+                        .map_err(|e| eof(e, "tensor"))?;
+                    tensors.push(Arc::new(
+                        crate::sandbox::shm::tensor(&m, w.freeze()).map_err(invalid)?,
+                    ));
+                    continue;
+                }
+                Err(e) => tracing::debug!(error = %e, "no shared memory for a received tensor"),
+            }
         }
         let t = match m.dtype {
             DType::F32 => {
@@ -197,6 +203,24 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
     }
     let msg = M::join(&head, tensors).map_err(|e| invalid(e.to_string()))?;
     Ok((msg, lease))
+}
+
+/// Fuzz target: any bytes as a task request, decoded as a worker would (cap 1 MiB), then the
+/// worker's first checks on what decoded. Returns, whatever the bytes.
+#[doc(hidden)]
+pub fn decode_request_for_fuzzing(data: &[u8]) {
+    let mut reader = data;
+    let decoded = futures::executor::block_on(read_message::<_, Request>(
+        &mut reader,
+        1 << 20,
+        Reading::default(),
+    ));
+    if let Ok((Request::Run(r), _)) = decoded {
+        let _ = r.id_matches();
+        let _ = r
+            .program
+            .validate(&corvid_kernels::Budget::new(16 << 20, 64 << 20, 1 << 30));
+    }
 }
 
 fn eof(e: io::Error, what: &str) -> io::Error {
