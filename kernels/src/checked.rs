@@ -56,15 +56,23 @@ pub fn u32(x: usize) -> Option<u32> {
     u32::try_from(x).ok()
 }
 
+/// Longest padded input a sliding window may cover: every window index then fits an `i32`,
+/// so no position or offset computed from it (on any backend) can wrap.
+pub const MAX_WINDOW: usize = 1 << 31;
+
 /// Output length of a sliding window of `k` taps moved by `stride` over `size` elements padded
 /// by `pad` on both sides: `(size + 2·pad − k) / stride + 1`. `None` when the padded length
-/// overflows.
+/// overflows or is over [`MAX_WINDOW`].
 pub fn window(size: usize, k: usize, stride: usize, pad: usize) -> Option<Window> {
     let padded = mul(pad, 2).and_then(|p| add(size, p))?;
+    if padded > MAX_WINDOW {
+        return None;
+    }
     if stride == 0 || k == 0 {
         return Some(Window::Degenerate);
     }
-    if padded < k {
+    // A stride past the padded input takes one window, as a stride of its length does.
+    if padded < k || stride > padded {
         return Some(Window::TooSmall { padded });
     }
     Some(Window::Fits((padded - k) / stride + 1))
@@ -77,7 +85,7 @@ pub enum Window {
     Fits(usize),
     /// A zero kernel or stride.
     Degenerate,
-    /// The kernel is longer than the padded input.
+    /// The kernel (or the stride) is longer than the padded input.
     TooSmall { padded: usize },
 }
 
@@ -105,6 +113,8 @@ mod tests {
         assert_eq!(bytes(usize::MAX, 4), None);
         assert_eq!(u32(1 << 32), None);
         assert_eq!(window(usize::MAX, 1, 1, 1), None);
+        assert_eq!(window(2, 1, 1, 1 << 30), None);
+        assert_eq!(window(2, 1, 1 << 20, 1 << 29), Some(Window::Fits(1025)));
         assert_eq!(strides(&[0, 1 << 40, 1 << 40]), None);
         assert_eq!(strides(&[2, 3, 4]), Some(vec![12, 4, 1]));
     }

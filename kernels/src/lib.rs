@@ -23,6 +23,9 @@ pub mod cancel;
 pub mod checked;
 pub mod class;
 pub mod cpu;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gpu;
 pub mod op;
 pub mod program;

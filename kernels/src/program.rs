@@ -17,12 +17,50 @@ pub struct Node {
     pub args: Vec<ValueId>,
 }
 
+/// Most inputs, nodes or outputs a program may have on the wire. Far above any budget (see
+/// [`crate::Budget::MAX_NODES`]); checked while decoding, before the lists are built, because a
+/// node costs three encoded bytes but a hundred decoded ones.
+pub const MAX_WIRE_ITEMS: usize = 1 << 16;
+
 /// Ops in topological order over typed inputs, with chosen outputs.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Program {
+    #[serde(deserialize_with = "bounded")]
     pub inputs: Vec<TensorMeta>,
+    #[serde(deserialize_with = "bounded")]
     pub nodes: Vec<Node>,
+    #[serde(deserialize_with = "bounded")]
     pub outputs: Vec<ValueId>,
+}
+
+/// A list of at most [`MAX_WIRE_ITEMS`], refused on its declared length.
+fn bounded<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Bounded<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Bounded<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX_WIRE_ITEMS} items")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let hint = seq.size_hint().unwrap_or(0);
+            if hint > MAX_WIRE_ITEMS {
+                return Err(serde::de::Error::invalid_length(hint, &self));
+            }
+            let mut v = Vec::with_capacity(hint.min(1024));
+            while let Some(x) = seq.next_element()? {
+                if v.len() == MAX_WIRE_ITEMS {
+                    return Err(serde::de::Error::invalid_length(v.len() + 1, &self));
+                }
+                v.push(x);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(Bounded(std::marker::PhantomData))
 }
 
 /// Why a program is malformed.
@@ -187,6 +225,18 @@ impl Program {
 mod tests {
     use super::*;
     use crate::op::{BinaryOp, UnaryOp};
+
+    #[test]
+    fn decoding_refuses_more_nodes_than_the_wire_allows_before_building_them() {
+        let mut p = Program::new(vec![TensorMeta::f32([1])]);
+        for _ in 0..MAX_WIRE_ITEMS {
+            p.push(Op::Unary(UnaryOp::Neg), &[0]);
+        }
+        let ok: Program = postcard::from_bytes(&p.canonical_bytes()).unwrap();
+        assert_eq!(ok.nodes.len(), MAX_WIRE_ITEMS);
+        p.push(Op::Unary(UnaryOp::Neg), &[0]);
+        assert!(postcard::from_bytes::<Program>(&p.canonical_bytes()).is_err());
+    }
 
     #[test]
     fn a_cone_keeps_only_the_ancestors_of_its_node() {

@@ -290,11 +290,10 @@ fn structural<T: Copy>(op: &Op, xs: &[ArrayViewD<T>], from_f32: impl Fn(f32) -> 
         } => x
             .slice_each_axis(|ax| {
                 let d = ax.axis.index();
-                Slice::new(
-                    starts[d] as isize,
-                    Some(ends[d] as isize),
-                    steps[d] as isize,
-                )
+                // Validated: starts and ends are within the axis, so within the extent; the
+                // effective step is at most the range.
+                let step = crate::shape::slice_step(starts[d], ends[d], steps[d]);
+                Slice::new(starts[d] as isize, Some(ends[d] as isize), step as isize)
             })
             .to_owned(),
         Op::Concat { axis } => {

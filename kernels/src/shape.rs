@@ -157,9 +157,7 @@ fn infer_checked(cx: &Cx) -> Result<TensorMeta, OpError> {
             let mut shape = Vec::with_capacity(x.rank());
             for d in 0..x.rank() {
                 let (s, e, st) = (starts[d], ends[d], steps[d]);
-                // A step longer than the axis selects what a step of the axis's length does;
-                // refusing it keeps every stride times step within the input's extent.
-                if st == 0 || s > e || e > x.shape[d] || st > x.shape[d].max(1) {
+                if st == 0 || s > e || e > x.shape[d] {
                     return Err(cx.fail(format!(
                         "axis {d}: range {s}..{e} step {st} does not fit size {}",
                         x.shape[d]
@@ -276,6 +274,13 @@ fn infer_checked(cx: &Cx) -> Result<TensorMeta, OpError> {
             Ok(TensorMeta::f32(vec![x[0], x[1], oh, ow]))
         }
     }
+}
+
+/// The step a slice over `start..end` really takes: a step past the range selects only its
+/// first element, as a step of the range's length does. Kernels use this, never the raw step,
+/// so that `stride × step` stays within the input's extent whatever step a program names.
+pub fn slice_step(start: usize, end: usize, step: usize) -> usize {
+    step.min(end.saturating_sub(start).max(1))
 }
 
 /// Output size of a sliding window, or an error if it does not fit.

@@ -23,6 +23,8 @@ pub const DEADLINE_BASE: Duration = Duration::from_secs(2);
 pub struct Limits {
     /// Memory offered in all, bytes.
     pub memory: u64,
+    /// Tasks that run at once.
+    pub slots: u32,
     /// What one task may use.
     pub task: Budget,
     /// Bytes of task messages being received or waiting for a slot.
@@ -57,6 +59,7 @@ impl Limits {
         let max_flops = (usable * flops_per_sec).min(u64::MAX as f64) as u64;
         Limits {
             memory,
+            slots: slots.max(1),
             task: Budget::new(max_tensor_bytes.min(per_task), per_task, max_flops),
             inbound_bytes: quarter,
             held_bytes: quarter,

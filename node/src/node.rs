@@ -194,7 +194,6 @@ impl Node {
                     engine,
                     key.clone(),
                     limits.clone(),
-                    slots,
                     config.fault,
                 );
                 let worker = crate::work::run(worker, cancel.clone());

@@ -56,7 +56,6 @@ pub(crate) struct Worker {
     cancels: mpsc::Receiver<(PeerId, u64)>,
     commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
-    slots: usize,
 }
 
 /// Where tasks run.
@@ -123,7 +122,6 @@ struct Shared {
 }
 
 impl Worker {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         queue: mpsc::Receiver<Work>,
         cancels: mpsc::Receiver<(PeerId, u64)>,
@@ -131,7 +129,6 @@ impl Worker {
         engine: Engine,
         key: Keypair,
         limits: Limits,
-        slots: usize,
         fault: Option<Fault>,
     ) -> Worker {
         Worker {
@@ -150,14 +147,13 @@ impl Worker {
                 fault,
                 answered: Mutex::new((0, None)),
             }),
-            slots,
         }
     }
 }
 
 /// Runs work items until cancelled or the queue closes; answers go back through the event loop.
 pub(crate) async fn run(mut worker: Worker, cancel: CancellationToken) {
-    let slots = worker.slots.max(1);
+    let slots = worker.shared.limits.slots as usize;
     // Tasks running now, by requester and task id, with the flag that stops each.
     let mut running: HashMap<(PeerId, u64), Cancel> = HashMap::new();
     let mut tasks: JoinSet<(PeerId, u64)> = JoinSet::new();

@@ -258,18 +258,34 @@ async fn hostile_programs_get_errors_and_the_node_keeps_serving() {
     let r = ask(&client, peer, request(30, p, vec![one.clone()]), quick).await;
     assert!(invalid(&r, "overflows"), "{}", brief(&r));
 
-    // A rank-100,000 input through 100,000 negations.
-    let shape = vec![1usize; 100_000];
-    let mut p = Program::new(vec![f(&shape)]);
-    let mut v = 0;
-    for _ in 0..100_000 {
-        v = p.push(Op::Unary(UnaryOp::Neg), &[v]);
-    }
-    p.outputs = vec![v];
-    let x = Tensor::from_f32(shape, vec![1.0]).unwrap();
-    let r = ask(&client, peer, request(40, p, vec![x]), quick).await;
-    assert!(too_large(&r, Limit::Nodes), "{}", brief(&r));
+    // A rank-100,000 input through 100,000 negations: more nodes than a message may carry,
+    // so decoding stops at the count, before building them, and drops the request.
+    let chain = |n: usize| {
+        let shape = vec![1usize; 100_000];
+        let mut p = Program::new(vec![f(&shape)]);
+        let mut v = 0;
+        for _ in 0..n {
+            v = p.push(Op::Unary(UnaryOp::Neg), &[v]);
+        }
+        p.outputs = vec![v];
+        (p, Tensor::from_f32(shape, vec![1.0]).unwrap())
+    };
+    let (p, x) = chain(100_000);
+    let started = Instant::now();
+    let r = tokio::time::timeout(quick, client.run_task(peer, request(40, p, vec![x])))
+        .await
+        .expect("answered in time");
+    assert!(
+        r.is_err(),
+        "a request that cannot be decoded is dropped: {r:?}"
+    );
+    eprintln!("task 40: {} after {:?}", r.unwrap_err(), started.elapsed());
     assert!(done(&ask(&client, peer, honest(41), quick).await));
+    // 50,000 of them decode, and are refused by the node limit.
+    let (p, x) = chain(50_000);
+    let r = ask(&client, peer, request(42, p, vec![x]), quick).await;
+    assert!(too_large(&r, Limit::Nodes), "{}", brief(&r));
+    assert!(done(&ask(&client, peer, honest(43), quick).await));
 
     // Concat lengths that overflow, and conv windows that do.
     let empty = Tensor::from_f32([0, 1 << 62], vec![]).unwrap();

@@ -237,10 +237,16 @@ pub fn plan(op: &Op, ins: &[&TensorMeta], out: &TensorMeta) -> Result<Plan, Grid
             let src = broadcast_strides(&ins[0].shape, shape);
             Plan::Run(vec![copy(shape, 0, &src, 0, &contiguous_strides(shape))])
         }
-        Op::Slice { starts, steps, .. } => {
+        Op::Slice {
+            starts,
+            ends,
+            steps,
+        } => {
             let own = contiguous_strides(&ins[0].shape);
             let base = starts.iter().zip(&own).map(|(s, st)| s * st).sum();
-            let src: Vec<usize> = own.iter().zip(steps).map(|(s, step)| s * step).collect();
+            let src: Vec<usize> = (0..own.len())
+                .map(|d| own[d] * crate::shape::slice_step(starts[d], ends[d], steps[d]))
+                .collect();
             Plan::Run(vec![copy(
                 &out.shape,
                 base,

@@ -37,6 +37,8 @@ const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 const MAX_PENDING: u32 = 32;
 /// A task request not answered within this fails on the requester.
 const TASK_TIMEOUT: Duration = Duration::from_secs(600);
+/// Task streams open at once on one connection, either way (each may be decoding a head).
+const MAX_TASK_STREAMS: usize = 32;
 /// Idle connections are closed after this.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -168,7 +170,9 @@ fn behaviour(
                     ProtocolSupport::Outbound
                 },
             )],
-            request_response::Config::default().with_request_timeout(TASK_TIMEOUT),
+            request_response::Config::default()
+                .with_request_timeout(TASK_TIMEOUT)
+                .with_max_concurrent_streams(MAX_TASK_STREAMS),
         ),
     })
 }
