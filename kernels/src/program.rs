@@ -182,6 +182,7 @@ impl Program {
     /// The part of the program that node `node` depends on: its ancestors and itself, in
     /// order, over the same inputs, with that node's value as the only output. Also returns
     /// which original node each kept node is. What a verifier runs to recompute one op.
+    /// `None` if there is no such node, or an argument does not refer to an earlier value.
     pub fn cone(&self, node: usize) -> Option<(Program, Vec<usize>)> {
         let n_in = self.inputs.len();
         if node >= self.nodes.len() {
@@ -192,6 +193,9 @@ impl Program {
         for i in (0..=node).rev() {
             if needed[i] {
                 for &a in &self.nodes[i].args {
+                    if a as usize >= n_in + i {
+                        return None;
+                    }
                     if let Some(j) = (a as usize).checked_sub(n_in) {
                         needed[j] = true;
                     }
