@@ -858,6 +858,46 @@ mod tests {
     }
 
     #[test]
+    fn subgraphs_go_only_where_they_fit_and_the_report_says_when_none_fits() {
+        let p = plan();
+        // A tile: 32x40 @ 40x32, well under a MiB at its peak.
+        let tile = (0..p.subgraphs.len())
+            .find(|&i| p.subgraphs[i].cost.flops > 0)
+            .unwrap();
+        let need = p.subgraphs[tile]
+            .program
+            .validate(&Budget::unlimited())
+            .unwrap();
+        let roomy = Budget::new(1 << 30, 1 << 30, 1 << 40);
+        let tight = Budget::new(1 << 30, need.peak_bytes - 1, 1 << 40);
+        let mut s = Scheduler::new(&p, no_local());
+        s.peer("small", 1e12, 1e9, 4);
+        s.peer("big", 1e9, 1e9, 4);
+        s.budget(&"small", tight.clone());
+        s.budget(&"big", roomy);
+        let d = dispatched(&s.schedule(0.0));
+        assert!(!d.is_empty());
+        assert!(
+            d.iter().all(|x| x.2 == Place::Peer("big")),
+            "the much faster peer is too small for the tiles: {d:?}"
+        );
+        // When no peer fits, the requester runs it and the report says why.
+        let mut s = Scheduler::new(&p, SchedConfig::default());
+        s.peer("small", 1e12, 1e9, 4);
+        s.budget(&"small", tight);
+        let d = dispatched(&s.schedule(0.0));
+        assert!(d.iter().any(|x| x.2 == Place::Local), "{d:?}");
+        assert!(
+            s.redispatches()
+                .iter()
+                .any(|(_, why)| why.contains("fits no peer's budget")
+                    && why.contains("bytes of memory at once")),
+            "{:?}",
+            s.redispatches()
+        );
+    }
+
+    #[test]
     fn measured_speed_replaces_a_lying_advert() {
         let p = plan();
         let mut s = Scheduler::new(&p, no_local());
