@@ -63,6 +63,16 @@ pub fn run(workers: usize, n: usize, cheater: bool) -> Result<(), DemoError> {
         procs.push(spawn_worker(&exe, dir.path(), i, Some(&boot), false)?);
     }
     println!("started {workers} worker processes (`corvid node`) on loopback; bootstrap {boot}");
+    match &first.executor {
+        Some(e) => println!(
+            "each runs peers' tasks in a confined executor process (`corvid executor`: {}; \
+             landlock {}, seccomp {})",
+            e.backend,
+            e.confinement.landlock,
+            if e.confinement.seccomp { "on" } else { "off" }
+        ),
+        None => println!("each runs peers' tasks inside its own process (no executor process)"),
+    }
     if cheater {
         procs.push(spawn_worker(&exe, dir.path(), workers, Some(&boot), true)?);
         println!(

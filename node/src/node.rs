@@ -23,7 +23,7 @@ use crate::control;
 use crate::identity::{IdentityError, load_keypair};
 use crate::limits::Limits;
 use crate::net::dial::DialFailure;
-use crate::net::event_loop::{Command, EventLoop, WorkQueues};
+use crate::net::event_loop::{Command, EventLoop, Extras, WorkQueues};
 use crate::net::{NetError, build_swarm};
 use crate::peers::PeerInfo;
 
@@ -87,7 +87,21 @@ pub struct Status {
     /// Tasks from peers this node has answered (done or failed).
     #[serde(default)]
     pub tasks_answered: u64,
+    /// What one task from a peer may use here (contributing nodes).
+    #[serde(default)]
+    pub limits: Option<Limits>,
+    /// Where peers' tasks run: the executor process and its protections (`None`: in the node
+    /// process, or not contributing).
+    #[serde(default)]
+    pub executor: Option<ExecutorStatus>,
 }
+
+/// The executor process as the status shows it.
+#[cfg(target_os = "linux")]
+pub use crate::sandbox::ExecutorStatus;
+/// The executor process as the status shows it (none on this platform).
+#[cfg(not(target_os = "linux"))]
+pub type ExecutorStatus = ();
 
 /// One configured bootstrap address and why it was last unreachable.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -156,6 +170,8 @@ impl Node {
 
             let cancel = shutdown.child_token();
             let mut worker_task = None;
+            #[cfg(target_os = "linux")]
+            let mut probe: Option<crate::sandbox::Probe> = None;
             let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
             let client = NodeClient { tx };
             let (control_addr, control_task) =
@@ -187,6 +203,10 @@ impl Node {
                 let (work_tx, work_rx) = mpsc::channel(2 * slots.max(1) + 4);
                 let (cancel_tx, cancel_rx) = mpsc::channel(CANCEL_QUEUE);
                 let engine = engine(&config, &limits, &bench, backend).await?;
+                #[cfg(target_os = "linux")]
+                if let crate::work::Engine::Sandboxed { sandbox, .. } = &engine {
+                    probe = Some(sandbox.probe());
+                }
                 let worker = crate::work::Worker::new(
                     work_rx,
                     cancel_rx,
@@ -212,6 +232,11 @@ impl Node {
                 &config.bootstrap,
                 listen_addrs.clone(),
                 work,
+                Extras {
+                    limits: config.contribute.then(|| limits.clone()),
+                    #[cfg(target_os = "linux")]
+                    executor: probe,
+                },
             );
             let task = tokio::spawn(event_loop.run(cancel.clone()).in_current_span());
             Ok(NodeHandle {

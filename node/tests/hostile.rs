@@ -209,6 +209,31 @@ async fn hostile_programs_get_errors_and_the_node_keeps_serving() {
     let mut proc = worker(&dir, &[]);
     let pid = proc.0.id();
     let boot = running(&dir).await;
+    // The executor holds no key and cannot read it.
+    let exec = boot
+        .executor
+        .clone()
+        .expect("tasks run in an executor process");
+    eprintln!("executor: {exec:?}");
+    assert!(exec.confinement.seccomp, "{exec:?}");
+    assert_eq!(exec.pid, children(pid).first().copied(), "{exec:?}");
+    if exec.confinement.landlock == "fully enforced" {
+        assert!(
+            exec.confinement.forbidden_readable.is_empty(),
+            "the executor can read {:?}",
+            exec.confinement.forbidden_readable
+        );
+    } else {
+        eprintln!(
+            "landlock is not available here: {}",
+            exec.confinement.landlock
+        );
+    }
+    let limits = boot
+        .limits
+        .clone()
+        .expect("a contributing node reports its limits");
+    assert_eq!(limits.task.max_peak_bytes, MEMORY / 4);
     let shutdown = CancellationToken::new();
     let (node, peer) = requester(&boot, &shutdown).await;
     let client = node.client();

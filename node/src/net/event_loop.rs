@@ -88,6 +88,14 @@ pub(crate) struct WorkQueues {
     pub cancels: mpsc::Sender<(PeerId, u64)>,
 }
 
+/// What the status reports besides the network: the worker's limits and its executor.
+#[derive(Debug, Default)]
+pub(crate) struct Extras {
+    pub limits: Option<crate::limits::Limits>,
+    #[cfg(target_os = "linux")]
+    pub executor: Option<crate::sandbox::Probe>,
+}
+
 /// The swarm's owner.
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -108,6 +116,7 @@ pub(crate) struct EventLoop {
     /// Replies owed for tasks this node sent.
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<TaskResponse, String>>>,
     tasks_answered: u64,
+    extras: Extras,
 }
 
 impl EventLoop {
@@ -122,6 +131,7 @@ impl EventLoop {
         bootstrap: &[Multiaddr],
         listen_addrs: Vec<Multiaddr>,
         work: Option<WorkQueues>,
+        extras: Extras,
     ) -> EventLoop {
         let bootstrap = bootstrap
             .iter()
@@ -154,6 +164,7 @@ impl EventLoop {
             work,
             pending: HashMap::new(),
             tasks_answered: 0,
+            extras,
         }
     }
 
@@ -611,6 +622,11 @@ impl EventLoop {
                 .collect(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             tasks_answered: self.tasks_answered,
+            limits: self.extras.limits.clone(),
+            #[cfg(target_os = "linux")]
+            executor: self.extras.executor.as_ref().and_then(|p| p.status()),
+            #[cfg(not(target_os = "linux"))]
+            executor: None,
         }
     }
 }

@@ -27,6 +27,7 @@ use corvid_kernels::{BackendChoice, ContentId, Program, Tensor};
 use corvid_sdk::wire::TaskError;
 
 use proto::{FromExecutor, Ready, Slot, ToExecutor};
+use serde::{Deserialize, Serialize};
 
 /// How long a new executor may take to confine itself and open its backend.
 const START_DEADLINE: Duration = Duration::from_secs(60);
@@ -64,6 +65,36 @@ pub struct SandboxConfig {
     pub threads: usize,
     /// Fault injection: the executor aborts on every n-th task (0: never).
     pub crash_every: u64,
+}
+
+/// The executor as the node's status shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExecutorStatus {
+    pub pid: Option<u32>,
+    pub backend: String,
+    pub confinement: proto::Confinement,
+    pub restarts: u64,
+    /// Why the last executor ended, if one did.
+    pub last_exit: Option<String>,
+}
+
+/// Reports on a [`Sandbox`] without keeping it alive.
+#[derive(Clone, Debug)]
+pub struct Probe(std::sync::Weak<Inner>);
+
+impl Probe {
+    pub fn status(&self) -> Option<ExecutorStatus> {
+        let inner = self.0.upgrade()?;
+        let st = inner.lock();
+        let ready = st.ready.as_ref()?;
+        Some(ExecutorStatus {
+            pid: st.pid,
+            backend: ready.backend.clone(),
+            confinement: ready.confinement.clone(),
+            restarts: st.restarts,
+            last_exit: st.last_exit.clone(),
+        })
+    }
 }
 
 /// Why the executor could not be started.
@@ -154,6 +185,11 @@ impl Sandbox {
     /// How many times the executor was restarted.
     pub fn restarts(&self) -> u64 {
         self.inner.lock().restarts
+    }
+
+    /// A handle that reports on the executor without keeping it alive (for the node's status).
+    pub fn probe(&self) -> Probe {
+        Probe(Arc::downgrade(&self.inner))
     }
 
     /// The running executor's process id.
