@@ -405,6 +405,10 @@ fn dump_config(args: &NodeArgs) -> Result<(), CliError> {
             p.display().to_string(),
             "(no key yet: created on first `corvid node`)".to_string(),
         ),
+        IdentitySource::Ephemeral => (
+            "(a new key each run)".to_string(),
+            "(new each run)".to_string(),
+        ),
         IdentitySource::Seed(i) => (
             format!("(test key {i})"),
             load_keypair(&c.identity)?.public().to_peer_id().to_string(),

@@ -11,7 +11,7 @@
 //! job or a shared subgraph costs neither compute nor transfer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,12 +21,15 @@ use corvid_sdk::sched::{Decision, Place, SchedConfig, Scheduler};
 use corvid_sdk::wire::{Input, Receipt, TaskRequest, TaskResponse};
 use corvid_sdk::{EvalError, Executor, LocalExecutor, ResultCache, ValueId};
 use indicatif::{ProgressBar, ProgressStyle};
+use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use rand::Rng;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::NodeConfig;
+use crate::config::{ConfigError, ExecutorMode, IdentitySource, Timing};
+use crate::identity::Psk;
 use crate::node::{Node, NodeClient, NodeError, NodeHandle};
 use crate::trust::{self, BanFileError, CheckKind, Refusal, Trust, Verifier};
 
@@ -49,8 +52,15 @@ pub enum ClientError {
     Node(#[from] NodeError),
     #[error("could not start the client runtime: {0}")]
     Runtime(std::io::Error),
-    #[error("no worker joined within {0:?}")]
-    NoWorkers(Duration),
+    #[error("{0}")]
+    NoWorkers(String),
+    #[error(
+        "no bootstrap address: give the client a node's bootstrap line \
+         (`corvid node` prints it: /ip4/…/tcp/…/p2p/<peer id>)"
+    )]
+    NoBootstrap,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Bans(#[from] BanFileError),
 }
@@ -106,6 +116,10 @@ pub struct JobSummary {
     /// Subgraph index and why it ran again.
     pub redispatches: Vec<(usize, String)>,
     pub verify: VerifySummary,
+    /// Subgraphs with arithmetic that ran on the requester (only with local execution
+    /// allowed), and pure data-movement ones (assembling tiles, slicing) that always do.
+    pub local_compute: usize,
+    pub local_moves: usize,
 }
 
 impl std::fmt::Display for JobSummary {
@@ -123,6 +137,11 @@ impl std::fmt::Display for JobSummary {
             "place", "tasks", "GFLOP", "MiB in", "MiB out", "failed"
         )?;
         for (place, s) in &self.places {
+            let place = if place == "local" {
+                "requester (this machine)"
+            } else {
+                place
+            };
             writeln!(
                 f,
                 "{:<54} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>7}",
@@ -132,6 +151,22 @@ impl std::fmt::Display for JobSummary {
                 s.bytes_in as f64 / (1 << 20) as f64,
                 s.bytes_out as f64 / (1 << 20) as f64,
                 s.failures
+            )?;
+        }
+        if self.local_moves > 0 {
+            writeln!(
+                f,
+                "{} data-movement subgraph(s) (assembly, slicing: no arithmetic) ran on the \
+                 requester",
+                self.local_moves
+            )?;
+        }
+        if self.local_compute > 0 {
+            writeln!(
+                f,
+                "{} subgraph(s) with arithmetic ran on the requester, not on a worker (local \
+                 execution allowed)",
+                self.local_compute
             )?;
         }
         let v = &self.verify;
@@ -214,35 +249,52 @@ impl Client {
             let requester = Node::spawn(c, shutdown.clone()).await?;
             Ok::<_, ClientError>((requester, workers))
         })?;
-        let client = Client::from_parts(runtime, requester, workers, shutdown, Trust::default())?;
+        let client = Client::from_parts(
+            runtime,
+            requester,
+            workers,
+            shutdown,
+            Trust::default(),
+            SchedConfig::default(),
+        )?;
         client.wait_for_workers(n, Duration::from_secs(20))?;
         Ok(client)
     }
 
-    /// Joins the swarm at `bootstrap` as a requester-only peer. Bans are kept in memory; see
-    /// [`Client::connect_with_bans`] to keep them across runs.
-    pub fn connect(bootstrap: Vec<Multiaddr>) -> Result<Client, ClientError> {
-        Client::connect_inner(bootstrap, Trust::default())
+    /// Joins the swarm at `bootstrap` (each address a node's bootstrap line,
+    /// `/ip4/…/tcp/…/p2p/<peer id>`) as a requester with the defaults of
+    /// [`Client::builder`]: returns once a worker is known, or fails saying why.
+    ///
+    /// ```no_run
+    /// let client = corvid_node::Client::connect(["/ip4/192.0.2.1/tcp/4001/p2p/12D3KooW…"])?;
+    /// # Ok::<(), corvid_node::ClientError>(())
+    /// ```
+    pub fn connect<A: ToString>(
+        bootstrap: impl IntoIterator<Item = A>,
+    ) -> Result<Client, ClientError> {
+        Client::builder().bootstraps(bootstrap).connect()
     }
 
     /// [`Client::connect`], reading and saving banned peers (with the evidence) in `bans`.
-    pub fn connect_with_bans(
-        bootstrap: Vec<Multiaddr>,
+    pub fn connect_with_bans<A: ToString>(
+        bootstrap: impl IntoIterator<Item = A>,
         bans: &Path,
     ) -> Result<Client, ClientError> {
-        Client::connect_inner(bootstrap, Trust::with_file(bans)?)
+        Client::builder().bootstraps(bootstrap).bans(bans).connect()
     }
 
-    fn connect_inner(bootstrap: Vec<Multiaddr>, trust: Trust) -> Result<Client, ClientError> {
-        let runtime = runtime()?;
-        let shutdown = CancellationToken::new();
-        let requester = runtime.block_on(async {
-            let mut c = NodeConfig::for_test(rand::rng().random());
-            c.contribute = false;
-            c.bootstrap = bootstrap;
-            Node::spawn(c, shutdown.clone()).await
-        })?;
-        Client::from_parts(runtime, requester, Vec::new(), shutdown, trust)
+    /// A requester for a real swarm, configured step by step:
+    ///
+    /// ```no_run
+    /// let client = corvid_node::Client::builder()
+    ///     .bootstrap("/ip4/192.0.2.1/tcp/4001/p2p/12D3KooW…")
+    ///     .psk("swarm.key")
+    ///     .bans("bans.json")
+    ///     .connect()?;
+    /// # Ok::<(), corvid_node::ClientError>(())
+    /// ```
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
     }
 
     fn from_parts(
@@ -251,6 +303,7 @@ impl Client {
         workers: Vec<NodeHandle>,
         shutdown: CancellationToken,
         trust: Trust,
+        sched: SchedConfig,
     ) -> Result<Client, ClientError> {
         let local = Backend::open(BackendChoice::Cpu).map_err(|source| NodeError::Backend {
             choice: BackendChoice::Cpu,
@@ -261,7 +314,7 @@ impl Client {
             node: requester.client(),
             local: Arc::new(LocalExecutor::new(local)),
             settings: Mutex::new(Settings::default()),
-            sched: SchedConfig::default(),
+            sched,
             last: Mutex::new(None),
             memory: Arc::new(Mutex::new(Memory::default())),
             trust: Arc::new(Mutex::new(trust)),
@@ -276,27 +329,86 @@ impl Client {
         })
     }
 
-    /// Waits until at least `n` contributing peers are known.
+    /// Waits until at least `n` contributing peers are known; on timeout, says what the
+    /// requester does see (bootstrap connections and their errors, peers known, bans).
     pub fn wait_for_workers(&self, n: usize, timeout: Duration) -> Result<usize, ClientError> {
         let node = self.requester.client();
         self.runtime.block_on(async {
             let deadline = Instant::now() + timeout;
             loop {
-                let have = node
-                    .peers()
-                    .await?
-                    .iter()
-                    .filter(|p| p.contributes && p.slots_total > 0)
-                    .count();
+                let peers = node.peers().await?;
+                let have = {
+                    let trust = lock(&self.executor.trust);
+                    peers
+                        .iter()
+                        .filter(|p| p.contributes && p.slots_total > 0)
+                        .filter(|p| p.peer_id.parse().is_ok_and(|id| !trust.is_banned(&id)))
+                        .count()
+                };
                 if have >= n {
                     return Ok(have);
                 }
                 if Instant::now() > deadline {
-                    return Err(ClientError::NoWorkers(timeout));
+                    let status = node.status().await?;
+                    return Err(ClientError::NoWorkers(
+                        self.no_workers_report(n, timeout, &status, &peers),
+                    ));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
+    }
+
+    fn no_workers_report(
+        &self,
+        n: usize,
+        timeout: Duration,
+        status: &crate::node::Status,
+        peers: &[crate::PeerInfo],
+    ) -> String {
+        let mut out = format!(
+            "waited {} for {n} worker(s): ",
+            humantime::format_duration(timeout)
+        );
+        let connected = status.bootstrap.iter().filter(|b| b.connected).count();
+        if !status.bootstrap.is_empty() && connected == 0 {
+            out.push_str("no bootstrap peer could be reached (");
+            let why: Vec<String> = status
+                .bootstrap
+                .iter()
+                .map(|b| match &b.error {
+                    Some(e) => format!("{}: {e}", b.addr),
+                    None => format!("{}: still dialling", b.addr),
+                })
+                .collect();
+            out.push_str(&why.join("; "));
+            out.push_str("); check the address, that the node runs, and the PSK");
+            return out;
+        }
+        let workers: Vec<&crate::PeerInfo> = peers
+            .iter()
+            .filter(|p| p.contributes && p.slots_total > 0)
+            .collect();
+        let banned = {
+            let trust = lock(&self.executor.trust);
+            workers
+                .iter()
+                .filter(|p| p.peer_id.parse().is_ok_and(|id| trust.is_banned(&id)))
+                .count()
+        };
+        out.push_str(&format!(
+            "connected to {connected} of {} bootstrap peer(s); {} peer(s) known, {} of them \
+             contributing{}",
+            status.bootstrap.len(),
+            peers.len(),
+            workers.len(),
+            if banned > 0 {
+                format!(" ({banned} banned by this client)")
+            } else {
+                String::new()
+            }
+        ));
+        out
     }
 
     /// The executor to give graphs: `Graph::new("x").with_executor(client.executor())`.
@@ -357,6 +469,185 @@ impl Drop for Client {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Configures a requester for a real swarm: [`Client::builder`].
+///
+/// Defaults: a fresh random identity each run, the node's timings (a peer counts while it is
+/// connected or its advert is fresher than 90 s), no PSK, bans kept in memory, listening on
+/// all interfaces (loopback only when every bootstrap address is loopback), and no local
+/// execution: a job that no worker can run fails and says why.
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    bootstrap: Vec<String>,
+    listen: Vec<String>,
+    psk: Option<PathBuf>,
+    key: Option<PathBuf>,
+    bans: Option<PathBuf>,
+    allow_local: bool,
+    workers: usize,
+    wait: Duration,
+    timing: Timing,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            bootstrap: Vec::new(),
+            listen: Vec::new(),
+            psk: None,
+            key: None,
+            bans: None,
+            allow_local: false,
+            workers: 1,
+            wait: Duration::from_secs(30),
+            timing: Timing {
+                // A requester offers no compute: its benchmark only fills its advert.
+                bench_budget: Duration::from_millis(100),
+                ..Timing::default()
+            },
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// A peer to join through: a node's bootstrap line, `/ip4/…/tcp/…/p2p/<peer id>`.
+    pub fn bootstrap(mut self, addr: impl ToString) -> Self {
+        self.bootstrap.push(addr.to_string());
+        self
+    }
+
+    /// Several bootstrap peers; any one reachable is enough.
+    pub fn bootstraps<A: ToString>(mut self, addrs: impl IntoIterator<Item = A>) -> Self {
+        self.bootstrap
+            .extend(addrs.into_iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// The private swarm's key file (the one its nodes were given with `--psk`).
+    pub fn psk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.psk = Some(path.into());
+        self
+    }
+
+    /// Keeps this requester's identity in `path` (created, mode 0600, if missing) instead of
+    /// a new one each run: workers then recognise it across runs.
+    pub fn key(mut self, path: impl Into<PathBuf>) -> Self {
+        self.key = Some(path.into());
+        self
+    }
+
+    /// Reads and saves banned peers, with the evidence, in this JSON file.
+    pub fn bans(mut self, path: impl Into<PathBuf>) -> Self {
+        self.bans = Some(path.into());
+        self
+    }
+
+    /// An address to listen on (default: `/ip4/0.0.0.0/tcp/0`).
+    pub fn listen(mut self, addr: impl ToString) -> Self {
+        self.listen.push(addr.to_string());
+        self
+    }
+
+    /// Lets the requester run a subgraph itself when no worker can take it. Off by default;
+    /// when on, the progress bar and the job summary say what ran here.
+    pub fn allow_local(mut self, allow: bool) -> Self {
+        self.allow_local = allow;
+        self
+    }
+
+    /// `connect` waits until `n` workers are known (default 1), for at most `timeout`
+    /// (default 30 s). `n = 0` returns as soon as the node is up.
+    pub fn wait_for_workers(mut self, n: usize, timeout: Duration) -> Self {
+        self.workers = n;
+        self.wait = timeout;
+        self
+    }
+
+    /// Other intervals (tests shorten them; the defaults are the node's).
+    #[doc(hidden)]
+    pub fn timing(mut self, timing: Timing) -> Self {
+        self.timing = timing;
+        self
+    }
+
+    /// The node configuration this builder describes.
+    fn config(&self) -> Result<NodeConfig, ClientError> {
+        if self.bootstrap.is_empty() {
+            return Err(ClientError::NoBootstrap);
+        }
+        let bootstrap = crate::config::parse_addrs("bootstrap", &self.bootstrap)?;
+        let listen = if self.listen.is_empty() {
+            let ip = if bootstrap.iter().all(is_loopback) {
+                std::net::Ipv4Addr::LOCALHOST
+            } else {
+                std::net::Ipv4Addr::UNSPECIFIED
+            };
+            vec![
+                Multiaddr::empty()
+                    .with(Protocol::Ip4(ip))
+                    .with(Protocol::Tcp(0)),
+            ]
+        } else {
+            crate::config::parse_addrs("listen", &self.listen)?
+        };
+        let config = NodeConfig {
+            data_dir: None,
+            config_file: None,
+            identity: match &self.key {
+                Some(p) => IdentitySource::File(p.clone()),
+                None => IdentitySource::Ephemeral,
+            },
+            listen,
+            bootstrap,
+            backend: BackendChoice::Cpu,
+            max_memory: None,
+            psk: match &self.psk {
+                Some(p) => Some(Psk::load(p).map_err(ConfigError::from)?),
+                None => None,
+            },
+            contribute: false,
+            slots: 1,
+            control: std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
+            max_connections: 128,
+            timing: self.timing.clone(),
+            executor: ExecutorMode::InProcess,
+            fault: None,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Starts the requester and joins the swarm. Fails, saying why, if no bootstrap peer can
+    /// be reached or too few workers are heard from in time.
+    pub fn connect(self) -> Result<Client, ClientError> {
+        let config = self.config()?;
+        let trust = match &self.bans {
+            Some(p) => Trust::with_file(p)?,
+            None => Trust::default(),
+        };
+        let runtime = runtime()?;
+        let shutdown = CancellationToken::new();
+        let requester = runtime.block_on(Node::spawn(config, shutdown.clone()))?;
+        let sched = SchedConfig {
+            allow_local: self.allow_local,
+            ..SchedConfig::default()
+        };
+        let client = Client::from_parts(runtime, requester, Vec::new(), shutdown, trust, sched)?;
+        if self.workers > 0 {
+            client.wait_for_workers(self.workers, self.wait)?;
+        }
+        Ok(client)
+    }
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h) => h == "localhost",
+        _ => false,
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ClientError> {
@@ -565,6 +856,12 @@ struct Job {
     cached: usize,
     verify: VerifySummary,
     progress: ProgressBar,
+    /// What the requester saw of the swarm at the job's start, for a job no worker can run.
+    pool: String,
+    /// Subgraphs run on the requester: with arithmetic (only when local execution is
+    /// allowed), and pure data movement (assembly, slicing).
+    local_compute: usize,
+    local_moves: usize,
 }
 
 async fn run_job(
@@ -578,10 +875,24 @@ async fn run_job(
 ) -> (Result<Vec<Arc<Data>>, EvalError>, JobSummary) {
     let mut sched: Scheduler<PeerId> = Scheduler::new(&plan, cfg);
     let mut peer_class = HashMap::new();
+    let pool;
     match node.peers().await {
         Ok(peers) => {
             let trust = lock(&trust);
-            for p in peers.iter().filter(|p| p.contributes && p.slots_total > 0) {
+            let workers: Vec<_> = peers
+                .iter()
+                .filter(|p| p.contributes && p.slots_total > 0)
+                .collect();
+            let banned = workers
+                .iter()
+                .filter(|p| p.peer_id.parse().is_ok_and(|id| trust.is_banned(&id)))
+                .count();
+            pool = format!(
+                "the requester knew {} peer(s), {} contributing, {banned} of those banned",
+                peers.len(),
+                workers.len()
+            );
+            for p in workers {
                 if let Ok(id) = p.peer_id.parse::<PeerId>()
                     && !trust.is_banned(&id)
                 {
@@ -657,6 +968,9 @@ async fn run_job(
         cached,
         verify: VerifySummary::default(),
         progress,
+        pool,
+        local_compute: 0,
+        local_moves: 0,
     };
     if checks && cached < n {
         job.send_canaries();
@@ -706,6 +1020,27 @@ impl Job {
         while !self.sched.finished() || !self.replicas.is_empty() {
             for d in self.sched.schedule(self.now()) {
                 self.dispatch(d);
+            }
+            if let Some(f) = self.sched.stuck() {
+                let attempts: String = f
+                    .attempts
+                    .iter()
+                    .map(|a| format!(" [{}: {}]", a.place, a.error))
+                    .collect();
+                return Err(EvalError::NoWorker {
+                    subgraph: f.subgraph,
+                    ops: f.ops.clone(),
+                    reason: format!(
+                        "{}{}{attempts}; {}",
+                        f.unplaceable.as_deref().unwrap_or("no place left"),
+                        if attempts.is_empty() {
+                            ""
+                        } else {
+                            "; attempts:"
+                        },
+                        self.pool
+                    ),
+                });
             }
             tokio::select! {
                 done = self.running.join_next(), if !self.running.is_empty() => {
@@ -846,10 +1181,14 @@ impl Job {
             .filter(|i| i.in_flight > 0)
             .count();
         let flops: u64 = self.sched.stats().values().map(|s| s.flops).sum();
-        format!(
+        let mut msg = format!(
             "{busy} peers busy · {:.1} GFLOP/s",
             flops as f64 / 1e9 / self.now().max(1e-3)
-        )
+        );
+        if self.local_compute > 0 {
+            msg.push_str(&format!(" · {} ran on this machine", self.local_compute));
+        }
+        msg
     }
 
     /// Bans `peer`: no more work, its running tasks fail over, and its results in this job
@@ -1132,6 +1471,11 @@ impl Job {
         let timeout = Duration::from_secs_f64((deadline - self.now()).max(0.001));
         match place {
             Place::Local => {
+                if sg.cost.flops > 0 {
+                    self.local_compute += 1;
+                } else {
+                    self.local_moves += 1;
+                }
                 let local = self.local.clone();
                 self.running.spawn(async move {
                     let r = tokio::task::spawn_blocking(move || local.run_subgraph(&sg, &inputs))
@@ -1238,6 +1582,8 @@ impl Job {
             places,
             redispatches: self.sched.redispatches().to_vec(),
             verify: self.verify.clone(),
+            local_compute: self.local_compute,
+            local_moves: self.local_moves,
         }
     }
 }

@@ -65,6 +65,8 @@ pub enum ConfigError {
 pub enum IdentitySource {
     /// A protobuf-encoded keypair file, created with mode 0600 on first start.
     File(PathBuf),
+    /// A fresh random key for this run only (a requester's default): nothing is written.
+    Ephemeral,
     /// A key derived from a number: for tests only, never secret.
     Seed(u64),
 }
@@ -550,7 +552,10 @@ fn pick<'a>(flags: &'a [String], file: &'a Option<Vec<String>>) -> &'a [String] 
     }
 }
 
-fn parse_addrs(field: &'static str, values: &[String]) -> Result<Vec<Multiaddr>, ConfigError> {
+pub(crate) fn parse_addrs(
+    field: &'static str,
+    values: &[String],
+) -> Result<Vec<Multiaddr>, ConfigError> {
     values
         .iter()
         .map(|v| {

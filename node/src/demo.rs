@@ -32,6 +32,8 @@ pub enum DemoError {
     WorkerStart(usize, PathBuf),
     #[error("the swarm's result differs from local evaluation: {0}")]
     Mismatch(String),
+    #[error("{job}: {n} subgraph(s) with arithmetic ran on the requester, not on a worker")]
+    RanLocally { job: String, n: usize },
 }
 
 /// Kills the worker process when dropped: nothing outlives the demo.
@@ -114,8 +116,14 @@ pub fn run(workers: usize, n: usize, cheater: bool) -> Result<(), DemoError> {
             plan.total_cost().flops as f64 / 1e9,
             wall.as_secs_f64()
         );
-        if let Some(summary) = client.last_summary() {
-            print!("{summary}");
+        let summary = client.last_summary().unwrap_or_default();
+        print!("{summary}");
+        // "Across the swarm" must be true: only data movement may have run here.
+        if summary.local_compute > 0 {
+            return Err(DemoError::RanLocally {
+                job: name.to_string(),
+                n: summary.local_compute,
+            });
         }
         g.end().map_err(|r| DemoError::Mismatch(r.to_string()))?;
     }

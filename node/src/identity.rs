@@ -42,6 +42,7 @@ pub enum IdentityError {
 /// Loads the keypair named by `source`, creating the key file if it does not exist.
 pub fn load_keypair(source: &IdentitySource) -> Result<Keypair, IdentityError> {
     match source {
+        IdentitySource::Ephemeral => Ok(Keypair::generate_ed25519()),
         IdentitySource::Seed(i) => Ok(seeded(*i)),
         IdentitySource::File(path) => load_or_create(path),
     }

@@ -36,8 +36,10 @@ mod work;
 
 pub use advert::{ADVERT_TOPIC, Advert, Rejection, SignedAdvert};
 pub use bench::BenchReport;
-pub use client::{Client, ClientError, JobSummary, SwarmExecutor};
+pub use client::{Client, ClientBuilder, ClientError, JobSummary, SwarmExecutor};
 pub use config::{Fault, NodeArgs, NodeConfig};
+/// Peer addresses, as `corvid node` prints them (`/ip4/…/tcp/…/p2p/<peer id>`).
+pub use libp2p::Multiaddr;
 pub use limits::Limits;
 pub use node::{BootstrapStatus, Node, NodeClient, NodeError, NodeHandle, Status};
 pub use peers::PeerInfo;

@@ -124,12 +124,18 @@ impl PeerTable {
         *self.rejections.entry(why).or_default() += 1;
     }
 
-    /// Removes peers silent for longer than `expiry`; returns them.
-    pub fn expire(&mut self, now: Instant, expiry: Duration) -> Vec<PeerId> {
+    /// Removes peers silent for longer than `expiry`, except those `connected` says are still
+    /// connected (a live connection keeps a peer, whatever its advert's age); returns them.
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        expiry: Duration,
+        connected: impl Fn(&PeerId) -> bool,
+    ) -> Vec<PeerId> {
         let gone: Vec<PeerId> = self
             .entries
             .iter()
-            .filter(|(_, e)| now.saturating_duration_since(e.last_seen) > expiry)
+            .filter(|(p, e)| now.saturating_duration_since(e.last_seen) > expiry && !connected(p))
             .map(|(p, _)| *p)
             .collect();
         for p in &gone {
@@ -214,8 +220,18 @@ mod tests {
         assert_eq!(t.accept(peer, a, t0), Ok(Accepted::Changed));
         assert_eq!(t.list(t0)[0].slots_free, 1);
         let later = t0 + Duration::from_secs(5);
-        assert!(t.expire(later, Duration::from_secs(10)).is_empty());
-        assert_eq!(t.expire(later, Duration::from_secs(1)), vec![peer]);
+        assert!(
+            t.expire(later, Duration::from_secs(10), |_| false)
+                .is_empty()
+        );
+        assert!(
+            t.expire(later, Duration::from_secs(1), |_| true).is_empty(),
+            "a connected peer stays"
+        );
+        assert_eq!(
+            t.expire(later, Duration::from_secs(1), |_| false),
+            vec![peer]
+        );
         assert!(t.is_empty());
     }
 

@@ -88,7 +88,7 @@ fn killing_a_worker_mid_job_loses_nothing() {
     for d in &dirs[1..] {
         procs.push(Some(worker(d, Some(&boot))));
     }
-    let client = Client::connect(vec![boot.parse().unwrap()])
+    let client = Client::connect([boot.as_str()])
         .unwrap()
         .with_settings(settings());
     client.wait_for_workers(3, Duration::from_secs(60)).unwrap();

@@ -79,6 +79,13 @@ pub enum EvalError {
     },
     #[error("swarm job failed: {report}")]
     Swarm { report: String },
+    /// No worker in the swarm can run a subgraph, and the requester may not run it itself.
+    #[error("no worker can run subgraph {subgraph} ({ops}): {reason}")]
+    NoWorker {
+        subgraph: usize,
+        ops: String,
+        reason: String,
+    },
     #[error("the tensor to evaluate is {got}, not {expected}")]
     DType { expected: String, got: TensorMeta },
 }

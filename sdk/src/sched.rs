@@ -54,7 +54,8 @@ pub type TaskId = u64;
 #[derive(Clone, Debug, PartialEq)]
 pub struct SchedConfig {
     pub max_attempts: usize,
-    /// Run on the requester when no peer can take a ready subgraph.
+    /// Run a subgraph with arithmetic on the requester when no peer can take it. Off by
+    /// default: with no usable worker the job fails and says why (see [`Scheduler::stuck`]).
     pub allow_local: bool,
     /// Requester speed estimate, FLOP/s, for local placement.
     pub local_flops: f64,
@@ -68,7 +69,8 @@ pub struct SchedConfig {
     /// Round-trip time added to every remote estimate, seconds.
     pub latency: f64,
     /// Run subgraphs without arithmetic (assembly, slicing) on the requester: their inputs
-    /// come back to it anyway, so shipping them out again only costs transfer.
+    /// come back to it anyway, so shipping them out again only costs transfer. Independent of
+    /// `allow_local`.
     pub local_data_movement: bool,
 }
 
@@ -76,7 +78,7 @@ impl Default for SchedConfig {
     fn default() -> Self {
         SchedConfig {
             max_attempts: 3,
-            allow_local: true,
+            allow_local: false,
             local_flops: 50e9,
             deadline_slack: 4.0,
             deadline_grace: 2.0,
@@ -139,17 +141,29 @@ pub struct JobFailure<P> {
     pub subgraph: usize,
     pub ops: String,
     pub attempts: Vec<AttemptError<P>>,
+    /// Why no place is left to try it, when that is what ended the job.
+    pub unplaceable: Option<String>,
 }
 
 impl<P: fmt::Display> fmt::Display for JobFailure<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "subgraph {} ({}) failed {} time(s):",
-            self.subgraph,
-            self.ops,
-            self.attempts.len()
-        )?;
+        match &self.unplaceable {
+            Some(why) => write!(
+                f,
+                "subgraph {} ({}) has nowhere to run: {why}",
+                self.subgraph, self.ops
+            )?,
+            None => write!(
+                f,
+                "subgraph {} ({}) failed {} time(s):",
+                self.subgraph,
+                self.ops,
+                self.attempts.len()
+            )?,
+        }
+        if self.unplaceable.is_some() && !self.attempts.is_empty() {
+            f.write_str("; attempts:")?;
+        }
         for a in &self.attempts {
             write!(f, " [{}: {}]", a.place, a.error)?;
         }
@@ -220,6 +234,9 @@ pub struct Scheduler<P: Ord + Clone> {
     local_in_flight: usize,
     stats: BTreeMap<Place<P>, PlaceStats>,
     redispatches: Vec<(usize, String)>,
+    /// The first ready subgraph found with no place left to run (no peer can take it and the
+    /// requester may not): the job cannot finish.
+    stuck: Option<JobFailure<P>>,
 }
 
 impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
@@ -277,6 +294,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             local_in_flight: 0,
             stats: BTreeMap::new(),
             redispatches: Vec::new(),
+            stuck: None,
         };
         for i in 0..n {
             if sched.unmet[i] == 0 {
@@ -287,7 +305,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
     }
 
     fn runs_locally(&self, sg: usize) -> bool {
-        self.cfg.allow_local && self.cfg.local_data_movement && self.flops[sg] == 0
+        self.cfg.local_data_movement && self.flops[sg] == 0
     }
 
     fn make_ready(&mut self, sg: usize) {
@@ -484,6 +502,16 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             match self.best_place(sg, now, &tried) {
                 Some(place) => out.push(self.dispatch(sg, place, now)),
                 None => {
+                    if self.stuck.is_none()
+                        && let Some(why) = self.nowhere(sg, &tried)
+                    {
+                        self.stuck = Some(JobFailure {
+                            subgraph: sg,
+                            ops: self.ops[sg].clone(),
+                            attempts: self.errors[sg].clone(),
+                            unplaceable: Some(why),
+                        });
+                    }
                     skipped.push(sg);
                     // Nothing else fits either once every peer is full (or worth waiting for)
                     // and the requester is busy or not allowed; a subgraph that avoided
@@ -533,6 +561,46 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             best = Some((self.estimate(sg, &Place::Local, now), Place::Local));
         }
         best.map(|(_, p)| p)
+    }
+
+    /// Why ready subgraph `sg` can never be placed in this job, if it cannot: every known peer
+    /// failed it, left or is too small for it, and the requester may not run it.
+    fn nowhere(&self, sg: usize, avoid: &BTreeSet<Place<P>>) -> Option<String> {
+        if self.cfg.allow_local
+            || self
+                .peers
+                .iter()
+                .any(|(p, info)| !avoid.contains(&Place::Peer(p.clone())) && self.fits(sg, info))
+        {
+            return None;
+        }
+        let mut why = if self.peers.is_empty() {
+            "no worker is left in the job (none was known, or every one was unreachable or \
+             banned)"
+                .to_string()
+        } else if let Some(unfit) = self.unfit(sg) {
+            format!("it {unfit}")
+        } else {
+            let failed = self
+                .peers
+                .keys()
+                .filter(|p| avoid.contains(&Place::Peer((*p).clone())))
+                .count();
+            let small = self.peers.len() - failed;
+            if small == 0 {
+                format!("every one of the {failed} workers failed it")
+            } else {
+                format!("{failed} workers failed it and it fits none of the other {small}")
+            }
+        };
+        why.push_str(" (local execution is off)");
+        Some(why)
+    }
+
+    /// The job cannot finish: a ready subgraph has no place left to run. Check it after
+    /// [`Scheduler::schedule`].
+    pub fn stuck(&self) -> Option<&JobFailure<P>> {
+        self.stuck.as_ref()
     }
 
     /// Why `sg` fits no known peer, if it fits none (for the job report).
@@ -740,6 +808,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
                 subgraph: sg,
                 ops: self.ops[sg].clone(),
                 attempts: self.errors[sg].clone(),
+                unplaceable: None,
             });
         }
         self.redispatches
@@ -824,9 +893,19 @@ mod tests {
         g.plan(&[&c]).unwrap()
     }
 
+    /// Everything on peers, assembly too.
     fn no_local() -> SchedConfig {
         SchedConfig {
             allow_local: false,
+            local_data_movement: false,
+            ..SchedConfig::default()
+        }
+    }
+
+    /// The requester may run anything no peer can take.
+    fn with_local() -> SchedConfig {
+        SchedConfig {
+            allow_local: true,
             ..SchedConfig::default()
         }
     }
@@ -881,8 +960,20 @@ mod tests {
             d.iter().all(|x| x.2 == Place::Peer("big")),
             "the much faster peer is too small for the tiles: {d:?}"
         );
-        // When no peer fits, the requester runs it and the report says why.
+        // When no peer fits, the job cannot finish, and says why.
         let mut s = Scheduler::new(&p, SchedConfig::default());
+        s.peer("small", 1e12, 1e9, 4);
+        s.budget(&"small", tight.clone());
+        assert!(dispatched(&s.schedule(0.0)).is_empty());
+        let stuck = s.stuck().expect("no place for the tiles").to_string();
+        assert!(
+            stuck.contains("has nowhere to run")
+                && stuck.contains("fits no peer's budget")
+                && stuck.contains("local execution is off"),
+            "{stuck}"
+        );
+        // Allowed to, the requester runs it and the report says why.
+        let mut s = Scheduler::new(&p, with_local());
         s.peer("small", 1e12, 1e9, 4);
         s.budget(&"small", tight);
         let d = dispatched(&s.schedule(0.0));
@@ -951,6 +1042,35 @@ mod tests {
     }
 
     #[test]
+    fn a_subgraph_every_peer_failed_or_left_ends_the_job_naming_each_attempt() {
+        let p = plan();
+        let mut s = Scheduler::new(&p, no_local());
+        s.peer("a", 1e9, 1e9, 4);
+        s.peer("b", 1e9, 1e9, 4);
+        s.peer("c", 1e9, 1e9, 4);
+        let first = dispatched(&s.schedule(0.0));
+        let (task, sg, place) = first.iter().find(|x| x.1 == 0).unwrap().clone();
+        s.on_failed(task, "out of memory").unwrap();
+        let Place::Peer(failed) = place else {
+            panic!("{place:?}")
+        };
+        // The two others leave (unreachable): no place is left for the subgraph.
+        for p in ["a", "b", "c"].into_iter().filter(|p| *p != failed) {
+            s.remove_peer(&p);
+        }
+        assert!(s.stuck().is_none(), "nothing was tried since");
+        let again = dispatched(&s.schedule(0.1));
+        assert!(again.iter().all(|x| x.1 != sg), "{again:?}");
+        let stuck = s.stuck().expect("subgraph 0 has nowhere to go");
+        assert_eq!(stuck.subgraph, sg);
+        let msg = stuck.to_string();
+        assert!(
+            msg.contains("every one of the 1 workers failed it") && msg.contains("out of memory"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn deadlines_expire_and_stragglers_get_a_copy_used_once() {
         let p = plan();
         let mut s = Scheduler::new(&p, no_local());
@@ -988,12 +1108,20 @@ mod tests {
     #[test]
     fn data_stays_where_it_is_and_local_runs_when_no_peer_can() {
         let p = plan();
-        let mut s = Scheduler::new(&p, SchedConfig::default());
+        let mut s = Scheduler::new(&p, with_local());
         assert_eq!(
             dispatched(&s.schedule(0.0))[0].2,
             Place::Local,
-            "no peers: run locally"
+            "no peers, local allowed: run locally"
         );
+        assert!(s.stuck().is_none());
+        let mut s = Scheduler::new(&p, SchedConfig::default());
+        assert!(
+            dispatched(&s.schedule(0.0)).is_empty(),
+            "no peers: nothing runs"
+        );
+        let stuck = s.stuck().expect("no peers, local off").to_string();
+        assert!(stuck.contains("no worker is left"), "{stuck}");
         let mut s = Scheduler::new(&p, no_local());
         s.peer("a", 1e9, 1e6, 4);
         s.peer("b", 1e9, 1e6, 4);

@@ -528,8 +528,14 @@ impl EventLoop {
     }
 
     fn expire(&mut self) {
-        for peer in self.table.expire(Instant::now(), self.timing.peer_expiry) {
-            tracing::info!(peer = %peer, peers = self.table.len(), "peer expired: not heard from in {}",
+        let swarm = &self.swarm;
+        let gone = self
+            .table
+            .expire(Instant::now(), self.timing.peer_expiry, |p| {
+                swarm.is_connected(p)
+            });
+        for peer in gone {
+            tracing::info!(peer = %peer, peers = self.table.len(), "peer expired: not connected and not heard from in {}",
                 humantime::format_duration(self.timing.peer_expiry));
         }
     }
