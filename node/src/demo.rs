@@ -11,9 +11,9 @@ use corvid_kernels::{Backend, CpuBackend, Tensor as Data, Tolerance};
 use corvid_sdk::{Graph, LocalExecutor, Settings, Tensor};
 use libp2p::Multiaddr;
 
-use crate::client::{Client, ClientError};
 use crate::control::{ControlError, get_json, read_control_file};
 use crate::node::Status;
+use crate::requester::{Client, ClientError};
 
 /// Why the demo failed.
 #[derive(Debug, thiserror::Error)]

@@ -20,7 +20,6 @@
 pub mod advert;
 pub mod bench;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod control;
 pub mod demo;
@@ -29,6 +28,7 @@ pub mod limits;
 pub mod net;
 pub mod node;
 pub mod peers;
+pub mod requester;
 #[cfg(target_os = "linux")]
 pub mod sandbox;
 pub mod trust;
@@ -36,10 +36,10 @@ mod work;
 
 pub use advert::{ADVERT_TOPIC, Advert, Rejection, SignedAdvert};
 pub use bench::BenchReport;
-pub use client::{Client, ClientBuilder, ClientError, JobSummary, SwarmExecutor};
 pub use config::{Fault, NodeArgs, NodeConfig};
 /// Peer addresses, as `corvid node` prints them (`/ip4/…/tcp/…/p2p/<peer id>`).
 pub use libp2p::Multiaddr;
 pub use limits::Limits;
 pub use node::{BootstrapStatus, Node, NodeClient, NodeError, NodeHandle, Status};
 pub use peers::PeerInfo;
+pub use requester::{Client, ClientBuilder, ClientError, JobSummary, SwarmExecutor};

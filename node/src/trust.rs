@@ -74,6 +74,8 @@ pub struct Ban {
 pub enum Refusal {
     /// Not the peer's fault (or not provably): retry elsewhere.
     Failed(String),
+    /// The peer could not be reached: it leaves the job's placement.
+    Unreachable(String),
     /// Proof that the peer lied: ban it.
     Cheated { reason: String, evidence: String },
 }

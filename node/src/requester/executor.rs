@@ -1,0 +1,152 @@
+//! The requester's memory between jobs and the `Executor` that runs plans across the swarm.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use corvid_kernels::{Budget, ContentId, Tensor as Data};
+use corvid_sdk::plan::{Plan, Settings};
+use corvid_sdk::sched::SchedConfig;
+use corvid_sdk::{EvalError, Executor, LocalExecutor, ResultCache, ValueId};
+use libp2p::PeerId;
+
+use crate::node::NodeClient;
+use crate::trust::Trust;
+
+use super::*;
+
+/// What the requester remembers between jobs.
+#[derive(Debug)]
+pub(super) struct Memory {
+    /// Verified results by subgraph id.
+    pub(super) cache: ResultCache,
+    /// Which peers hold which values.
+    pub(super) held: HashMap<ValueId, BTreeSet<PeerId>>,
+    /// Content ids of values, so each is hashed once.
+    pub(super) cids: HashMap<ValueId, ContentId>,
+    /// Measured FLOP/s and link bytes/s per peer.
+    pub(super) measured: HashMap<PeerId, (Option<f64>, Option<f64>)>,
+    /// Cached results that only a sample vouched for, and their producer: dropped if it is
+    /// banned later.
+    pub(super) sampled_from: HashMap<corvid_sdk::SubgraphId, PeerId>,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory {
+            cache: ResultCache::new(CACHE_BYTES),
+            held: HashMap::new(),
+            cids: HashMap::new(),
+            measured: HashMap::new(),
+            sampled_from: HashMap::new(),
+        }
+    }
+}
+
+/// Runs plans across the swarm: places subgraphs with the SDK's scheduler, ships their inputs,
+/// verifies and collects results, retries failures elsewhere.
+#[derive(Debug)]
+pub struct SwarmExecutor {
+    pub(super) handle: tokio::runtime::Handle,
+    pub(super) node: NodeClient,
+    pub(super) local: Arc<LocalExecutor>,
+    pub(super) settings: Mutex<Settings>,
+    pub(super) sched: SchedConfig,
+    pub(super) last: Mutex<Option<JobSummary>>,
+    pub(super) memory: Arc<Mutex<Memory>>,
+    pub(super) trust: Arc<Mutex<Trust>>,
+    pub(super) checks: std::sync::atomic::AtomicBool,
+}
+
+impl SwarmExecutor {
+    /// The budget a subgraph should fit to be taken by at least half of the contributing,
+    /// unbanned peers (the lower median of each limit; a few peers with tiny budgets do not
+    /// shrink everyone's work). `None` when no peer says.
+    fn typical_budget(&self) -> Option<Budget> {
+        // Called from the developer's thread: ask the node on the client's runtime.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let node = self.node.clone();
+        self.handle.spawn(async move {
+            let _ = tx.send(node.peers().await);
+        });
+        let peers = rx.recv_timeout(Duration::from_secs(2)).ok()?.ok()?;
+        let trust = lock(&self.trust);
+        let budgets: Vec<Budget> = peers
+            .into_iter()
+            .filter(|p| p.contributes && p.slots_total > 0)
+            .filter(|p| p.peer_id.parse().is_ok_and(|id| !trust.is_banned(&id)))
+            .filter_map(|p| p.task_budget)
+            .collect();
+        lower_median(&budgets)
+    }
+}
+
+/// Each limit's lower median over `budgets`.
+pub(super) fn lower_median(budgets: &[Budget]) -> Option<Budget> {
+    if budgets.is_empty() {
+        return None;
+    }
+    fn median<T: Ord + Copy>(mut v: Vec<T>) -> T {
+        v.sort_unstable();
+        v[(v.len() - 1) / 2]
+    }
+    let of = |f: fn(&Budget) -> u64| median(budgets.iter().map(f).collect());
+    Some(Budget {
+        max_nodes: median(budgets.iter().map(|b| b.max_nodes).collect()),
+        max_program_bytes: of(|b| b.max_program_bytes),
+        max_tensor_bytes: of(|b| b.max_tensor_bytes),
+        max_peak_bytes: of(|b| b.max_peak_bytes),
+        max_flops: of(|b| b.max_flops),
+    })
+}
+
+impl Executor for SwarmExecutor {
+    /// The client's settings, cut to fit what the swarm's peers take.
+    fn settings(&self) -> Settings {
+        let base = lock(&self.settings).clone();
+        match self.typical_budget() {
+            Some(b) => base.within(&b),
+            None => base,
+        }
+    }
+
+    fn execute(&self, plan: &Plan) -> Result<Vec<Arc<Data>>, EvalError> {
+        // Runs on the client's runtime; this thread only waits (it may be any thread).
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let job = run_job(
+            plan.clone(),
+            self.node.clone(),
+            self.local.clone(),
+            self.sched.clone(),
+            self.memory.clone(),
+            self.trust.clone(),
+            self.checks.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.handle.spawn(async move {
+            let _ = tx.send(job.await);
+        });
+        let (result, summary) = rx.recv().map_err(|_| EvalError::Swarm {
+            report: "the client stopped during the job".into(),
+        })?;
+        *lock(&self.last) = Some(summary);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_typical_budget_is_each_limits_lower_median() {
+        let b = |peak: u64, flops: u64| Budget::new(peak, peak, flops);
+        assert_eq!(lower_median(&[]), None);
+        let m = lower_median(&[b(8, 1), b(2, 100), b(4, 10)]).unwrap();
+        assert_eq!((m.max_peak_bytes, m.max_flops), (4, 10));
+        // Two peers: the smaller of each, so both take the work.
+        let m = lower_median(&[b(8, 1), b(2, 100)]).unwrap();
+        assert_eq!((m.max_peak_bytes, m.max_flops), (2, 1));
+    }
+}

@@ -1,0 +1,805 @@
+//! One job in flight: carries out the scheduler's decisions, judges results, replicas and
+//! canaries as they return, bans cheaters and reopens their work.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use corvid_kernels::{ContentId, Tensor as Data};
+use corvid_sdk::plan::{Plan, Source};
+use corvid_sdk::sched::{Decision, Place, SchedConfig, Scheduler};
+use corvid_sdk::{EvalError, LocalExecutor, ValueId};
+use indicatif::{ProgressBar, ProgressStyle};
+use libp2p::PeerId;
+use rand::Rng;
+use tokio::task::JoinSet;
+
+use crate::node::NodeClient;
+use crate::trust::{self, CheckKind, Refusal, Trust, Verifier};
+
+use super::*;
+
+/// One job in flight: the plan, its scheduler, results so far and the running tasks.
+pub(super) struct Job {
+    pub(super) plan: Plan,
+    pub(super) sched: Scheduler<PeerId>,
+    pub(super) node: NodeClient,
+    pub(super) local: Arc<LocalExecutor>,
+    pub(super) verifier: Arc<Verifier>,
+    pub(super) memory: Arc<Mutex<Memory>>,
+    pub(super) trust: Arc<Mutex<Trust>>,
+    pub(super) results: Vec<Option<Arc<Vec<Arc<Data>>>>>,
+    pub(super) accepted: Vec<Option<Arc<Accepted>>>,
+    pub(super) producer: Vec<Option<Producer>>,
+    pub(super) running: JoinSet<TaskOutcome>,
+    pub(super) replicas: JoinSet<ReplicaOutcome>,
+    pub(super) canaries: JoinSet<(PeerId, Result<Accepted, Refusal>)>,
+    /// Peers running a replica now.
+    pub(super) replicating: BTreeSet<PeerId>,
+    pub(super) task_subgraph: BTreeMap<u64, usize>,
+    pub(super) task_peer: BTreeMap<u64, PeerId>,
+    /// The id each remote task travels under (random), to cancel it.
+    pub(super) task_wire: BTreeMap<u64, u64>,
+    /// Advertised determinism class of each peer: replicas go to the same class.
+    pub(super) peer_class: HashMap<PeerId, String>,
+    pub(super) started: Instant,
+    pub(super) cached: usize,
+    pub(super) verify: VerifySummary,
+    pub(super) progress: ProgressBar,
+    /// What the requester saw of the swarm at the job's start, for a job no worker can run.
+    pub(super) pool: String,
+    /// Subgraphs run on the requester: with arithmetic (only when local execution is
+    /// allowed), and pure data movement (assembly, slicing).
+    pub(super) local_compute: usize,
+    pub(super) local_moves: usize,
+}
+
+pub(super) async fn run_job(
+    plan: Plan,
+    node: NodeClient,
+    local: Arc<LocalExecutor>,
+    cfg: SchedConfig,
+    memory: Arc<Mutex<Memory>>,
+    trust: Arc<Mutex<Trust>>,
+    checks: bool,
+) -> (Result<Vec<Arc<Data>>, EvalError>, JobSummary) {
+    let mut sched: Scheduler<PeerId> = Scheduler::new(&plan, cfg);
+    let mut peer_class = HashMap::new();
+    let pool;
+    match node.peers().await {
+        Ok(peers) => {
+            let trust = lock(&trust);
+            let workers: Vec<_> = peers
+                .iter()
+                .filter(|p| p.contributes && p.slots_total > 0)
+                .collect();
+            let banned = workers
+                .iter()
+                .filter(|p| p.peer_id.parse().is_ok_and(|id| trust.is_banned(&id)))
+                .count();
+            pool = format!(
+                "the requester knew {} peer(s), {} contributing, {banned} of those banned",
+                peers.len(),
+                workers.len()
+            );
+            for p in workers {
+                if let Ok(id) = p.peer_id.parse::<PeerId>()
+                    && !trust.is_banned(&id)
+                {
+                    sched.peer(
+                        id,
+                        f64::from(p.matmul_gflops) * 1e9,
+                        1e9,
+                        p.slots_total as usize,
+                    );
+                    if let Some(b) = &p.task_budget {
+                        sched.budget(&id, b.clone());
+                    }
+                    peer_class.insert(id, p.class.clone());
+                }
+            }
+        }
+        Err(e) => {
+            return (
+                Err(EvalError::Swarm {
+                    report: e.to_string(),
+                }),
+                JobSummary::default(),
+            );
+        }
+    }
+    let n = plan.subgraphs.len();
+    let mut results = vec![None; n];
+    let mut cached = 0;
+    {
+        let mem = lock(&memory);
+        for (&p, &(flops, link)) in &mem.measured {
+            sched.measured(&p, flops, link);
+        }
+        for (i, sg) in plan.subgraphs.iter().enumerate() {
+            if let Some(hit) = mem.cache.get(&sg.id) {
+                results[i] = Some(hit);
+                sched.completed(i);
+                cached += 1;
+            }
+            for id in &sg.input_ids {
+                for p in mem.held.get(id).into_iter().flatten() {
+                    sched.holds(*p, *id);
+                }
+            }
+        }
+    }
+    let progress = ProgressBar::new(n as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} subgraphs · {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    progress.set_position(cached as u64);
+    let mut job = Job {
+        results,
+        accepted: vec![None; n],
+        producer: vec![None; n],
+        verifier: Arc::new(Verifier::with_checks(local.clone(), checks)),
+        plan,
+        sched,
+        node,
+        local,
+        memory,
+        trust,
+        running: JoinSet::new(),
+        replicas: JoinSet::new(),
+        canaries: JoinSet::new(),
+        replicating: BTreeSet::new(),
+        task_subgraph: BTreeMap::new(),
+        task_peer: BTreeMap::new(),
+        task_wire: BTreeMap::new(),
+        peer_class,
+        started: Instant::now(),
+        cached,
+        verify: VerifySummary::default(),
+        progress,
+        pool,
+        local_compute: 0,
+        local_moves: 0,
+    };
+    if checks && cached < n {
+        job.send_canaries();
+    }
+    let result = job.run().await;
+    // Whatever still runs remotely is no longer wanted.
+    let still: Vec<u64> = job
+        .task_wire
+        .keys()
+        .copied()
+        .filter(|&t| job.sched.knows(t))
+        .collect();
+    for t in still {
+        job.cancel_remote(t);
+    }
+    job.running.abort_all();
+    job.replicas.abort_all();
+    job.canaries.abort_all();
+    job.progress.finish_and_clear();
+    let outputs = result.map(|()| {
+        job.remember();
+        job.plan
+            .outputs
+            .iter()
+            .map(|s| match *s {
+                Source::Leaf(i) => job.plan.leaves[i].clone(),
+                Source::Output { subgraph, output } => job.results[subgraph]
+                    .as_ref()
+                    .expect("finished jobs have every result")[output]
+                    .clone(),
+            })
+            .collect()
+    });
+    (outputs, job.summary())
+}
+
+impl Job {
+    fn now(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    async fn run(&mut self) -> Result<(), EvalError> {
+        let mut tick = tokio::time::interval(TICK);
+        // Done when every subgraph has a result and every replica has reported: a replica
+        // may still prove a result wrong.
+        // (Canaries only build trust: the job does not wait for them.)
+        while !self.sched.finished() || !self.replicas.is_empty() {
+            for d in self.sched.schedule(self.now()) {
+                self.dispatch(d);
+            }
+            if let Some(f) = self.sched.stuck() {
+                let attempts: String = f
+                    .attempts
+                    .iter()
+                    .map(|a| format!(" [{}: {}]", a.place, a.error))
+                    .collect();
+                return Err(EvalError::NoWorker {
+                    subgraph: f.subgraph,
+                    ops: f.ops.clone(),
+                    reason: format!(
+                        "{}{}{attempts}; {}",
+                        f.unplaceable.as_deref().unwrap_or("no place left"),
+                        if attempts.is_empty() {
+                            ""
+                        } else {
+                            "; attempts:"
+                        },
+                        self.pool
+                    ),
+                });
+            }
+            tokio::select! {
+                done = self.running.join_next(), if !self.running.is_empty() => {
+                    if let Some(Ok((task, outcome))) = done {
+                        self.outcome(task, outcome)?;
+                    }
+                }
+                r = self.replicas.join_next(), if !self.replicas.is_empty() => {
+                    if let Some(Ok(r)) = r {
+                        self.replica(r)?;
+                    }
+                }
+                c = self.canaries.join_next(), if !self.canaries.is_empty() => {
+                    if let Some(Ok((peer, outcome))) = c {
+                        self.canary(peer, outcome)?;
+                    }
+                }
+                _ = tick.tick() => {
+                    let (expired, copies) = self.sched.tick(self.now());
+                    for task in expired {
+                        self.fail(task, "no answer before the deadline".into())?;
+                    }
+                    for d in copies {
+                        self.dispatch(d);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the worker running `task` to stop it (a copy that lost, a task past its deadline,
+    /// a job that ended). Fire and forget.
+    fn cancel_remote(&self, task: u64) {
+        if let (Some(&peer), Some(&wire)) = (self.task_peer.get(&task), self.task_wire.get(&task)) {
+            let node = self.node.clone();
+            tokio::spawn(async move {
+                let _ = node.cancel_task(peer, wire).await;
+            });
+        }
+    }
+
+    fn fail(&mut self, task: u64, error: String) -> Result<(), EvalError> {
+        self.cancel_remote(task);
+        self.sched
+            .on_failed(task, error)
+            .map_err(|failure| EvalError::Swarm {
+                report: failure.to_string(),
+            })
+    }
+
+    fn outcome(&mut self, task: u64, outcome: Result<Accepted, Refusal>) -> Result<(), EvalError> {
+        let Some(&sg) = self.task_subgraph.get(&task) else {
+            return Ok(());
+        };
+        let peer = self.task_peer.get(&task).copied();
+        if let Ok(a) = &outcome {
+            self.verify.check_time += Duration::from_secs_f64(a.verify_secs);
+        }
+        // Proof of cheating counts even from a copy that lost the race; the ban comes first,
+        // so no retry budget can save the cheater.
+        if let (Err(Refusal::Cheated { reason, evidence }), Some(p)) = (&outcome, peer) {
+            let (reason, evidence) = (reason.clone(), evidence.clone());
+            self.ban(p, &reason, &evidence)?;
+            if self.sched.knows(task) {
+                self.fail(task, format!("{reason} (peer banned)"))?;
+            }
+            return Ok(());
+        }
+        if !self.sched.knows(task) {
+            return Ok(()); // expired or cancelled: its subgraph went elsewhere
+        }
+        match outcome {
+            Ok(a) => {
+                match a.check {
+                    Some(CheckKind::Freivalds) => self.verify.freivalds += 1,
+                    Some(CheckKind::SampledRows) => self.verify.sampled_rows += 1,
+                    Some(CheckKind::Recomputed) => self.verify.recomputed += 1,
+                    Some(CheckKind::Unchecked) | None => {}
+                }
+                let ids = self.plan.subgraphs[sg].output_ids.clone();
+                {
+                    let mut mem = lock(&self.memory);
+                    if mem.cids.len() > MAX_TABLE {
+                        mem.cids.clear();
+                    }
+                    for (id, c) in ids.iter().zip(&a.cids) {
+                        mem.cids.insert(*id, *c);
+                    }
+                }
+                let a = Arc::new(a);
+                self.results[sg] = Some(Arc::new(a.outputs.clone()));
+                self.accepted[sg] = Some(a.clone());
+                self.producer[sg] = Some(Producer {
+                    peer,
+                    check: a.check,
+                });
+                let now = self.now();
+                for d in self.sched.on_done(task, now, &ids, a.compute_secs) {
+                    self.dispatch(d);
+                }
+                self.progress.inc(1);
+                self.progress.set_message(self.progress_message());
+                if let Some(p) = peer {
+                    let replicate = {
+                        let mut trust = lock(&self.trust);
+                        trust.credit(&p);
+                        // Only a sampled check leaves room for a lie; Freivalds (2^-20) and a
+                        // full recompute do not need a second opinion.
+                        a.check == Some(CheckKind::SampledRows)
+                            && trust.replicate(&p, &mut rand::rng())
+                    };
+                    if replicate {
+                        self.replicate(sg, p, a);
+                    }
+                }
+                Ok(())
+            }
+            Err(Refusal::Failed(error)) => self.fail(task, error),
+            Err(Refusal::Unreachable(error)) => {
+                if let Some(peer) = self.task_peer.get(&task).copied() {
+                    tracing::warn!(%peer, %error, "peer unreachable; no more tasks go to it in this job");
+                    self.sched.remove_peer(&peer);
+                }
+                self.fail(task, format!("unreachable: {error}"))
+            }
+            Err(Refusal::Cheated { reason, .. }) => {
+                // Local results are never refused as cheating; handled above for peers.
+                self.fail(task, reason)
+            }
+        }
+    }
+
+    fn progress_message(&self) -> String {
+        let busy = self
+            .sched
+            .peers()
+            .values()
+            .filter(|i| i.in_flight > 0)
+            .count();
+        let flops: u64 = self.sched.stats().values().map(|s| s.flops).sum();
+        let mut msg = format!(
+            "{busy} peers busy · {:.1} GFLOP/s",
+            flops as f64 / 1e9 / self.now().max(1e-3)
+        );
+        if self.local_compute > 0 {
+            msg.push_str(&format!(" · {} ran on this machine", self.local_compute));
+        }
+        msg
+    }
+
+    /// Bans `peer`: no more work, its running tasks fail over, and its results in this job
+    /// that only a sample vouched for are computed again.
+    fn ban(&mut self, peer: PeerId, reason: &str, evidence: &str) -> Result<(), EvalError> {
+        self.verify
+            .detections
+            .push(format!("{peer}: {reason}: {evidence}"));
+        if lock(&self.trust).ban(&peer, reason, evidence) {
+            self.verify.bans.push(format!("{peer} ({reason})"));
+        }
+        // Even if another job banned it first: this job stops using it too.
+        if !self.sched.peers().contains_key(&peer) {
+            return Ok(());
+        }
+        self.sched.remove_peer(&peer);
+        // Its cached results that only a sample vouched for go.
+        {
+            let mut mem = lock(&self.memory);
+            let ids: Vec<corvid_sdk::SubgraphId> = mem
+                .sampled_from
+                .iter()
+                .filter(|(_, p)| **p == peer)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                mem.cache.remove(&id);
+                mem.sampled_from.remove(&id);
+            }
+        }
+        let running: Vec<u64> = self
+            .task_peer
+            .iter()
+            .filter(|&(t, p)| *p == peer && self.sched.knows(*t))
+            .map(|(&t, _)| t)
+            .collect();
+        for t in running {
+            self.fail(t, format!("{peer} was banned"))?;
+        }
+        let suspect: Vec<usize> = (0..self.producer.len())
+            .filter(|&i| {
+                self.producer[i].is_some_and(|p| {
+                    p.peer == Some(peer) && p.check == Some(CheckKind::SampledRows)
+                })
+            })
+            .collect();
+        if !suspect.is_empty() {
+            self.reopen(&suspect);
+        }
+        Ok(())
+    }
+
+    /// Runs `subgraphs` and everything downstream again, forgetting their results and who
+    /// holds their values (a worker must not reuse a wrong value it was sent).
+    fn reopen(&mut self, subgraphs: &[usize]) {
+        let reopened = self.sched.reopen(subgraphs);
+        self.verify.reopened += reopened.len();
+        let mut mem = lock(&self.memory);
+        for i in reopened {
+            if self.results[i].take().is_some() {
+                self.progress.dec(1);
+            }
+            self.accepted[i] = None;
+            self.producer[i] = None;
+            for id in &self.plan.subgraphs[i].output_ids {
+                self.sched.forget(id);
+                mem.held.remove(id);
+                mem.cids.remove(id);
+            }
+        }
+    }
+
+    /// Sends a canary — a small subgraph like the job's on fresh inputs, whose answer the
+    /// requester computes itself — to every peer without a verified result yet, and to others
+    /// with probability [`CANARY_RATE`]. A worker of the requester's class must match that
+    /// answer bit for bit; others are checked like work.
+    fn send_canaries(&mut self) {
+        let mut rng = rand::rng();
+        let peers: Vec<PeerId> = {
+            let trust = lock(&self.trust);
+            self.sched
+                .peers()
+                .keys()
+                .filter(|p| trust.streak(p) == 0 || rng.random::<f64>() < CANARY_RATE)
+                .copied()
+                .collect()
+        };
+        for peer in peers {
+            let (sg, inputs) = canary(&mut rng, &self.plan);
+            self.verify.canaries += 1;
+            self.verify.extra_remote_flops += sg.cost.flops;
+            let (node, memory, verifier, local) = (
+                self.node.clone(),
+                self.memory.clone(),
+                self.verifier.clone(),
+                self.local.clone(),
+            );
+            self.canaries.spawn(async move {
+                let answered =
+                    tokio::task::spawn_blocking(move || canary_answer(&local, sg, inputs))
+                        .await
+                        .ok()
+                        .flatten();
+                let Some(Canary {
+                    sg,
+                    inputs,
+                    want,
+                    class: mine,
+                }) = answered
+                else {
+                    return (
+                        peer,
+                        Err(Refusal::Failed("no canary could be run here".into())),
+                    );
+                };
+                // Values the peer holds (shared weights) are named, not sent, as for work.
+                let held: Vec<bool> = {
+                    let mem = lock(&memory);
+                    sg.input_ids
+                        .iter()
+                        .map(|id| mem.held.get(id).is_some_and(|h| h.contains(&peer)))
+                        .collect()
+                };
+                // Room for the inputs on a slow link and the flops on a slow CPU.
+                let timeout = Duration::from_secs_f64(
+                    2.0 + sg.cost.bytes_in as f64 / 20e6 + sg.cost.flops as f64 / 1e9,
+                );
+                let wire = rand::rng().random();
+                let r = remote(
+                    &node, &memory, &verifier, peer, wire, &sg, inputs, held, timeout,
+                )
+                .await;
+                let r = match r {
+                    Ok(a) if a.class == mine => {
+                        match trust::compare(&sg, &a.outputs, &want, true) {
+                            Ok(()) => Ok(a),
+                            Err(m) => Err(Refusal::Cheated {
+                                reason: "wrong result (recomputed)".into(),
+                                evidence: format!("subgraph {} ({}): {m}", sg.id.short(), sg.ops()),
+                            }),
+                        }
+                    }
+                    other => other,
+                };
+                (peer, r)
+            });
+        }
+    }
+
+    fn canary(
+        &mut self,
+        peer: PeerId,
+        outcome: Result<Accepted, Refusal>,
+    ) -> Result<(), EvalError> {
+        match outcome {
+            Ok(a) => {
+                self.verify.check_time += Duration::from_secs_f64(a.verify_secs);
+                lock(&self.trust).credit(&peer);
+                Ok(())
+            }
+            Err(Refusal::Cheated { reason, evidence }) => {
+                self.ban(peer, &format!("{reason} (canary)"), &evidence)
+            }
+            Err(Refusal::Failed(why) | Refusal::Unreachable(why)) => {
+                tracing::debug!(%peer, %why, "canary failed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs `sg` again on another peer of the same class as `primary` and compares.
+    fn replicate(&mut self, sg: usize, primary: PeerId, first: Arc<Accepted>) {
+        // Another peer with no replica in flight (so checks never crowd out work), of the
+        // same class if there is one (bit-exact comparison), else any (within tolerance).
+        let class = self.peer_class.get(&primary).cloned();
+        let free: Vec<PeerId> = self
+            .sched
+            .peers()
+            .keys()
+            .filter(|p| **p != primary && !self.replicating.contains(p))
+            .copied()
+            .collect();
+        let same: Vec<PeerId> = free
+            .iter()
+            .filter(|p| self.peer_class.get(p) == class.as_ref())
+            .copied()
+            .collect();
+        let candidates = if same.is_empty() { free } else { same };
+        // The candidate with the fewest failures, then the least loaded.
+        let Some(replica) = candidates
+            .iter()
+            .min_by_key(|p| {
+                let i = &self.sched.peers()[p];
+                (i.failed, i.in_flight)
+            })
+            .copied()
+        else {
+            return;
+        };
+        self.verify.replicated += 1;
+        self.replicating.insert(replica);
+        let subgraph = self.plan.subgraphs[sg].clone();
+        let inputs = gather(&self.plan, sg, &self.results);
+        let node = self.node.clone();
+        let memory = self.memory.clone();
+        let verifier = self.verifier.clone();
+        let local = self.local.clone();
+        let flops = subgraph.cost.flops;
+        self.replicas.spawn(async move {
+            let started = Instant::now();
+            let verdict = replica_verdict(
+                node, memory, verifier, local, replica, subgraph, inputs, first,
+            )
+            .await;
+            ReplicaOutcome {
+                subgraph: sg,
+                primary,
+                replica,
+                flops,
+                verify_secs: started.elapsed().as_secs_f64(),
+                verdict,
+            }
+        });
+    }
+
+    fn replica(&mut self, r: ReplicaOutcome) -> Result<(), EvalError> {
+        self.verify.extra_remote_flops += r.flops;
+        self.replicating.remove(&r.replica);
+        match r.verdict {
+            Replica::Agreed => {
+                self.verify.replicas_agreed += 1;
+                lock(&self.trust).credit(&r.replica);
+                Ok(())
+            }
+            Replica::Unusable(why) => {
+                tracing::debug!(replica = %r.replica, %why, "replica gave no usable answer");
+                Ok(())
+            }
+            Replica::Cheated(Refusal::Cheated { reason, evidence }) => {
+                self.ban(r.replica, &reason, &evidence)
+            }
+            Replica::Cheated(Refusal::Failed(why) | Refusal::Unreachable(why)) => {
+                tracing::debug!(replica = %r.replica, %why, "replica failed");
+                Ok(())
+            }
+            Replica::Dispute {
+                primary_wrong,
+                replica_wrong,
+            } => {
+                self.verify.disputes += 1;
+                self.verify.check_time += Duration::from_secs_f64(r.verify_secs);
+                if let Some(e) = replica_wrong {
+                    self.ban(r.replica, "wrong result (replica dispute)", &e)?;
+                }
+                if let Some(e) = primary_wrong {
+                    // Its result was accepted: redo it and everything downstream.
+                    self.reopen(&[r.subgraph]);
+                    self.ban(r.primary, "wrong result (replica dispute)", &e)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts a task where the scheduler placed it, or stops one it no longer needs.
+    fn dispatch(&mut self, d: Decision<PeerId>) {
+        let (task, subgraph, place, deadline, held) = match d {
+            Decision::Dispatch {
+                task,
+                subgraph,
+                place,
+                deadline,
+                held,
+            } => (task, subgraph, place, deadline, held),
+            Decision::Cancel { task, .. } => return self.cancel_remote(task),
+        };
+        self.task_subgraph.insert(task, subgraph);
+        let inputs = gather(&self.plan, subgraph, &self.results);
+        let sg = self.plan.subgraphs[subgraph].clone();
+        let timeout = Duration::from_secs_f64((deadline - self.now()).max(0.001));
+        match place {
+            Place::Local => {
+                if sg.cost.flops > 0 {
+                    self.local_compute += 1;
+                } else {
+                    self.local_moves += 1;
+                }
+                let local = self.local.clone();
+                self.running.spawn(async move {
+                    let r = tokio::task::spawn_blocking(move || local.run_subgraph(&sg, &inputs))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                        .map(|v| {
+                            let outputs: Vec<Arc<Data>> = v.to_vec();
+                            Accepted {
+                                cids: outputs.iter().map(|t| t.content_id()).collect(),
+                                outputs,
+                                op_hashes: Vec::new(),
+                                class: [0; 32],
+                                check: None,
+                                verify_secs: 0.0,
+                                compute_secs: None,
+                                elapsed_secs: 0.0,
+                            }
+                        })
+                        .map_err(Refusal::Failed);
+                    (task, r)
+                });
+            }
+            Place::Peer(peer) => {
+                self.task_peer.insert(task, peer);
+                // A random id on the wire: a worker cannot tell work from checks by numbering.
+                let wire: u64 = rand::rng().random();
+                self.task_wire.insert(task, wire);
+                let node = self.node.clone();
+                let memory = self.memory.clone();
+                let verifier = self.verifier.clone();
+                self.running.spawn(async move {
+                    let r = remote(
+                        &node, &memory, &verifier, peer, wire, &sg, inputs, held, timeout,
+                    )
+                    .await;
+                    (task, r)
+                });
+            }
+        }
+    }
+
+    /// Keeps what the next job can use: verified results, who holds what, measured speeds.
+    fn remember(&self) {
+        let mut mem = lock(&self.memory);
+        let trust = lock(&self.trust);
+        for (i, sg) in self.plan.subgraphs.iter().enumerate() {
+            let banned = self.producer[i]
+                .and_then(|p| p.peer)
+                .is_some_and(|p| trust.is_banned(&p));
+            if let (Some(r), false) = (&self.results[i], banned) {
+                mem.cache.put(sg.id, r.clone());
+                if let Some(Producer {
+                    peer: Some(p),
+                    check: Some(CheckKind::SampledRows),
+                }) = self.producer[i]
+                {
+                    if mem.sampled_from.len() > MAX_TABLE {
+                        mem.sampled_from.clear();
+                    }
+                    mem.sampled_from.insert(sg.id, p);
+                }
+            }
+        }
+        if mem.held.len() > MAX_TABLE {
+            mem.held.clear();
+        }
+        for (id, holders) in self.sched.held() {
+            mem.held
+                .entry(*id)
+                .or_default()
+                .extend(holders.iter().copied());
+        }
+        for (p, info) in self.sched.peers() {
+            mem.measured.insert(
+                *p,
+                (
+                    info.measured.then_some(info.flops),
+                    info.link_measured.then_some(info.link),
+                ),
+            );
+        }
+    }
+
+    fn summary(&self) -> JobSummary {
+        let mut places = BTreeMap::new();
+        for (place, s) in self.sched.stats() {
+            places.insert(
+                place.to_string(),
+                PlaceSummary {
+                    tasks: s.tasks,
+                    flops: s.flops,
+                    bytes_in: s.bytes_in,
+                    bytes_out: s.bytes_out,
+                    busy: Duration::from_secs_f64(s.busy_secs),
+                    failures: s.failures,
+                },
+            );
+        }
+        JobSummary {
+            subgraphs: self.plan.subgraphs.len(),
+            cached: self.cached,
+            wall: self.started.elapsed(),
+            places,
+            redispatches: self.sched.redispatches().to_vec(),
+            verify: self.verify.clone(),
+            local_compute: self.local_compute,
+            local_moves: self.local_moves,
+        }
+    }
+}
+
+/// Content ids of `inputs` (values `ids`), hashing only those not seen before.
+pub(super) fn content_ids(
+    memory: &Mutex<Memory>,
+    ids: &[ValueId],
+    inputs: &[Arc<Data>],
+) -> Vec<ContentId> {
+    let known: Vec<Option<ContentId>> = {
+        let mem = lock(memory);
+        ids.iter().map(|id| mem.cids.get(id).copied()).collect()
+    };
+    let cids: Vec<ContentId> = known
+        .iter()
+        .zip(inputs)
+        .map(|(k, t)| k.unwrap_or_else(|| t.content_id()))
+        .collect();
+    let mut mem = lock(memory);
+    if mem.cids.len() > MAX_TABLE {
+        mem.cids.clear();
+    }
+    for (id, c) in ids.iter().zip(&cids) {
+        mem.cids.insert(*id, *c);
+    }
+    cids
+}
