@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::{compare, gpu, same_bits, shapes};
 use corvid_kernels::op::{BinaryOp, ReduceOp, UnaryOp};

@@ -2,7 +2,7 @@
 //! peer id, PSK mismatch. Nodes with the wrong PSK cannot join; nodes with the right one can.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,15 +5,14 @@
 //! running task; an executor that crashes is restarted and the node keeps serving.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use corvid_kernels::{Limit, Op, Program, Tensor, TensorMeta, UnaryOp};
-use corvid_node::control::{get_json, read_control_file};
 use corvid_node::{Node, NodeClient, NodeConfig, NodeHandle, Status};
 use corvid_sdk::ValueId;
 use corvid_sdk::ids::subgraph_id;
@@ -21,17 +20,10 @@ use corvid_sdk::wire::{Input, TASK_VERSION, TaskError, TaskRequest, TaskResponse
 use libp2p::PeerId;
 use tokio_util::sync::CancellationToken;
 
+use common::{Proc, process_status as status};
+
 /// The budget the worker is given: 256 MiB per task.
 const MEMORY: u64 = 1 << 30;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn worker(dir: &Path, extra: &[&str]) -> Proc {
     worker_on("cpu", dir, extra)
@@ -59,11 +51,6 @@ fn worker_on(backend: &str, dir: &Path, extra: &[&str]) -> Proc {
     .stdout(Stdio::null())
     .stderr(Stdio::inherit());
     Proc(cmd.spawn().unwrap())
-}
-
-async fn status(dir: &Path) -> Option<Status> {
-    let addr = read_control_file(&dir.join("control.addr")).ok()?;
-    get_json::<Status>(addr, "/status").await.ok()
 }
 
 /// Resident memory of `pid` and of its children (the executor), bytes.

@@ -2,63 +2,22 @@
 //! result, and the summary shows the re-dispatch.
 #![allow(clippy::unwrap_used)]
 
+use crate::common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use corvid_kernels::{Backend, CpuBackend};
-use corvid_node::control::{get_json, read_control_file};
 use corvid_node::{Client, Status};
 use corvid_sdk::{Graph, LocalExecutor, Settings, Tensor};
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn worker(dir: &Path, boot: Option<&str>) -> Proc {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_corvid"));
-    cmd.args([
-        "--log",
-        "warn",
-        "node",
-        "--backend",
-        "cpu",
-        "--slots",
-        "1",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-    ])
-    .arg("--data-dir")
-    .arg(dir)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    if let Some(b) = boot {
-        cmd.args(["--bootstrap", b]);
-    }
-    Proc(cmd.spawn().unwrap())
-}
-
 fn status(rt: &tokio::runtime::Runtime, dir: &Path) -> Option<Status> {
-    let addr = read_control_file(&dir.join("control.addr")).ok()?;
-    rt.block_on(get_json::<Status>(addr, "/status")).ok()
+    rt.block_on(common::process_status(dir))
 }
 
-fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+fn wait<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    common::wait_until(what, Duration::from_secs(60), f)
 }
 
 /// 48 tiles of 128 x 2048 x 128 and their assembly.
@@ -80,13 +39,13 @@ fn killing_a_worker_mid_job_loses_nothing() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("w{i}"))).collect();
-    let mut procs = vec![Some(worker(&dirs[0], None))];
+    let mut procs = vec![Some(common::node_process(&dirs[0], None, &[]))];
     let first = wait("worker 0", || {
         status(&rt, &dirs[0]).filter(|s| !s.listen_addrs.is_empty())
     });
     let boot = format!("{}/p2p/{}", first.listen_addrs[0], first.peer_id);
     for d in &dirs[1..] {
-        procs.push(Some(worker(d, Some(&boot))));
+        procs.push(Some(common::node_process(d, Some(&boot), &[])));
     }
     let client = Client::connect([boot.as_str()])
         .unwrap()

@@ -2,21 +2,15 @@
 //! two. Children are killed on drop, so a failing test leaks nothing.
 #![allow(clippy::unwrap_used)]
 
+use crate::common;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Proc, wait_until};
+
 const BIN: &str = env!("CARGO_BIN_EXE_corvid");
-
-/// Kills and reaps the child when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn corvid(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -26,7 +20,7 @@ fn corvid(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn start_node(dir: &Path, bootstrap: Option<&str>) -> Guard {
+fn start_node(dir: &Path, bootstrap: Option<&str>) -> Proc {
     // The config file layer: a short benchmark (it has no flag) and the slot count.
     std::fs::write(
         dir.join("config.toml"),
@@ -47,21 +41,7 @@ fn start_node(dir: &Path, bootstrap: Option<&str>) -> Guard {
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }
-    Guard(cmd.spawn().unwrap())
-}
-
-fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    Proc(cmd.spawn().unwrap())
 }
 
 /// `corvid id --json` of the node running in `dir`, once its control endpoint answers.

@@ -3,62 +3,29 @@
 //! worker a job fails saying why instead of running on the developer's machine.
 #![allow(clippy::unwrap_used)]
 
+use crate::common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use corvid_node::client::ClientBuilder;
-use corvid_node::control::{get_json, read_control_file};
+use common::{Proc, node_process, process_status, wait_until};
 use corvid_node::identity::Psk;
-use corvid_node::{Client, ClientError, Node, NodeConfig, Status};
+use corvid_node::{Client, ClientBuilder, ClientError, Node, NodeConfig};
 use corvid_sdk::{EvalError, Graph, Settings, Tensor};
 use tokio_util::sync::CancellationToken;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn worker(dir: &Path, boot: Option<&str>, extra: &[&str]) -> Proc {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_corvid"));
-    cmd.args(["--log", "warn", "node", "--backend", "cpu", "--slots", "1"])
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
-        .arg(dir)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(b) = boot {
-        cmd.args(["--bootstrap", b]);
-    }
-    Proc(cmd.spawn().unwrap())
-}
-
-fn status(rt: &tokio::runtime::Runtime, dir: &Path) -> Option<Status> {
-    let addr = read_control_file(&dir.join("control.addr")).ok()?;
-    rt.block_on(get_json::<Status>(addr, "/status")).ok()
-}
 
 /// Starts `n` worker processes with `extra` flags; returns them and the bootstrap address.
 fn swarm(tmp: &Path, n: usize, extra: &[&str]) -> (Vec<Proc>, String) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dirs: Vec<PathBuf> = (0..n).map(|i| tmp.join(format!("w{i}"))).collect();
-    let mut procs = vec![worker(&dirs[0], None, extra)];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let first = loop {
-        if let Some(s) = status(&rt, &dirs[0]).filter(|s| !s.listen_addrs.is_empty()) {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "worker 0 did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut procs = vec![node_process(&dirs[0], None, extra)];
+    let first = wait_until("worker 0", Duration::from_secs(60), || {
+        rt.block_on(process_status(&dirs[0]))
+            .filter(|s| !s.listen_addrs.is_empty())
+    });
     let boot = format!("{}/p2p/{}", first.listen_addrs[0], first.peer_id);
     for d in &dirs[1..] {
-        procs.push(worker(d, Some(&boot), extra));
+        procs.push(node_process(d, Some(&boot), extra));
     }
     (procs, boot)
 }

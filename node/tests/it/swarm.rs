@@ -2,7 +2,7 @@
 //! else's valid advert, offer changes propagate, and a stopped node expires from the tables.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

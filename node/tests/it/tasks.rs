@@ -3,7 +3,7 @@
 //! requester-only nodes are refused with reasons.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -273,13 +273,13 @@ fn ids_are_stable_across_processes() {
         println!("IDS {}", ids_line());
         return;
     }
+    // This test's own name, wherever its module sits in the test binary.
+    let name = match module_path!().split_once("::") {
+        Some((_, module)) => format!("{module}::ids_are_stable_across_processes"),
+        None => "ids_are_stable_across_processes".to_string(),
+    };
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "ids_are_stable_across_processes",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", name.as_str(), "--nocapture", "--test-threads=1"])
         .env("CORVID_IDS_CHILD", "1")
         .output()
         .unwrap();

@@ -2,9 +2,12 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::future::Future;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use corvid_node::{Node, NodeConfig, NodeHandle};
+use corvid_node::control::{get_json, read_control_file};
+use corvid_node::{Node, NodeConfig, NodeHandle, Status};
 use tokio_util::sync::CancellationToken;
 
 /// Logs to the test's captured output once per process; `RUST_LOG` overrides the filter.
@@ -34,6 +37,56 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Blocking [`wait_for`]: polls `check` every 20 ms until it returns `Some`, or fails after
+/// `timeout` with `what`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process, killed and reaped when dropped: a failing test leaks nothing.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a `corvid node` process in `dir` on loopback (CPU, one slot, warnings only),
+/// bootstrapped from `boot`, with `extra` flags.
+pub fn node_process(dir: &Path, boot: Option<&str>, extra: &[&str]) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_corvid"));
+    cmd.args(["--log", "warn", "node", "--backend", "cpu", "--slots", "1"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(b) = boot {
+        cmd.args(["--bootstrap", b]);
+    }
+    Proc(cmd.spawn().unwrap())
+}
+
+/// The status of the node running in `dir`, if its control endpoint answers.
+pub async fn process_status(dir: &Path) -> Option<Status> {
+    let addr = read_control_file(&dir.join("control.addr")).ok()?;
+    get_json::<Status>(addr, "/status").await.ok()
 }
 
 /// Starts test node `i`, bootstrapped from `bootstrap` if given.

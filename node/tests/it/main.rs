@@ -1,0 +1,17 @@
+//! The node's integration tests, one module per subject, in one test binary (one link instead
+//! of one per file). Run one with `cargo test -p corvid-node --test it requester::`.
+
+mod common;
+
+mod bootstrap_errors;
+mod demo;
+mod forged_adverts;
+mod fuzz_corpus;
+mod hostile;
+mod kill_worker;
+mod process;
+mod requester;
+mod swarm;
+mod swarm_exec;
+mod tasks;
+mod trust;
