@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 
+use gemm_common::Parallelism;
 use rayon::prelude::*;
 
 use crate::backend::{ExecError, Guard, check_inputs};
@@ -408,35 +409,64 @@ fn gemm_matrix(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut
         .and_then(|mn| checked::mul(mn, k))
         .is_none_or(|f| f >= PAR_FLOPS)
     {
-        gemm::Parallelism::Rayon(0)
+        Parallelism::Rayon(0)
     } else {
-        gemm::Parallelism::None
+        Parallelism::None
     };
     // SAFETY: the asserts above prove, without wrapping, that every pointer covers its
     // row-major m×k, k×n and m×n matrix with the strides given and that the strides fit an
     // isize; `dst` does not alias the inputs (it is a &mut).
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
+        // What `gemm::gemm` does for f32 with these (positive) strides: a row-major destination
+        // wider than one column is computed as its transpose, `rhs^T lhs^T`, which the
+        // microkernels prefer. Kept exactly, so results stay bit-identical to that crate's.
+        let f = gemm_f32::gemm::f32::get_gemm_fn();
+        let (ni, ki) = (n as isize, k as isize);
+        if n > 1 {
+            f(
+                n,
+                m,
+                k,
+                dst.as_mut_ptr(),
+                ni,
+                1,
+                false,
+                rhs.as_ptr(),
+                ni,
+                1,
+                lhs.as_ptr(),
+                ki,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        } else {
+            f(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                ni,
+                false,
+                lhs.as_ptr(),
+                1,
+                ki,
+                rhs.as_ptr(),
+                1,
+                ni,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
     }
 }
 
