@@ -446,19 +446,22 @@ async fn listen(
     Ok(out)
 }
 
+/// Whether `addr` points at this machine's loopback interface.
+pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h) => h == "localhost",
+        _ => false,
+    })
+}
+
 /// `corvid node --bootstrap ADDR/p2p/ID [--psk FILE]`, with the most reachable address:
 /// a non-loopback one if there is one.
 pub fn bootstrap_line(addrs: &[Multiaddr], peer: &PeerId, psk: Option<&Path>) -> Option<String> {
-    let loopback = |a: &Multiaddr| {
-        a.iter().any(|p| match p {
-            Protocol::Ip4(ip) => ip.is_loopback(),
-            Protocol::Ip6(ip) => ip.is_loopback(),
-            _ => false,
-        })
-    };
     let addr = addrs
         .iter()
-        .find(|a| !loopback(a))
+        .find(|a| !is_loopback(a))
         .or_else(|| addrs.first())?;
     let mut line = format!(
         "corvid node --bootstrap {}",

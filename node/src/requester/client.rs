@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::NodeConfig;
 use crate::config::{ConfigError, ExecutorMode, IdentitySource, Timing};
 use crate::identity::Psk;
-use crate::node::{Node, NodeError, NodeHandle};
+use crate::node::{Node, NodeError, NodeHandle, is_loopback};
 use crate::trust::{self, BanFileError, Trust};
 
 use super::*;
@@ -477,15 +477,6 @@ impl ClientBuilder {
         }
         Ok(client)
     }
-}
-
-fn is_loopback(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_loopback(),
-        Protocol::Ip6(ip) => ip.is_loopback(),
-        Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h) => h == "localhost",
-        _ => false,
-    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ClientError> {
