@@ -5,6 +5,8 @@ use std::panic::Location;
 
 use corvid_kernels::{ExecError, OpError, TensorMeta};
 
+use crate::failure::JobFailure;
+
 /// Where in the developer's code a tensor was built.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Site(pub &'static Location<'static>);
@@ -69,7 +71,7 @@ pub enum EvalError {
     #[error("graph '{graph}' has a tensor that failed to build: {error}")]
     Build { graph: String, error: BuildError },
     #[error("cannot partition: {0}")]
-    Partition(crate::partition::PartitionError),
+    Partition(PartitionError),
     #[error("subgraph {subgraph} ({ops}) failed on {place}: {error}")]
     Exec {
         subgraph: String,
@@ -77,8 +79,13 @@ pub enum EvalError {
         place: String,
         error: Box<ExecError>,
     },
-    #[error("swarm job failed: {report}")]
-    Swarm { report: String },
+    /// A subgraph failed on every place it was tried: which, its ops, and each attempt's
+    /// place and typed error.
+    #[error("swarm job failed: {0}")]
+    Swarm(Box<JobFailure<String>>),
+    /// The requester itself could not carry the job (its node or runtime stopped).
+    #[error("swarm job failed: {reason}")]
+    Requester { reason: String },
     /// No worker in the swarm can run a subgraph, and the requester may not run it itself.
     #[error("no worker can run subgraph {subgraph} ({ops}): {reason}")]
     NoWorker {
@@ -88,4 +95,19 @@ pub enum EvalError {
     },
     #[error("the tensor to evaluate is {got}, not {expected}")]
     DType { expected: String, got: TensorMeta },
+}
+
+/// Why a graph cannot be partitioned.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PartitionError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("op '{op}' at {at} makes {meta} ({bytes} bytes), over the limit of {limit} bytes")]
+    TooLarge {
+        op: String,
+        at: Site,
+        meta: TensorMeta,
+        bytes: u64,
+        limit: u64,
+    },
 }

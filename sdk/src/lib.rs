@@ -23,6 +23,7 @@
 
 pub mod error;
 pub mod exec;
+pub mod failure;
 pub mod graph;
 pub mod ids;
 mod ops;

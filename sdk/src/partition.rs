@@ -20,25 +20,11 @@ use std::sync::Arc;
 use corvid_kernels::budget::{GEMM_WORKSPACE, workspace_bytes};
 use corvid_kernels::{Budget, Op, Program, Tensor as Data, TensorMeta, reference, shape};
 
-use crate::error::{BuildError, Site};
+pub use crate::error::PartitionError;
+use crate::error::Site;
 use crate::graph::{Node, NodeId, NodeKind};
 use crate::ids::{ValueId, op_value_id, subgraph_id};
 use crate::plan::{Cost, Plan, Settings, Source, Subgraph};
-
-/// Why a graph cannot be partitioned.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum PartitionError {
-    #[error(transparent)]
-    Build(#[from] BuildError),
-    #[error("op '{op}' at {at} makes {meta} ({bytes} bytes), over the limit of {limit} bytes")]
-    TooLarge {
-        op: String,
-        at: Site,
-        meta: TensorMeta,
-        bytes: u64,
-        limit: u64,
-    },
-}
 
 /// Room left in a task budget for what the byte estimates do not count (bookkeeping).
 const GROUP_SLACK: u64 = 1 << 20;

@@ -20,25 +20,9 @@ use std::fmt;
 
 use corvid_kernels::{Budget, Footprint};
 
+pub use crate::failure::{AttemptError, JobFailure, Place, TaskFailure};
 use crate::ids::ValueId;
 use crate::plan::Plan;
-
-/// Where a task runs.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Place<P> {
-    Peer(P),
-    /// On the requester itself.
-    Local,
-}
-
-impl<P: fmt::Display> fmt::Display for Place<P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Place::Peer(p) => write!(f, "{p}"),
-            Place::Local => f.write_str("local"),
-        }
-    }
-}
 
 /// A busy peer is waited for if it would finish in less than this fraction of the time the
 /// best free peer would take.
@@ -128,49 +112,6 @@ pub enum Decision<P> {
     Cancel { task: TaskId, place: Place<P> },
 }
 
-/// One failed attempt, for the job report.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AttemptError<P> {
-    pub place: Place<P>,
-    pub error: String,
-}
-
-/// Why the job cannot finish: the subgraph, its ops, the places tried and each error.
-#[derive(Clone, Debug, PartialEq)]
-pub struct JobFailure<P> {
-    pub subgraph: usize,
-    pub ops: String,
-    pub attempts: Vec<AttemptError<P>>,
-    /// Why no place is left to try it, when that is what ended the job.
-    pub unplaceable: Option<String>,
-}
-
-impl<P: fmt::Display> fmt::Display for JobFailure<P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.unplaceable {
-            Some(why) => write!(
-                f,
-                "subgraph {} ({}) has nowhere to run: {why}",
-                self.subgraph, self.ops
-            )?,
-            None => write!(
-                f,
-                "subgraph {} ({}) failed {} time(s):",
-                self.subgraph,
-                self.ops,
-                self.attempts.len()
-            )?,
-        }
-        if self.unplaceable.is_some() && !self.attempts.is_empty() {
-            f.write_str("; attempts:")?;
-        }
-        for a in &self.attempts {
-            write!(f, " [{}: {}]", a.place, a.error)?;
-        }
-        Ok(())
-    }
-}
-
 #[derive(Clone, Debug)]
 struct Task<P> {
     subgraph: usize,
@@ -227,6 +168,8 @@ pub struct Scheduler<P: Ord + Clone> {
     errors: Vec<Vec<AttemptError<P>>>,
     tasks: HashMap<TaskId, Task<P>>,
     next_task: TaskId,
+    /// Every task of the job, running or not, by id: its subgraph and place.
+    dispatched: Vec<(usize, Place<P>)>,
     peers: BTreeMap<P, PeerInfo>,
     /// Which peers hold which values (inputs they were sent, outputs they computed).
     held: HashMap<ValueId, BTreeSet<P>>,
@@ -288,6 +231,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             errors: vec![Vec::new(); n],
             tasks: HashMap::new(),
             next_task: 0,
+            dispatched: Vec::new(),
             peers: BTreeMap::new(),
             held: HashMap::new(),
             local_busy_until: 0.0,
@@ -458,6 +402,24 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
     /// cancelled or finished).
     pub fn knows(&self, task: TaskId) -> bool {
         self.tasks.contains_key(&task)
+    }
+
+    /// The subgraph and place of any task of this job, still running or not.
+    pub fn task(&self, task: TaskId) -> Option<(usize, &Place<P>)> {
+        let (sg, place) = self.dispatched.get(usize::try_from(task).ok()?)?;
+        Some((*sg, place))
+    }
+
+    /// Tasks on `p` that are still running.
+    pub fn running_on(&self, p: &P) -> Vec<TaskId> {
+        let mut on: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.place == Place::Peer(p.clone()))
+            .map(|(&id, _)| id)
+            .collect();
+        on.sort_unstable();
+        on
     }
 
     /// Whether every subgraph has an accepted result.
@@ -657,6 +619,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         self.state[sg] = State::Running;
         let task = self.next_task;
         self.next_task += 1;
+        self.dispatched.push((sg, place.clone()));
         self.tasks.insert(
             task,
             Task {
@@ -779,17 +742,12 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
 
     /// A task failed (error, disconnect, timeout, bad result). Returns the job failure if the
     /// subgraph has used up its attempts.
-    pub fn on_failed(
-        &mut self,
-        task: TaskId,
-        error: impl Into<String>,
-    ) -> Result<(), JobFailure<P>> {
+    pub fn on_failed(&mut self, task: TaskId, error: TaskFailure) -> Result<(), JobFailure<P>> {
         let Some(t) = self.tasks.remove(&task) else {
             return Ok(());
         };
         self.release(&t);
         let sg = t.subgraph;
-        let error = error.into();
         if let Place::Peer(p) = &t.place
             && let Some(info) = self.peers.get_mut(p)
         {
@@ -1018,23 +976,31 @@ mod tests {
         }
         let first = dispatched(&s.schedule(0.0));
         let (task, sg, place) = first.iter().find(|x| x.1 == 0).unwrap().clone();
-        s.on_failed(task, "connection closed").unwrap();
+        s.on_failed(task, TaskFailure::Transport("connection closed".into()))
+            .unwrap();
         let retry = dispatched(&s.schedule(0.1));
         let (t2, _, p2) = retry.iter().find(|x| x.1 == sg).unwrap().clone();
         assert_ne!(p2, place, "the retry avoids the peer that failed");
-        s.on_failed(t2, "timed out").unwrap();
+        s.on_failed(t2, TaskFailure::Deadline).unwrap();
         let (t3, _, p3) = dispatched(&s.schedule(0.2))
             .into_iter()
             .find(|x| x.1 == sg)
             .unwrap();
         assert!(p3 != place && p3 != p2);
-        let e = s.on_failed(t3, "wrong shape").unwrap_err();
+        let e = s
+            .on_failed(t3, TaskFailure::Malformed("wrong shape".into()))
+            .unwrap_err();
         assert_eq!(e.subgraph, sg);
         assert_eq!(e.attempts.len(), 3);
+        assert_eq!(
+            e.attempts[1].error,
+            TaskFailure::Deadline,
+            "typed, in order"
+        );
         let msg = e.to_string();
         assert!(
             msg.contains("connection closed")
-                && msg.contains("timed out")
+                && msg.contains("no answer before the deadline")
                 && msg.contains("matmul"),
             "{msg}"
         );
@@ -1050,7 +1016,11 @@ mod tests {
         s.peer("c", 1e9, 1e9, 4);
         let first = dispatched(&s.schedule(0.0));
         let (task, sg, place) = first.iter().find(|x| x.1 == 0).unwrap().clone();
-        s.on_failed(task, "out of memory").unwrap();
+        s.on_failed(
+            task,
+            TaskFailure::Worker(crate::wire::TaskError::Failed("out of memory".into())),
+        )
+        .unwrap();
         let Place::Peer(failed) = place else {
             panic!("{place:?}")
         };

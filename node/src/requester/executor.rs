@@ -125,8 +125,8 @@ impl Executor for SwarmExecutor {
         self.handle.spawn(async move {
             let _ = tx.send(job.await);
         });
-        let (result, summary) = rx.recv().map_err(|_| EvalError::Swarm {
-            report: "the client stopped during the job".into(),
+        let (result, summary) = rx.recv().map_err(|_| EvalError::Requester {
+            reason: "the client stopped during the job".into(),
         })?;
         *lock(&self.last) = Some(summary);
         result

@@ -5,28 +5,27 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use corvid_kernels::{ContentId, Tensor as Data};
+use corvid_kernels::Tensor as Data;
 use corvid_sdk::plan::{Plan, Source};
-use corvid_sdk::sched::{Decision, Place, SchedConfig, Scheduler};
-use corvid_sdk::{EvalError, LocalExecutor, ValueId};
+use corvid_sdk::sched::{Decision, Place, SchedConfig, Scheduler, TaskFailure};
+use corvid_sdk::{EvalError, LocalExecutor};
 use indicatif::{ProgressBar, ProgressStyle};
 use libp2p::PeerId;
 use rand::Rng;
 use tokio::task::JoinSet;
 
 use crate::node::NodeClient;
-use crate::trust::{self, CheckKind, Refusal, Trust, Verifier};
+use crate::trust::canary::{CANARY_RATE, Canary, canary, canary_answer};
+use crate::trust::{self, CheckKind, Refusal, ReplicaVerdict, Trust, Verifier};
 
 use super::*;
 
 /// One job in flight: the plan, its scheduler, results so far and the running tasks.
 pub(super) struct Job {
     pub(super) plan: Plan,
+    /// Owns which task runs which subgraph where, who holds which values, measured speeds.
     pub(super) sched: Scheduler<PeerId>,
-    pub(super) node: NodeClient,
-    pub(super) local: Arc<LocalExecutor>,
-    pub(super) verifier: Arc<Verifier>,
-    pub(super) memory: Arc<Mutex<Memory>>,
+    pub(super) remote: Remote,
     pub(super) trust: Arc<Mutex<Trust>>,
     pub(super) results: Vec<Option<Arc<Vec<Arc<Data>>>>>,
     pub(super) accepted: Vec<Option<Arc<Accepted>>>,
@@ -36,8 +35,6 @@ pub(super) struct Job {
     pub(super) canaries: JoinSet<(PeerId, Result<Accepted, Refusal>)>,
     /// Peers running a replica now.
     pub(super) replicating: BTreeSet<PeerId>,
-    pub(super) task_subgraph: BTreeMap<u64, usize>,
-    pub(super) task_peer: BTreeMap<u64, PeerId>,
     /// The id each remote task travels under (random), to cancel it.
     pub(super) task_wire: BTreeMap<u64, u64>,
     /// Advertised determinism class of each peer: replicas go to the same class.
@@ -101,8 +98,8 @@ pub(super) async fn run_job(
         }
         Err(e) => {
             return (
-                Err(EvalError::Swarm {
-                    report: e.to_string(),
+                Err(EvalError::Requester {
+                    reason: format!("cannot list the swarm's peers: {e}"),
                 }),
                 JobSummary::default(),
             );
@@ -139,19 +136,19 @@ pub(super) async fn run_job(
         results,
         accepted: vec![None; n],
         producer: vec![None; n],
-        verifier: Arc::new(Verifier::with_checks(local.clone(), checks)),
+        remote: Remote {
+            verifier: Arc::new(Verifier::with_checks(local.clone(), checks)),
+            node,
+            local,
+            memory,
+        },
         plan,
         sched,
-        node,
-        local,
-        memory,
         trust,
         running: JoinSet::new(),
         replicas: JoinSet::new(),
         canaries: JoinSet::new(),
         replicating: BTreeSet::new(),
-        task_subgraph: BTreeMap::new(),
-        task_peer: BTreeMap::new(),
         task_wire: BTreeMap::new(),
         peer_class,
         started: Instant::now(),
@@ -251,7 +248,7 @@ impl Job {
                 _ = tick.tick() => {
                     let (expired, copies) = self.sched.tick(self.now());
                     for task in expired {
-                        self.fail(task, "no answer before the deadline".into())?;
+                        self.fail(task, TaskFailure::Deadline)?;
                     }
                     for d in copies {
                         self.dispatch(d);
@@ -265,28 +262,34 @@ impl Job {
     /// Asks the worker running `task` to stop it (a copy that lost, a task past its deadline,
     /// a job that ended). Fire and forget.
     fn cancel_remote(&self, task: u64) {
-        if let (Some(&peer), Some(&wire)) = (self.task_peer.get(&task), self.task_wire.get(&task)) {
-            let node = self.node.clone();
+        if let (Some(peer), Some(&wire)) = (self.peer_of(task), self.task_wire.get(&task)) {
+            let node = self.remote.node.clone();
             tokio::spawn(async move {
                 let _ = node.cancel_task(peer, wire).await;
             });
         }
     }
 
-    fn fail(&mut self, task: u64, error: String) -> Result<(), EvalError> {
+    /// The peer `task` was sent to (`None`: it ran here, or no such task).
+    fn peer_of(&self, task: u64) -> Option<PeerId> {
+        match self.sched.task(task)? {
+            (_, Place::Peer(p)) => Some(*p),
+            (_, Place::Local) => None,
+        }
+    }
+
+    fn fail(&mut self, task: u64, error: TaskFailure) -> Result<(), EvalError> {
         self.cancel_remote(task);
         self.sched
             .on_failed(task, error)
-            .map_err(|failure| EvalError::Swarm {
-                report: failure.to_string(),
-            })
+            .map_err(|failure| EvalError::Swarm(Box::new(failure.map_places(|p| p.to_string()))))
     }
 
     fn outcome(&mut self, task: u64, outcome: Result<Accepted, Refusal>) -> Result<(), EvalError> {
-        let Some(&sg) = self.task_subgraph.get(&task) else {
+        let Some((sg, _)) = self.sched.task(task) else {
             return Ok(());
         };
-        let peer = self.task_peer.get(&task).copied();
+        let peer = self.peer_of(task);
         if let Ok(a) = &outcome {
             self.verify.check_time += Duration::from_secs_f64(a.verify_secs);
         }
@@ -296,7 +299,7 @@ impl Job {
             let (reason, evidence) = (reason.clone(), evidence.clone());
             self.ban(p, &reason, &evidence)?;
             if self.sched.knows(task) {
-                self.fail(task, format!("{reason} (peer banned)"))?;
+                self.fail(task, TaskFailure::Cheated { reason })?;
             }
             return Ok(());
         }
@@ -313,7 +316,7 @@ impl Job {
                 }
                 let ids = self.plan.subgraphs[sg].output_ids.clone();
                 {
-                    let mut mem = lock(&self.memory);
+                    let mut mem = lock(&self.remote.memory);
                     if mem.cids.len() > MAX_TABLE {
                         mem.cids.clear();
                     }
@@ -349,17 +352,16 @@ impl Job {
                 }
                 Ok(())
             }
-            Err(Refusal::Failed(error)) => self.fail(task, error),
-            Err(Refusal::Unreachable(error)) => {
-                if let Some(peer) = self.task_peer.get(&task).copied() {
-                    tracing::warn!(%peer, %error, "peer unreachable; no more tasks go to it in this job");
+            Err(Refusal::Failed(error)) => {
+                if let (TaskFailure::Unreachable(why), Some(peer)) = (&error, peer) {
+                    tracing::warn!(%peer, %why, "peer unreachable; no more tasks go to it in this job");
                     self.sched.remove_peer(&peer);
                 }
-                self.fail(task, format!("unreachable: {error}"))
+                self.fail(task, error)
             }
             Err(Refusal::Cheated { reason, .. }) => {
                 // Local results are never refused as cheating; handled above for peers.
-                self.fail(task, reason)
+                self.fail(task, TaskFailure::Cheated { reason })
             }
         }
     }
@@ -398,7 +400,7 @@ impl Job {
         self.sched.remove_peer(&peer);
         // Its cached results that only a sample vouched for go.
         {
-            let mut mem = lock(&self.memory);
+            let mut mem = lock(&self.remote.memory);
             let ids: Vec<corvid_sdk::SubgraphId> = mem
                 .sampled_from
                 .iter()
@@ -410,14 +412,13 @@ impl Job {
                 mem.sampled_from.remove(&id);
             }
         }
-        let running: Vec<u64> = self
-            .task_peer
-            .iter()
-            .filter(|&(t, p)| *p == peer && self.sched.knows(*t))
-            .map(|(&t, _)| t)
-            .collect();
-        for t in running {
-            self.fail(t, format!("{peer} was banned"))?;
+        for t in self.sched.running_on(&peer) {
+            self.fail(
+                t,
+                TaskFailure::Banned {
+                    peer: peer.to_string(),
+                },
+            )?;
         }
         let suspect: Vec<usize> = (0..self.producer.len())
             .filter(|&i| {
@@ -437,7 +438,7 @@ impl Job {
     fn reopen(&mut self, subgraphs: &[usize]) {
         let reopened = self.sched.reopen(subgraphs);
         self.verify.reopened += reopened.len();
-        let mut mem = lock(&self.memory);
+        let mut mem = lock(&self.remote.memory);
         for i in reopened {
             if self.results[i].take().is_some() {
                 self.progress.dec(1);
@@ -471,13 +472,9 @@ impl Job {
             let (sg, inputs) = canary(&mut rng, &self.plan);
             self.verify.canaries += 1;
             self.verify.extra_remote_flops += sg.cost.flops;
-            let (node, memory, verifier, local) = (
-                self.node.clone(),
-                self.memory.clone(),
-                self.verifier.clone(),
-                self.local.clone(),
-            );
+            let remote = self.remote.clone();
             self.canaries.spawn(async move {
+                let local = remote.local.clone();
                 let answered =
                     tokio::task::spawn_blocking(move || canary_answer(&local, sg, inputs))
                         .await
@@ -490,14 +487,12 @@ impl Job {
                     class: mine,
                 }) = answered
                 else {
-                    return (
-                        peer,
-                        Err(Refusal::Failed("no canary could be run here".into())),
-                    );
+                    let why = "no canary could be run here".to_string();
+                    return (peer, Err(TaskFailure::Unchecked(why).into()));
                 };
                 // Values the peer holds (shared weights) are named, not sent, as for work.
                 let held: Vec<bool> = {
-                    let mem = lock(&memory);
+                    let mem = lock(&remote.memory);
                     sg.input_ids
                         .iter()
                         .map(|id| mem.held.get(id).is_some_and(|h| h.contains(&peer)))
@@ -508,11 +503,7 @@ impl Job {
                     2.0 + sg.cost.bytes_in as f64 / 20e6 + sg.cost.flops as f64 / 1e9,
                 );
                 let wire = rand::rng().random();
-                let r = remote(
-                    &node, &memory, &verifier, peer, wire, &sg, inputs, held, timeout,
-                )
-                .await;
-                let r = match r {
+                let r = match remote.run(peer, wire, &sg, inputs, held, timeout).await {
                     Ok(a) if a.class == mine => {
                         match trust::compare(&sg, &a.outputs, &want, true) {
                             Ok(()) => Ok(a),
@@ -543,7 +534,7 @@ impl Job {
             Err(Refusal::Cheated { reason, evidence }) => {
                 self.ban(peer, &format!("{reason} (canary)"), &evidence)
             }
-            Err(Refusal::Failed(why) | Refusal::Unreachable(why)) => {
+            Err(Refusal::Failed(why)) => {
                 tracing::debug!(%peer, %why, "canary failed");
                 Ok(())
             }
@@ -583,17 +574,11 @@ impl Job {
         self.replicating.insert(replica);
         let subgraph = self.plan.subgraphs[sg].clone();
         let inputs = gather(&self.plan, sg, &self.results);
-        let node = self.node.clone();
-        let memory = self.memory.clone();
-        let verifier = self.verifier.clone();
-        let local = self.local.clone();
+        let remote = self.remote.clone();
         let flops = subgraph.cost.flops;
         self.replicas.spawn(async move {
             let started = Instant::now();
-            let verdict = replica_verdict(
-                node, memory, verifier, local, replica, subgraph, inputs, first,
-            )
-            .await;
+            let verdict = remote.replica(replica, subgraph, inputs, first).await;
             ReplicaOutcome {
                 subgraph: sg,
                 primary,
@@ -609,7 +594,7 @@ impl Job {
         self.verify.extra_remote_flops += r.flops;
         self.replicating.remove(&r.replica);
         match r.verdict {
-            Replica::Agreed => {
+            Replica::Judged(ReplicaVerdict::Agreed) => {
                 self.verify.replicas_agreed += 1;
                 lock(&self.trust).credit(&r.replica);
                 Ok(())
@@ -618,17 +603,15 @@ impl Job {
                 tracing::debug!(replica = %r.replica, %why, "replica gave no usable answer");
                 Ok(())
             }
-            Replica::Cheated(Refusal::Cheated { reason, evidence }) => {
-                self.ban(r.replica, &reason, &evidence)
-            }
-            Replica::Cheated(Refusal::Failed(why) | Refusal::Unreachable(why)) => {
-                tracing::debug!(replica = %r.replica, %why, "replica failed");
+            Replica::Judged(ReplicaVerdict::Undecided(why)) => {
+                tracing::debug!(replica = %r.replica, %why, "replica disagrees, undecided");
                 Ok(())
             }
-            Replica::Dispute {
+            Replica::Forged(f) => self.ban(r.replica, &f.to_string(), f.evidence()),
+            Replica::Judged(ReplicaVerdict::Dispute {
                 primary_wrong,
                 replica_wrong,
-            } => {
+            }) => {
                 self.verify.disputes += 1;
                 self.verify.check_time += Duration::from_secs_f64(r.verify_secs);
                 if let Some(e) = replica_wrong {
@@ -656,7 +639,6 @@ impl Job {
             } => (task, subgraph, place, deadline, held),
             Decision::Cancel { task, .. } => return self.cancel_remote(task),
         };
-        self.task_subgraph.insert(task, subgraph);
         let inputs = gather(&self.plan, subgraph, &self.results);
         let sg = self.plan.subgraphs[subgraph].clone();
         let timeout = Duration::from_secs_f64((deadline - self.now()).max(0.001));
@@ -667,12 +649,12 @@ impl Job {
                 } else {
                     self.local_moves += 1;
                 }
-                let local = self.local.clone();
+                let local = self.remote.local.clone();
                 self.running.spawn(async move {
                     let r = tokio::task::spawn_blocking(move || local.run_subgraph(&sg, &inputs))
                         .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()))
+                        .map_err(|e| TaskFailure::Unchecked(format!("local run panicked: {e}")))
+                        .and_then(|r| r.map_err(TaskFailure::Local))
                         .map(|v| {
                             let outputs: Vec<Arc<Data>> = v.to_vec();
                             Accepted {
@@ -691,18 +673,12 @@ impl Job {
                 });
             }
             Place::Peer(peer) => {
-                self.task_peer.insert(task, peer);
                 // A random id on the wire: a worker cannot tell work from checks by numbering.
                 let wire: u64 = rand::rng().random();
                 self.task_wire.insert(task, wire);
-                let node = self.node.clone();
-                let memory = self.memory.clone();
-                let verifier = self.verifier.clone();
+                let remote = self.remote.clone();
                 self.running.spawn(async move {
-                    let r = remote(
-                        &node, &memory, &verifier, peer, wire, &sg, inputs, held, timeout,
-                    )
-                    .await;
+                    let r = remote.run(peer, wire, &sg, inputs, held, timeout).await;
                     (task, r)
                 });
             }
@@ -711,7 +687,7 @@ impl Job {
 
     /// Keeps what the next job can use: verified results, who holds what, measured speeds.
     fn remember(&self) {
-        let mut mem = lock(&self.memory);
+        let mut mem = lock(&self.remote.memory);
         let trust = lock(&self.trust);
         for (i, sg) in self.plan.subgraphs.iter().enumerate() {
             let banned = self.producer[i]
@@ -777,29 +753,4 @@ impl Job {
             local_moves: self.local_moves,
         }
     }
-}
-
-/// Content ids of `inputs` (values `ids`), hashing only those not seen before.
-pub(super) fn content_ids(
-    memory: &Mutex<Memory>,
-    ids: &[ValueId],
-    inputs: &[Arc<Data>],
-) -> Vec<ContentId> {
-    let known: Vec<Option<ContentId>> = {
-        let mem = lock(memory);
-        ids.iter().map(|id| mem.cids.get(id).copied()).collect()
-    };
-    let cids: Vec<ContentId> = known
-        .iter()
-        .zip(inputs)
-        .map(|(k, t)| k.unwrap_or_else(|| t.content_id()))
-        .collect();
-    let mut mem = lock(memory);
-    if mem.cids.len() > MAX_TABLE {
-        mem.cids.clear();
-    }
-    for (id, c) in ids.iter().zip(&cids) {
-        mem.cids.insert(*id, *c);
-    }
-    cids
 }

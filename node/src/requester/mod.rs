@@ -12,8 +12,8 @@
 //!
 //! Layout: `client` (the public [`Client`], its builder and runtime), `executor` (what the
 //! requester remembers between jobs, and [`SwarmExecutor`]), `job` (one job's event loop over
-//! the scheduler's decisions), `remote` (round trips to workers, replicas, disputes), `canary`
-//! (tasks with a known answer), `summary` (the [`JobSummary`] a developer reads); this file
+//! the scheduler's decisions), `remote` (round trips to workers for work, canaries and replicas),
+//! `summary` (the [`JobSummary`] a developer reads); this file
 //! holds what they share.
 
 use std::sync::{Arc, Mutex};
@@ -23,9 +23,10 @@ use corvid_kernels::{ContentId, Tensor as Data};
 use corvid_sdk::plan::{Plan, Source, Subgraph};
 use libp2p::PeerId;
 
-use crate::trust::{CheckKind, Refusal};
+use corvid_sdk::sched::TaskFailure;
 
-mod canary;
+use crate::trust::{CheckKind, Claim, Refusal};
+
 mod client;
 mod executor;
 mod job;
@@ -36,7 +37,6 @@ pub use client::{Client, ClientBuilder, ClientError};
 pub use executor::SwarmExecutor;
 pub use summary::{JobSummary, PlaceSummary, VerifySummary};
 
-use canary::*;
 use executor::*;
 use job::*;
 use remote::*;
@@ -67,22 +67,18 @@ struct Accepted {
     elapsed_secs: f64,
 }
 
-type TaskOutcome = (u64, Result<Accepted, Refusal>);
-
-/// A replica's verdict on a result already accepted from `primary`.
-#[derive(Debug)]
-enum Replica {
-    Agreed,
-    /// The replica's own answer could not be used; nothing is known.
-    Unusable(String),
-    /// The replica proved itself a cheat (bad signature or replay).
-    Cheated(Refusal),
-    /// The two disagreed; a local recompute says who was wrong.
-    Dispute {
-        primary_wrong: Option<String>,
-        replica_wrong: Option<String>,
-    },
+impl Accepted {
+    fn claim(&self) -> Claim<'_> {
+        Claim {
+            outputs: &self.outputs,
+            cids: &self.cids,
+            op_hashes: &self.op_hashes,
+            class: &self.class,
+        }
+    }
 }
+
+type TaskOutcome = (u64, Result<Accepted, Refusal>);
 
 struct ReplicaOutcome {
     subgraph: usize,
@@ -115,23 +111,25 @@ fn gather(plan: &Plan, sg: usize, results: &[Option<Arc<Vec<Arc<Data>>>>]) -> Ve
 }
 
 /// A result must have the program's output count, dtypes and shapes.
-fn check_shapes(sg: &Subgraph, outs: &[Arc<Data>]) -> Result<(), String> {
+fn check_shapes(sg: &Subgraph, outs: &[Arc<Data>]) -> Result<(), TaskFailure> {
     let program = &sg.program;
-    let metas = program.infer().map_err(|e| e.to_string())?;
+    let metas = program
+        .infer()
+        .map_err(|e| TaskFailure::Malformed(e.to_string()))?;
     if outs.len() != program.outputs.len() {
-        return Err(format!(
+        return Err(TaskFailure::Malformed(format!(
             "{} outputs returned, {} expected",
             outs.len(),
             program.outputs.len()
-        ));
+        )));
     }
     for (i, (t, &o)) in outs.iter().zip(&program.outputs).enumerate() {
         if t.meta() != metas[o as usize] {
-            return Err(format!(
+            return Err(TaskFailure::Malformed(format!(
                 "output {i} is {}, expected {}",
                 t.meta(),
                 metas[o as usize]
-            ));
+            )));
         }
     }
     Ok(())

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{init_logs, spawn, wait_for};
 use corvid_kernels::{Backend, CpuBackend};
-use corvid_node::trust::{Expected, Refusal, open_receipt};
+use corvid_node::trust::{Expected, Forgery, open_receipt};
 use corvid_node::{Node, NodeConfig};
 use corvid_sdk::plan::Source;
 use corvid_sdk::wire::{Input, TaskError, TaskRequest, TaskResponse, task_key};
@@ -128,7 +128,7 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
                     program: &sg.program,
                 },
             ),
-            Err(Refusal::Cheated { .. })
+            Err(Forgery::Replayed(_))
         ));
         assert_eq!(receipt.op_hashes.len(), sg.program.nodes.len());
         let local_out = local

@@ -8,11 +8,11 @@ use corvid_sdk::{LocalExecutor, ValueId};
 use rand::Rng;
 
 /// Probability that a trusted peer gets a canary in a job.
-pub(super) const CANARY_RATE: f64 = 0.1;
+pub const CANARY_RATE: f64 = 0.1;
 
 /// Largest job subgraph copied as a canary: flops and input bytes.
-pub(super) const CANARY_MAX_FLOPS: u64 = 200_000_000;
-pub(super) const CANARY_MAX_BYTES: u64 = 4 << 20;
+pub const CANARY_MAX_FLOPS: u64 = 200_000_000;
+pub const CANARY_MAX_BYTES: u64 = 4 << 20;
 
 /// A canary, as a subgraph with its inputs: where the job has a subgraph that reads only
 /// constants and costs little, a copy of it that keeps the constants other subgraphs share
@@ -20,7 +20,7 @@ pub(super) const CANARY_MAX_BYTES: u64 = 4 << 20;
 /// (so that signs, and with them the ops' domains, are kept), so that it runs the job's ops
 /// on the job's shapes and weights; otherwise, or if nothing could be drawn afresh, `a @ b`
 /// for fresh random 64×64 `a` and `b`.
-pub(super) fn canary(rng: &mut impl Rng, plan: &Plan) -> (Subgraph, Vec<Arc<Data>>) {
+pub fn canary(rng: &mut impl Rng, plan: &Plan) -> (Subgraph, Vec<Arc<Data>>) {
     use rand::seq::IndexedRandom;
     let like_work: Vec<&Subgraph> = plan
         .subgraphs
@@ -70,7 +70,7 @@ pub(super) fn canary(rng: &mut impl Rng, plan: &Plan) -> (Subgraph, Vec<Arc<Data
 }
 
 /// `a @ b` for fresh random 64×64 `a` and `b`.
-pub(super) fn matmul_canary(rng: &mut impl Rng) -> (Subgraph, Vec<Arc<Data>>) {
+pub fn matmul_canary(rng: &mut impl Rng) -> (Subgraph, Vec<Arc<Data>>) {
     use corvid_kernels::{Op, Program, TensorMeta};
     let n = 64;
     let inputs: Vec<Arc<Data>> = (0..2)
@@ -88,7 +88,7 @@ pub(super) fn matmul_canary(rng: &mut impl Rng) -> (Subgraph, Vec<Arc<Data>>) {
 
 /// A subgraph of `program` over `inputs` (with value ids `input_ids`), with the other ids
 /// derived as the planner derives them.
-pub(super) fn canary_subgraph(
+pub fn canary_subgraph(
     program: corvid_kernels::Program,
     inputs: Vec<Arc<Data>>,
     input_ids: Vec<ValueId>,
@@ -112,18 +112,19 @@ pub(super) fn canary_subgraph(
 }
 
 /// A canary ready to send, with the answer computed here.
-pub(super) struct Canary {
-    pub(super) sg: Subgraph,
-    pub(super) inputs: Vec<Arc<Data>>,
-    pub(super) want: Vec<Data>,
+#[derive(Debug)]
+pub struct Canary {
+    pub sg: Subgraph,
+    pub inputs: Vec<Arc<Data>>,
+    pub want: Vec<Data>,
     /// The class of the machine that computed `want`.
-    pub(super) class: [u8; 32],
+    pub class: [u8; 32],
 }
 
 /// Runs a canary here. A copy whose answer is not finite (a moved input left an op's domain)
 /// is swapped for the matmul canary, so that honest rounding of a NaN or an overflow never
 /// decides a ban.
-pub(super) fn canary_answer(
+pub fn canary_answer(
     local: &LocalExecutor,
     sg: Subgraph,
     inputs: Vec<Arc<Data>>,
