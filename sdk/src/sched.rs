@@ -31,6 +31,41 @@ const WAIT_FOR_BUSY: f64 = 0.5;
 /// Transfers at least this large measure a peer's link.
 const LINK_SAMPLE_BYTES: u64 = 1 << 20;
 
+/// What a job's scheduler learned that the next job's can use: who holds which values, and
+/// each peer's measured speed and link. One scheduler owns it for its job
+/// ([`Scheduler::resume`]) and gives it back at the end ([`Scheduler::knowledge`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Knowledge<P: Ord> {
+    pub held: HashMap<ValueId, BTreeSet<P>>,
+    pub measured: BTreeMap<P, Measured>,
+}
+
+impl<P: Ord> Default for Knowledge<P> {
+    fn default() -> Self {
+        Knowledge {
+            held: HashMap::new(),
+            measured: BTreeMap::new(),
+        }
+    }
+}
+
+impl<P: Ord + Clone> Knowledge<P> {
+    /// Adds what `newer` knows; its measurements win.
+    pub fn merge(&mut self, newer: Knowledge<P>) {
+        for (id, holders) in newer.held {
+            self.held.entry(id).or_default().extend(holders);
+        }
+        self.measured.extend(newer.measured);
+    }
+}
+
+/// A peer's measured FLOP/s and link bytes/s (`None`: not measured yet).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Measured {
+    pub flops: Option<f64>,
+    pub link: Option<f64>,
+}
+
 /// Identifies one attempt at one subgraph.
 pub type TaskId = u64;
 
@@ -147,6 +182,8 @@ pub struct PlaceStats {
 #[derive(Debug)]
 pub struct Scheduler<P: Ord + Clone> {
     cfg: SchedConfig,
+    /// Speeds measured in earlier jobs, applied when their peer joins this one.
+    measured_before: BTreeMap<P, Measured>,
     flops: Vec<u64>,
     bytes_out: Vec<u64>,
     inputs: Vec<Vec<(ValueId, u64)>>,
@@ -207,6 +244,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             deps_of.push(deps.into_iter().collect());
         }
         let mut sched = Scheduler {
+            measured_before: BTreeMap::new(),
             cfg,
             flops: plan.subgraphs.iter().map(|s| s.cost.flops).collect(),
             bytes_out: plan.subgraphs.iter().map(|s| s.cost.bytes_out).collect(),
@@ -288,13 +326,50 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         self.held.remove(id);
     }
 
-    /// Every value each peer is known to hold, to carry over to the next job.
+    /// Every value each peer is known to hold.
     pub fn held(&self) -> &HashMap<ValueId, BTreeSet<P>> {
         &self.held
     }
 
+    /// A scheduler for `plan` that starts from what earlier jobs learned.
+    pub fn resume(plan: &Plan, cfg: SchedConfig, knowledge: Knowledge<P>) -> Self {
+        let mut s = Scheduler::new(plan, cfg);
+        s.held = knowledge.held;
+        s.measured_before = knowledge.measured;
+        s
+    }
+
+    /// What this job learned, with what it started from, for the next job.
+    pub fn knowledge(&self) -> Knowledge<P> {
+        let mut measured = self.measured_before.clone();
+        for (p, info) in &self.peers {
+            let m = measured.entry(p.clone()).or_default();
+            if info.measured {
+                m.flops = Some(info.flops);
+            }
+            if info.link_measured {
+                m.link = Some(info.link);
+            }
+        }
+        Knowledge {
+            held: self.held.clone(),
+            measured,
+        }
+    }
+
+    /// `p` no longer holds `ids` (it answered with stale values for them).
+    pub fn not_held_by(&mut self, p: &P, ids: &[ValueId]) {
+        for id in ids {
+            if let Some(holders) = self.held.get_mut(id) {
+                holders.remove(p);
+            }
+        }
+    }
+
     /// Adds or updates a peer with its advertised speed, link and slots.
     pub fn peer(&mut self, p: P, flops: f64, link: f64, slots: usize) {
+        let p_key = p.clone();
+        let new = !self.peers.contains_key(&p);
         let e = self.peers.entry(p).or_insert(PeerInfo {
             flops,
             link,
@@ -314,6 +389,10 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             e.link = link;
         }
         e.slots = slots;
+        // A peer measured in an earlier job starts from that measurement.
+        if new && let Some(m) = self.measured_before.get(&p_key).copied() {
+            self.measured(&p_key, m.flops, m.link);
+        }
     }
 
     /// Sets what one task may use on peer `p`: subgraphs over it are never sent there.
@@ -1198,5 +1277,41 @@ mod tests {
             "only the fast peer starts; the slow one is not worth it: {d:?}"
         );
         assert_eq!(d[0].2, Place::Peer("fast"));
+    }
+
+    /// What one job's scheduler learned (measured speeds, who holds what) starts the next
+    /// job's: a lying advert stays discounted and held inputs are not sent again. Tasks keep
+    /// their subgraph and place after they end.
+    #[test]
+    fn the_next_job_starts_from_what_this_one_learned() {
+        let p = plan();
+        let mut s = Scheduler::new(&p, no_local());
+        s.peer("a", 1e9, 1e9, 8);
+        let first = dispatched(&s.schedule(0.0));
+        let (task, sg, place) = first[0].clone();
+        assert_eq!(
+            s.running_on(&"a"),
+            first.iter().map(|d| d.0).collect::<Vec<_>>()
+        );
+        let ids = p.subgraphs[sg].output_ids.clone();
+        // 10x slower than advertised.
+        let secs = p.subgraphs[sg].cost.flops as f64 / 1e8;
+        s.on_done(task, secs, &ids, Some(secs));
+        assert_eq!(s.task(task), Some((sg, &place)), "kept after it ended");
+        assert!(!s.knows(task) && !s.running_on(&"a").contains(&task));
+        let k = s.knowledge();
+        let flops = k.measured[&"a"].flops.unwrap();
+        assert!((flops / 1e8 - 1.0).abs() < 0.01, "{flops}");
+
+        let mut next = Scheduler::resume(&p, no_local(), k);
+        next.peer("a", 1e12, 1e9, 8);
+        let info = &next.peers()[&"a"];
+        assert!(
+            info.measured && (info.flops / 1e8 - 1.0).abs() < 0.01,
+            "{info:?}"
+        );
+        assert!(next.held().get(&ids[0]).is_some_and(|h| h.contains(&"a")));
+        next.not_held_by(&"a", &ids);
+        assert!(!next.held().get(&ids[0]).is_some_and(|h| h.contains(&"a")));
     }
 }

@@ -155,6 +155,7 @@ impl Client {
             sched,
             last: Mutex::new(None),
             memory: Arc::new(Mutex::new(Memory::default())),
+            cids: Arc::default(),
             trust: Arc::new(Mutex::new(trust)),
             checks: std::sync::atomic::AtomicBool::new(true),
         });

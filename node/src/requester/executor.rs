@@ -1,31 +1,28 @@
 //! The requester's memory between jobs and the `Executor` that runs plans across the swarm.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use corvid_kernels::{Budget, ContentId, Tensor as Data};
 use corvid_sdk::plan::{Plan, Settings};
-use corvid_sdk::sched::SchedConfig;
+use corvid_sdk::sched::{Knowledge, SchedConfig};
 use corvid_sdk::{EvalError, Executor, LocalExecutor, ResultCache, ValueId};
 use libp2p::PeerId;
 
 use crate::node::NodeClient;
-use crate::trust::Trust;
+use crate::trust::{Trust, Verifier};
 
 use super::*;
 
-/// What the requester remembers between jobs.
+/// What the requester remembers between jobs. Only jobs touch it, at their start (a job
+/// checks out the scheduler's knowledge and reads the cache), on a ban and at their end.
 #[derive(Debug)]
 pub(super) struct Memory {
     /// Verified results by subgraph id.
     pub(super) cache: ResultCache,
-    /// Which peers hold which values.
-    pub(super) held: HashMap<ValueId, BTreeSet<PeerId>>,
-    /// Content ids of values, so each is hashed once.
-    pub(super) cids: HashMap<ValueId, ContentId>,
-    /// Measured FLOP/s and link bytes/s per peer.
-    pub(super) measured: HashMap<PeerId, (Option<f64>, Option<f64>)>,
+    /// Who holds which values and measured speeds, while no job has it checked out.
+    pub(super) knowledge: Option<Knowledge<PeerId>>,
     /// Cached results that only a sample vouched for, and their producer: dropped if it is
     /// banned later.
     pub(super) sampled_from: HashMap<corvid_sdk::SubgraphId, PeerId>,
@@ -35,10 +32,47 @@ impl Default for Memory {
     fn default() -> Self {
         Memory {
             cache: ResultCache::new(CACHE_BYTES),
-            held: HashMap::new(),
-            cids: HashMap::new(),
-            measured: HashMap::new(),
+            knowledge: None,
             sampled_from: HashMap::new(),
+        }
+    }
+}
+
+/// Content ids of values, so that each is hashed once: a memo the checks of every job share
+/// (they run on blocking threads).
+#[derive(Debug, Default)]
+pub(super) struct ContentIds(Mutex<HashMap<ValueId, ContentId>>);
+
+impl ContentIds {
+    /// Content ids of `inputs` (values `ids`), hashing only those not seen before.
+    pub(super) fn of(&self, ids: &[ValueId], inputs: &[Arc<Data>]) -> Vec<ContentId> {
+        let known: Vec<Option<ContentId>> = {
+            let map = lock(&self.0);
+            ids.iter().map(|id| map.get(id).copied()).collect()
+        };
+        let cids: Vec<ContentId> = known
+            .iter()
+            .zip(inputs)
+            .map(|(k, t)| k.unwrap_or_else(|| t.content_id()))
+            .collect();
+        self.record(ids, &cids);
+        cids
+    }
+
+    pub(super) fn record(&self, ids: &[ValueId], cids: &[ContentId]) {
+        let mut map = lock(&self.0);
+        if map.len() > MAX_TABLE {
+            map.clear();
+        }
+        for (id, c) in ids.iter().zip(cids) {
+            map.insert(*id, *c);
+        }
+    }
+
+    pub(super) fn forget(&self, ids: &[ValueId]) {
+        let mut map = lock(&self.0);
+        for id in ids {
+            map.remove(id);
         }
     }
 }
@@ -54,6 +88,7 @@ pub struct SwarmExecutor {
     pub(super) sched: SchedConfig,
     pub(super) last: Mutex<Option<JobSummary>>,
     pub(super) memory: Arc<Mutex<Memory>>,
+    pub(super) cids: Arc<ContentIds>,
     pub(super) trust: Arc<Mutex<Trust>>,
     pub(super) checks: std::sync::atomic::AtomicBool,
 }
@@ -113,14 +148,19 @@ impl Executor for SwarmExecutor {
     fn execute(&self, plan: &Plan) -> Result<Vec<Arc<Data>>, EvalError> {
         // Runs on the client's runtime; this thread only waits (it may be any thread).
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let checks = self.checks.load(std::sync::atomic::Ordering::Relaxed);
         let job = run_job(
             plan.clone(),
-            self.node.clone(),
-            self.local.clone(),
+            Remote {
+                node: self.node.clone(),
+                local: self.local.clone(),
+                cids: self.cids.clone(),
+                verifier: Arc::new(Verifier::with_checks(self.local.clone(), checks)),
+            },
             self.sched.clone(),
             self.memory.clone(),
             self.trust.clone(),
-            self.checks.load(std::sync::atomic::Ordering::Relaxed),
+            checks,
         );
         self.handle.spawn(async move {
             let _ = tx.send(job.await);

@@ -6,17 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corvid_kernels::Tensor as Data;
+use corvid_sdk::EvalError;
 use corvid_sdk::plan::{Plan, Source};
-use corvid_sdk::sched::{Decision, Place, SchedConfig, Scheduler, TaskFailure};
-use corvid_sdk::{EvalError, LocalExecutor};
+use corvid_sdk::sched::{Decision, Knowledge, Place, SchedConfig, Scheduler, TaskFailure};
 use indicatif::{ProgressBar, ProgressStyle};
 use libp2p::PeerId;
 use rand::Rng;
 use tokio::task::JoinSet;
 
-use crate::node::NodeClient;
 use crate::trust::canary::{CANARY_RATE, Canary, canary, canary_answer};
-use crate::trust::{self, CheckKind, Refusal, ReplicaVerdict, Trust, Verifier};
+use crate::trust::{self, CheckKind, Refusal, ReplicaVerdict, Trust};
 
 use super::*;
 
@@ -26,6 +25,9 @@ pub(super) struct Job {
     /// Owns which task runs which subgraph where, who holds which values, measured speeds.
     pub(super) sched: Scheduler<PeerId>,
     pub(super) remote: Remote,
+    /// The requester's memory between jobs: the cache and whose results only a sample
+    /// vouched for (the scheduler's knowledge is checked out of it for the job's run).
+    pub(super) memory: Arc<Mutex<Memory>>,
     pub(super) trust: Arc<Mutex<Trust>>,
     pub(super) results: Vec<Option<Arc<Vec<Arc<Data>>>>>,
     pub(super) accepted: Vec<Option<Arc<Accepted>>>,
@@ -51,19 +53,22 @@ pub(super) struct Job {
     pub(super) local_moves: usize,
 }
 
+/// Runs `plan` on the swarm through `remote`, with the requester's memory and trust.
+/// `checks`: whether results are verified (and canaries sent).
 pub(super) async fn run_job(
     plan: Plan,
-    node: NodeClient,
-    local: Arc<LocalExecutor>,
+    remote: Remote,
     cfg: SchedConfig,
     memory: Arc<Mutex<Memory>>,
     trust: Arc<Mutex<Trust>>,
     checks: bool,
 ) -> (Result<Vec<Arc<Data>>, EvalError>, JobSummary) {
-    let mut sched: Scheduler<PeerId> = Scheduler::new(&plan, cfg);
+    // The scheduler owns who holds what and measured speeds for the job's run.
+    let knowledge = lock(&memory).knowledge.take().unwrap_or_default();
+    let mut sched: Scheduler<PeerId> = Scheduler::resume(&plan, cfg, knowledge);
     let mut peer_class = HashMap::new();
     let pool;
-    match node.peers().await {
+    match remote.node.peers().await {
         Ok(peers) => {
             let trust = lock(&trust);
             let workers: Vec<_> = peers
@@ -97,6 +102,7 @@ pub(super) async fn run_job(
             }
         }
         Err(e) => {
+            check_in(&memory, sched.knowledge());
             return (
                 Err(EvalError::Requester {
                     reason: format!("cannot list the swarm's peers: {e}"),
@@ -110,19 +116,11 @@ pub(super) async fn run_job(
     let mut cached = 0;
     {
         let mem = lock(&memory);
-        for (&p, &(flops, link)) in &mem.measured {
-            sched.measured(&p, flops, link);
-        }
         for (i, sg) in plan.subgraphs.iter().enumerate() {
             if let Some(hit) = mem.cache.get(&sg.id) {
                 results[i] = Some(hit);
                 sched.completed(i);
                 cached += 1;
-            }
-            for id in &sg.input_ids {
-                for p in mem.held.get(id).into_iter().flatten() {
-                    sched.holds(*p, *id);
-                }
             }
         }
     }
@@ -136,12 +134,8 @@ pub(super) async fn run_job(
         results,
         accepted: vec![None; n],
         producer: vec![None; n],
-        remote: Remote {
-            verifier: Arc::new(Verifier::with_checks(local.clone(), checks)),
-            node,
-            local,
-            memory,
-        },
+        remote,
+        memory,
         plan,
         sched,
         trust,
@@ -177,6 +171,7 @@ pub(super) async fn run_job(
     job.replicas.abort_all();
     job.canaries.abort_all();
     job.progress.finish_and_clear();
+    check_in(&job.memory, job.sched.knowledge());
     let outputs = result.map(|()| {
         job.remember();
         job.plan
@@ -315,15 +310,7 @@ impl Job {
                     Some(CheckKind::Unchecked) | None => {}
                 }
                 let ids = self.plan.subgraphs[sg].output_ids.clone();
-                {
-                    let mut mem = lock(&self.remote.memory);
-                    if mem.cids.len() > MAX_TABLE {
-                        mem.cids.clear();
-                    }
-                    for (id, c) in ids.iter().zip(&a.cids) {
-                        mem.cids.insert(*id, *c);
-                    }
-                }
+                self.remote.cids.record(&ids, &a.cids);
                 let a = Arc::new(a);
                 self.results[sg] = Some(Arc::new(a.outputs.clone()));
                 self.accepted[sg] = Some(a.clone());
@@ -353,9 +340,16 @@ impl Job {
                 Ok(())
             }
             Err(Refusal::Failed(error)) => {
-                if let (TaskFailure::Unreachable(why), Some(peer)) = (&error, peer) {
-                    tracing::warn!(%peer, %why, "peer unreachable; no more tasks go to it in this job");
-                    self.sched.remove_peer(&peer);
+                match (&error, peer) {
+                    (TaskFailure::Unreachable(why), Some(peer)) => {
+                        tracing::warn!(%peer, %why, "peer unreachable; no more tasks go to it in this job");
+                        self.sched.remove_peer(&peer);
+                    }
+                    (TaskFailure::StaleHeld(_), Some(peer)) => {
+                        let ids = &self.plan.subgraphs[sg].input_ids;
+                        self.sched.not_held_by(&peer, ids);
+                    }
+                    _ => {}
                 }
                 self.fail(task, error)
             }
@@ -400,7 +394,7 @@ impl Job {
         self.sched.remove_peer(&peer);
         // Its cached results that only a sample vouched for go.
         {
-            let mut mem = lock(&self.remote.memory);
+            let mut mem = lock(&self.memory);
             let ids: Vec<corvid_sdk::SubgraphId> = mem
                 .sampled_from
                 .iter()
@@ -438,18 +432,17 @@ impl Job {
     fn reopen(&mut self, subgraphs: &[usize]) {
         let reopened = self.sched.reopen(subgraphs);
         self.verify.reopened += reopened.len();
-        let mut mem = lock(&self.remote.memory);
         for i in reopened {
             if self.results[i].take().is_some() {
                 self.progress.dec(1);
             }
             self.accepted[i] = None;
             self.producer[i] = None;
-            for id in &self.plan.subgraphs[i].output_ids {
+            let ids = &self.plan.subgraphs[i].output_ids;
+            for id in ids {
                 self.sched.forget(id);
-                mem.held.remove(id);
-                mem.cids.remove(id);
             }
+            self.remote.cids.forget(ids);
         }
     }
 
@@ -472,6 +465,13 @@ impl Job {
             let (sg, inputs) = canary(&mut rng, &self.plan);
             self.verify.canaries += 1;
             self.verify.extra_remote_flops += sg.cost.flops;
+            // Values the peer holds (shared weights) are named, not sent, as for work.
+            let held: Vec<bool> = sg
+                .input_ids
+                .iter()
+                .map(|id| self.sched.held().get(id).is_some_and(|h| h.contains(&peer)))
+                .collect();
+            let copied = sg.id;
             let remote = self.remote.clone();
             self.canaries.spawn(async move {
                 let local = remote.local.clone();
@@ -490,13 +490,11 @@ impl Job {
                     let why = "no canary could be run here".to_string();
                     return (peer, Err(TaskFailure::Unchecked(why).into()));
                 };
-                // Values the peer holds (shared weights) are named, not sent, as for work.
-                let held: Vec<bool> = {
-                    let mem = lock(&remote.memory);
-                    sg.input_ids
-                        .iter()
-                        .map(|id| mem.held.get(id).is_some_and(|h| h.contains(&peer)))
-                        .collect()
+                // The copy was swapped for a matmul on fresh inputs: nothing is held.
+                let held = if sg.id == copied {
+                    held
+                } else {
+                    vec![false; sg.inputs.len()]
                 };
                 // Room for the inputs on a slow link and the flops on a slow CPU.
                 let timeout = Duration::from_secs_f64(
@@ -685,9 +683,9 @@ impl Job {
         }
     }
 
-    /// Keeps what the next job can use: verified results, who holds what, measured speeds.
+    /// Keeps what the next job can use: verified results and who produced them.
     fn remember(&self) {
-        let mut mem = lock(&self.remote.memory);
+        let mut mem = lock(&self.memory);
         let trust = lock(&self.trust);
         for (i, sg) in self.plan.subgraphs.iter().enumerate() {
             let banned = self.producer[i]
@@ -706,24 +704,6 @@ impl Job {
                     mem.sampled_from.insert(sg.id, p);
                 }
             }
-        }
-        if mem.held.len() > MAX_TABLE {
-            mem.held.clear();
-        }
-        for (id, holders) in self.sched.held() {
-            mem.held
-                .entry(*id)
-                .or_default()
-                .extend(holders.iter().copied());
-        }
-        for (p, info) in self.sched.peers() {
-            mem.measured.insert(
-                *p,
-                (
-                    info.measured.then_some(info.flops),
-                    info.link_measured.then_some(info.link),
-                ),
-            );
         }
     }
 
@@ -753,4 +733,17 @@ impl Job {
             local_moves: self.local_moves,
         }
     }
+}
+
+/// Returns a job's knowledge to the requester's memory, merged with whatever a job that ran
+/// at the same time returned.
+fn check_in(memory: &Mutex<Memory>, knowledge: Knowledge<PeerId>) {
+    let mut mem = lock(memory);
+    let mut merged = mem.knowledge.take().unwrap_or_default();
+    merged.merge(knowledge);
+    // Bounded: past this many values, who holds what is learned again.
+    if merged.held.len() > MAX_TABLE {
+        merged.held.clear();
+    }
+    mem.knowledge = Some(merged);
 }

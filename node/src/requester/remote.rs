@@ -2,8 +2,8 @@
 //! by work and canaries ([`Remote::run`], which opens and checks the answer) and by replicas
 //! ([`Remote::replica`], which judges it against the accepted one).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corvid_kernels::{ContentId, Tensor as Data};
@@ -23,7 +23,7 @@ use super::*;
 #[derive(Clone, Debug)]
 pub(super) struct Remote {
     pub(super) node: NodeClient,
-    pub(super) memory: Arc<Mutex<Memory>>,
+    pub(super) cids: Arc<ContentIds>,
     pub(super) verifier: Arc<Verifier>,
     pub(super) local: Arc<LocalExecutor>,
 }
@@ -119,10 +119,10 @@ impl Remote {
         let sent = Instant::now();
         // The inputs' content ids (for the receipt) are hashed while the worker computes.
         let hashing = {
-            let (memory, ids, inputs) = (self.memory.clone(), sg.input_ids.clone(), inputs.clone());
+            let (memo, ids, inputs) = (self.cids.clone(), sg.input_ids.clone(), inputs.clone());
             tokio::task::spawn_blocking(move || {
                 let clock = trust::Stopwatch::start();
-                (content_ids(&memory, &ids, &inputs), clock.secs())
+                (memo.of(&ids, &inputs), clock.secs())
             })
         };
         let (signed, used_held) = self.round_trip(peer, request, &inputs, timeout).await?;
@@ -138,13 +138,8 @@ impl Remote {
             let cids: Vec<ContentId> = signed.outputs.iter().map(|t| t.content_id()).collect();
             match open(peer, &signed, &sg, &input_cids, &nonce, &cids) {
                 // It ran on values it held, which differ from what we meant: stale, not proof.
+                // (The job tells the scheduler it no longer holds them.)
                 Err(Forgery::OtherInputs(evidence)) if used_held => {
-                    let mut mem = lock(&this.memory);
-                    for (id, h) in sg.input_ids.iter().zip(&held) {
-                        if *h && let Some(holders) = mem.held.get_mut(id) {
-                            holders.remove(&peer);
-                        }
-                    }
                     return Err(TaskFailure::StaleHeld(evidence).into());
                 }
                 opened => opened?,
@@ -194,7 +189,7 @@ impl Remote {
             if let Err(e) = check_shapes(&sg, &signed.outputs) {
                 return Replica::Unusable(e);
             }
-            let input_cids = content_ids(&this.memory, &sg.input_ids, &inputs);
+            let input_cids = this.cids.of(&sg.input_ids, &inputs);
             let cids: Vec<ContentId> = signed.outputs.iter().map(|t| t.content_id()).collect();
             if let Err(f) = open(peer, &signed, &sg, &input_cids, &nonce, &cids) {
                 return Replica::Forged(f);
@@ -254,29 +249,4 @@ pub(super) enum Replica {
     Unusable(TaskFailure),
     /// Its answer was forged (a bad signature, a replay): proof against the replica.
     Forged(Forgery),
-}
-
-/// Content ids of `inputs` (values `ids`), hashing only those not seen before.
-pub(super) fn content_ids(
-    memory: &Mutex<Memory>,
-    ids: &[corvid_sdk::ValueId],
-    inputs: &[Arc<Data>],
-) -> Vec<ContentId> {
-    let known: Vec<Option<ContentId>> = {
-        let mem = lock(memory);
-        ids.iter().map(|id| mem.cids.get(id).copied()).collect()
-    };
-    let cids: Vec<ContentId> = known
-        .iter()
-        .zip(inputs)
-        .map(|(k, t)| k.unwrap_or_else(|| t.content_id()))
-        .collect();
-    let mut mem = lock(memory);
-    if mem.cids.len() > MAX_TABLE {
-        mem.cids.clear();
-    }
-    for (id, c) in ids.iter().zip(&cids) {
-        mem.cids.insert(*id, *c);
-    }
-    cids
 }

@@ -239,11 +239,7 @@ mod tests {
     type Task = (Subgraph, Vec<Arc<Data>>, Vec<ContentId>, Vec<Arc<Data>>);
 
     /// `op` over fresh inputs of `shapes`, and its honest outputs.
-    fn task(
-        local: &LocalExecutor,
-        op: Op,
-        shapes: &[[usize; 2]],
-    ) -> Task {
+    fn task(local: &LocalExecutor, op: Op, shapes: &[[usize; 2]]) -> Task {
         let metas = shapes.iter().map(|s| TensorMeta::f32(s.to_vec())).collect();
         let inputs: Vec<Arc<Data>> = shapes
             .iter()
