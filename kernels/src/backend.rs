@@ -4,13 +4,16 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::budget::{Budget, Footprint};
-use crate::cancel::{Cancel, Stopped};
+use crate::budget::Budget;
+use crate::cancel::Cancel;
 use crate::class::DeterminismClass;
 use crate::cpu::CpuBackend;
-use crate::gpu::{GpuBackend, GridTooLarge};
-use crate::program::{Program, ProgramError};
-use crate::tensor::{ContentId, Tensor, TensorMeta};
+use crate::gpu::GpuBackend;
+use crate::program::Program;
+use crate::tensor::{ContentId, Tensor};
+
+// Their home is `exec`, which both backends import; re-exported where they used to live.
+pub use crate::exec::{ExecError, Guard, check_inputs};
 
 /// Environment variable that forces the backend: `auto`, `gpu` or `cpu`.
 pub const BACKEND_ENV: &str = "CORVID_BACKEND";
@@ -60,74 +63,6 @@ pub enum BackendError {
     Device { adapter: String, reason: String },
     #[error("gpu thread: {0}")]
     Thread(String),
-}
-
-/// Why a program did not run.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ExecError {
-    #[error(transparent)]
-    Program(#[from] ProgramError),
-    #[error("program takes {expected} inputs, got {got}")]
-    InputCount { expected: usize, got: usize },
-    #[error("input {index}: program expects {expected}, got {got}")]
-    Input {
-        index: usize,
-        expected: TensorMeta,
-        got: TensorMeta,
-    },
-    #[error("node {node}: {source}")]
-    Grid {
-        node: usize,
-        #[source]
-        source: GridTooLarge,
-    },
-    /// The run was cancelled or ran out of time.
-    #[error("stopped: {0}")]
-    Stopped(#[from] Stopped),
-    #[error("gpu out of memory: {0}")]
-    OutOfMemory(String),
-    #[error("gpu device error: {0}")]
-    Device(String),
-    #[error("the backend has shut down")]
-    BackendGone,
-}
-
-/// What one run may use, and when it must stop.
-#[derive(Clone, Debug)]
-pub struct Guard {
-    pub budget: Budget,
-    pub cancel: Cancel,
-}
-
-impl Guard {
-    pub fn new(budget: Budget, cancel: Cancel) -> Guard {
-        Guard { budget, cancel }
-    }
-}
-
-/// Checks inputs against the program's declared inputs, then validates the program against
-/// `budget` (every value's meta, peak memory, FLOPs) before anything is allocated.
-pub fn check_inputs(
-    program: &Program,
-    inputs: &[&Tensor],
-    budget: &Budget,
-) -> Result<Footprint, ExecError> {
-    if inputs.len() != program.inputs.len() {
-        return Err(ExecError::InputCount {
-            expected: program.inputs.len(),
-            got: inputs.len(),
-        });
-    }
-    for (index, (t, want)) in inputs.iter().zip(&program.inputs).enumerate() {
-        if t.dtype() != want.dtype || t.shape() != want.shape.as_slice() {
-            return Err(ExecError::Input {
-                index,
-                expected: want.clone(),
-                got: t.meta(),
-            });
-        }
-    }
-    Ok(program.validate(budget)?)
 }
 
 /// An execution backend.

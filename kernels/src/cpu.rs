@@ -9,11 +9,11 @@ use std::borrow::Cow;
 use gemm_common::Parallelism;
 use rayon::prelude::*;
 
-use crate::backend::{ExecError, Guard, check_inputs};
 use crate::budget::Budget;
 use crate::cancel::{Cancel, Stopped};
 use crate::checked;
 use crate::class::{BackendKind, DeterminismClass};
+use crate::exec::{ExecError, Guard, check_inputs};
 use crate::op::{BinaryOp, Op};
 use crate::program::{Program, ProgramError};
 use crate::reference;

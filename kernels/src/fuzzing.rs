@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use arbitrary::{Result, Unstructured};
 
-use crate::backend::Guard;
+use crate::exec::Guard;
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::program::{Program, ValueId};
 use crate::shape::infer;

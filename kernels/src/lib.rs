@@ -23,6 +23,7 @@ pub mod cancel;
 pub mod checked;
 pub mod class;
 pub mod cpu;
+pub mod exec;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -35,11 +36,12 @@ pub mod shape;
 pub mod tensor;
 pub mod verify;
 
-pub use backend::{Backend, BackendChoice, BackendError, ExecError};
+pub use backend::{Backend, BackendChoice, BackendError};
 pub use budget::{Budget, Footprint, Limit, TooLarge};
 pub use cancel::Cancel;
 pub use class::{BackendKind, DeterminismClass};
 pub use cpu::CpuBackend;
+pub use exec::ExecError;
 pub use gpu::{AdapterSummary, GpuBackend};
 pub use op::{BinaryOp, Op, ReduceOp, Tolerance, UnaryOp};
 pub use program::{Node, Program, ProgramError, ValueId};

@@ -13,7 +13,7 @@ use std::time::Duration;
 use wgpu::util::DeviceExt;
 
 use super::kernel::{Kernel, Plan, plan};
-use crate::backend::{ExecError, Guard};
+use crate::exec::{ExecError, Guard};
 use crate::program::Program;
 use crate::tensor::{ContentId, Tensor, TensorMeta, content_id_of};
 
@@ -122,7 +122,7 @@ impl Gpu {
         let refs: Vec<&Tensor> = inputs.iter().map(|t| &**t).collect();
         let mut budget = guard.budget.clone();
         budget.max_tensor_bytes = budget.max_tensor_bytes.min(self.max_binding);
-        let metas = crate::backend::check_inputs(program, &refs, &budget)?.metas;
+        let metas = crate::exec::check_inputs(program, &refs, &budget)?.metas;
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);

@@ -11,10 +11,11 @@ use std::thread;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{BackendError, ExecError, Guard};
+use crate::backend::BackendError;
 use crate::budget::Budget;
 use crate::cancel::Cancel;
 use crate::class::{BackendKind, DeterminismClass};
+use crate::exec::{ExecError, Guard};
 use crate::program::Program;
 use crate::tensor::{ContentId, Tensor};
 
