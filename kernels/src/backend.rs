@@ -13,7 +13,7 @@ use crate::program::Program;
 use crate::tensor::{ContentId, Tensor};
 
 // Their home is `exec`, which both backends import; re-exported where they used to live.
-pub use crate::exec::{ExecError, Guard, check_inputs};
+pub use crate::exec::{BackendError, ExecError, Guard, check_inputs};
 
 /// Environment variable that forces the backend: `auto`, `gpu` or `cpu`.
 pub const BACKEND_ENV: &str = "CORVID_BACKEND";
@@ -50,19 +50,6 @@ impl fmt::Display for BackendChoice {
             BackendChoice::Cpu => "cpu",
         })
     }
-}
-
-/// Why a backend could not be opened.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum BackendError {
-    #[error("unknown backend '{0}' (expected auto, gpu or cpu)")]
-    Choice(String),
-    #[error("no usable GPU adapter (found: {})", if found.is_empty() { "none".to_string() } else { found.join("; ") })]
-    NoAdapter { found: Vec<String> },
-    #[error("could not open a device on adapter '{adapter}': {reason}")]
-    Device { adapter: String, reason: String },
-    #[error("gpu thread: {0}")]
-    Thread(String),
 }
 
 /// An execution backend.

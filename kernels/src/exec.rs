@@ -1,12 +1,25 @@
-//! What every backend shares about running a program: the error a run ends with, the limits
-//! and cancel token it runs under, and the input check it starts with. The backends (`cpu`,
-//! `gpu`) and the dispatcher over them (`backend`) all import it.
+//! What every backend shares: the errors opening one and running a program end with, the
+//! limits and cancel token a run is held to, and the input check it starts with. The backends
+//! (`cpu`, `gpu`) and the dispatcher over them (`backend`) all import it.
 
 use crate::budget::{Budget, Footprint};
 use crate::cancel::{Cancel, Stopped};
 use crate::gpu::kernel::GridTooLarge;
 use crate::program::{Program, ProgramError};
 use crate::tensor::{Tensor, TensorMeta};
+
+/// Why a backend could not be opened.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    #[error("unknown backend '{0}' (expected auto, gpu or cpu)")]
+    Choice(String),
+    #[error("no usable GPU adapter (found: {})", if found.is_empty() { "none".to_string() } else { found.join("; ") })]
+    NoAdapter { found: Vec<String> },
+    #[error("could not open a device on adapter '{adapter}': {reason}")]
+    Device { adapter: String, reason: String },
+    #[error("gpu thread: {0}")]
+    Thread(String),
+}
 
 /// Why a program did not run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

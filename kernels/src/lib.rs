@@ -36,12 +36,12 @@ pub mod shape;
 pub mod tensor;
 pub mod verify;
 
-pub use backend::{Backend, BackendChoice, BackendError};
+pub use backend::{Backend, BackendChoice};
 pub use budget::{Budget, Footprint, Limit, TooLarge};
 pub use cancel::Cancel;
 pub use class::{BackendKind, DeterminismClass};
 pub use cpu::CpuBackend;
-pub use exec::ExecError;
+pub use exec::{BackendError, ExecError};
 pub use gpu::{AdapterSummary, GpuBackend};
 pub use op::{BinaryOp, Op, ReduceOp, Tolerance, UnaryOp};
 pub use program::{Node, Program, ProgramError, ValueId};

@@ -11,11 +11,10 @@ use std::thread;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::BackendError;
 use crate::budget::Budget;
 use crate::cancel::Cancel;
 use crate::class::{BackendKind, DeterminismClass};
-use crate::exec::{ExecError, Guard};
+use crate::exec::{BackendError, ExecError, Guard};
 use crate::program::Program;
 use crate::tensor::{ContentId, Tensor};
 
