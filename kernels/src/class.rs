@@ -4,8 +4,6 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::gpu::kernel::Kernel;
-
 /// Which backend executed the work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum BackendKind {
@@ -72,15 +70,4 @@ impl fmt::Display for DeterminismClass {
             self.backend, self.adapter, self.driver, self.kernels
         )
     }
-}
-
-/// Hash of every WGSL kernel source: any kernel change gives a new class.
-pub fn gpu_kernel_hash() -> blake3::Hash {
-    let mut h = blake3::Hasher::new();
-    h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    for k in Kernel::all() {
-        h.update(k.label().as_bytes());
-        h.update(k.source().as_bytes());
-    }
-    h.finalize()
 }

@@ -111,6 +111,17 @@ impl Kernel {
     }
 }
 
+/// Hash of every WGSL kernel source: any kernel change gives a new class.
+pub fn gpu_kernel_hash() -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    for k in Kernel::all() {
+        h.update(k.label().as_bytes());
+        h.update(k.source().as_bytes());
+    }
+    h.finalize()
+}
+
 fn elementwise(arity: usize, expr: &str) -> String {
     let names: &[&str] = match arity {
         1 => &["x"],

@@ -142,7 +142,7 @@ impl GpuBackend {
             BackendKind::Gpu,
             adapter.name.clone(),
             format!("{} {}", adapter.backend, adapter.driver),
-            &crate::class::gpu_kernel_hash(),
+            &kernel::gpu_kernel_hash(),
         );
         Ok(GpuBackend {
             jobs,
