@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::budget::{self, Budget, Footprint, TooLarge};
+use crate::budget::{
+    At, Budget, Footprint, Limit, TooLarge, VALUE_OVERHEAD, extent_bytes, workspace_bytes,
+};
 use crate::op::Op;
 use crate::shape::{MAX_RANK, OpError, infer};
 use crate::tensor::TensorMeta;
@@ -157,7 +159,7 @@ impl Program {
     /// does first with a program it did not build (see [`crate::budget`]). Linear in the
     /// program's size, never in the sizes it claims.
     pub fn validate(&self, budget: &Budget) -> Result<Footprint, ProgramError> {
-        budget::validate(self, budget)
+        validate(self, budget)
     }
 
     /// For each value, the index of the last node that reads it: `usize::MAX` for outputs,
@@ -225,6 +227,102 @@ impl Program {
     }
 }
 
+/// See [`Program::validate`].
+fn validate(program: &Program, budget: &Budget) -> Result<Footprint, ProgramError> {
+    let over = |limit, at, value: u64, max: u64| -> Result<(), ProgramError> {
+        if value > max {
+            return Err(ProgramError::TooLarge(TooLarge {
+                limit,
+                at,
+                value,
+                max,
+            }));
+        }
+        Ok(())
+    };
+    let nodes = program.nodes.len();
+    over(Limit::Nodes, None, nodes as u64, budget.max_nodes as u64)?;
+    // Bounded by the node count check above and the wire's head cap: encoding is cheap.
+    let program_bytes = program.canonical_bytes().len() as u64;
+    over(
+        Limit::ProgramBytes,
+        None,
+        program_bytes,
+        budget.max_program_bytes,
+    )?;
+    let n_in = program.inputs.len();
+    let mut largest = 0u64;
+    for (index, m) in program.inputs.iter().enumerate() {
+        if m.rank() > MAX_RANK {
+            return Err(ProgramError::InputRank {
+                index,
+                rank: m.rank(),
+            });
+        }
+        let b = extent_bytes(m);
+        let at = || {
+            Some(At::Input {
+                index,
+                meta: m.clone(),
+            })
+        };
+        over(Limit::TensorBytes, at(), b, budget.max_tensor_bytes)?;
+        largest = largest.max(b);
+    }
+    let metas = program.infer()?;
+    let last = program.last_uses();
+    // Inputs are held by the caller for the whole run; the run's tables (metas, slots, the
+    // encoded program) for all of it.
+    let overhead = (metas.len() as u64)
+        .saturating_mul(VALUE_OVERHEAD)
+        .saturating_add(program_bytes.saturating_mul(2));
+    let mut live = program
+        .inputs
+        .iter()
+        .fold(overhead, |s, m| s.saturating_add(m.bytes()));
+    let mut peak = live;
+    let mut flops = 0u64;
+    for (i, node) in program.nodes.iter().enumerate() {
+        let out = &metas[n_in + i];
+        let at = || {
+            Some(At::Node {
+                index: i,
+                op: node.op.to_string(),
+                meta: out.clone(),
+            })
+        };
+        let b = extent_bytes(out);
+        over(Limit::TensorBytes, at(), b, budget.max_tensor_bytes)?;
+        largest = largest.max(b);
+        let args: Vec<&TensorMeta> = node.args.iter().map(|&a| &metas[a as usize]).collect();
+        flops = flops.saturating_add(node.op.flops(&args, out));
+        over(Limit::Flops, at(), flops, budget.max_flops)?;
+        let ws = workspace_bytes(&node.op, &args, out);
+        peak = peak.max(live.saturating_add(out.bytes()).saturating_add(ws));
+        over(Limit::PeakMemory, at(), peak, budget.max_peak_bytes)?;
+        live = live.saturating_add(out.bytes());
+        // What this node was the last to read is freed (once, however often it was read);
+        // a value nobody reads is freed as soon as it is made.
+        for (k, &a) in node.args.iter().enumerate() {
+            let a = a as usize;
+            if a >= n_in && last[a] == i && !node.args[..k].contains(&(a as u32)) {
+                live = live.saturating_sub(metas[a].bytes());
+            }
+        }
+        if last[n_in + i] == i {
+            live = live.saturating_sub(out.bytes());
+        }
+    }
+    Ok(Footprint {
+        metas,
+        nodes,
+        program_bytes,
+        largest_value: largest,
+        peak_bytes: peak,
+        flops,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,5 +368,98 @@ mod tests {
             (vec![1], 1, vec![3])
         );
         assert!(p.cone(4).is_none());
+    }
+
+    fn f(shape: &[usize]) -> TensorMeta {
+        TensorMeta::f32(shape.to_vec())
+    }
+
+    #[test]
+    fn peak_frees_intermediates_after_their_last_use() {
+        // x -> exp -> neg -> relu: one input (4 KiB) and at most two 4 KiB values at a time.
+        let mut p = Program::new(vec![f(&[1024])]);
+        let a = p.push(Op::Unary(UnaryOp::Exp), &[0]);
+        let b = p.push(Op::Unary(UnaryOp::Neg), &[a]);
+        let c = p.push(Op::Unary(UnaryOp::Relu), &[b]);
+        p.outputs = vec![c];
+        let fp = p.validate(&Budget::unlimited()).unwrap();
+        let overhead = 4 * VALUE_OVERHEAD + 2 * fp.program_bytes;
+        assert_eq!(fp.peak_bytes, 3 * 4096 + overhead);
+        assert_eq!(fp.flops, 3 * 1024);
+        // The same chain keeping everything (all outputs) holds four values.
+        p.outputs = vec![a, b, c];
+        let fp = p.validate(&Budget::unlimited()).unwrap();
+        assert_eq!(
+            fp.peak_bytes,
+            4 * 4096 + 4 * VALUE_OVERHEAD + 2 * fp.program_bytes
+        );
+    }
+
+    #[test]
+    fn every_limit_names_where() {
+        let mut p = Program::new(vec![f(&[1])]);
+        let big = p.push(
+            Op::BroadcastTo {
+                shape: vec![1 << 20, 1 << 20],
+            },
+            &[0],
+        );
+        p.outputs = vec![big];
+        let e = p
+            .validate(&Budget::new(1 << 30, 1 << 30, 1 << 40))
+            .unwrap_err();
+        let ProgramError::TooLarge(t) = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(
+            (t.limit, t.value, t.max),
+            (Limit::TensorBytes, 1 << 42, 1 << 30)
+        );
+        assert!(
+            e.to_string().starts_with(
+                "node 0 ('broadcast_to(shape=[1048576, 1048576])' making f32[1048576, 1048576])"
+            ),
+            "{e}"
+        );
+
+        // Empty axes count as 1: a [2^40, 0] input is refused although it holds nothing.
+        let p = Program::single(Op::Unary(UnaryOp::Neg), vec![f(&[1 << 40, 0])]);
+        let e = p
+            .validate(&Budget::new(1 << 30, 1 << 30, 1 << 40))
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("input 0 (f32[1099511627776, 0])"),
+            "{e}"
+        );
+
+        let p = Program::single(Op::MatMul, vec![f(&[512, 512]), f(&[512, 512])]);
+        let e = p
+            .validate(&Budget::new(1 << 30, 1 << 30, 1 << 20))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the program needs 268435456 flops, over the limit of 1048576"),
+            "{e}"
+        );
+        let e = p
+            .validate(&Budget::new(1 << 30, 1 << 20, 1 << 40))
+            .unwrap_err();
+        assert!(e.to_string().contains("bytes of memory at once"), "{e}");
+
+        let mut p = Program::new(vec![f(&[4])]);
+        let mut v = 0;
+        for _ in 0..5 {
+            v = p.push(Op::Binary(BinaryOp::Add), &[v, 0]);
+        }
+        p.outputs = vec![v];
+        let tight = Budget {
+            max_nodes: 4,
+            ..Budget::unlimited()
+        };
+        let e = p.validate(&tight).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the program has 5 nodes, over the limit of 4"
+        );
     }
 }
