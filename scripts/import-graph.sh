@@ -10,8 +10,9 @@
 #   `lib.rs` (or `main.rs` when there is no `lib.rs`) is `crate`. A `main.rs` next to a
 #   `lib.rs`, and `bin/`, are other crates and are skipped.
 # - A use of `crate::foo::x::Item` is an edge to `foo::x`; `crate::foo::Item` to `foo`.
-#   Names re-exported with `pub use` (in `lib.rs` or any module) resolve to the module that
-#   re-exports from, so `crate::Tensor` is an edge to `tensor`, not to `crate`.
+#   A name a module imports or re-exports (`pub use` in `lib.rs`, a parent's `use` named as
+#   `super::Name`) resolves to the module it comes from, so `crate::Tensor` is an edge to
+#   `tensor`, not to `crate`.
 # - A module's uses of its own ancestors (`super::Item`, `crate::parent::Item`) do not count:
 #   a child may use its parent. A parent's uses of its children (`child::Item`, `self::child`)
 #   do count, so that A -> gpu -> gpu::device -> A is found. `super::sibling` counts.
