@@ -11,8 +11,9 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::bench::{self, BenchError, BenchReport};
-use crate::config::{ConfigError, IdentitySource, NodeArgs, NodeConfig, Timing, default_data_dir};
+use crate::config::{ConfigError, NodeArgs, NodeConfig, Timing, default_data_dir};
 use crate::control::{self, ControlError};
+use crate::identity::IdentitySource;
 use crate::identity::{IdentityError, Psk, load_keypair};
 use crate::node::{Node, NodeError, Status, short_id};
 use crate::peers::PeerInfo;

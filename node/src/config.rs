@@ -14,6 +14,7 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use serde::{Deserialize, Serialize};
 
+pub use crate::identity::IdentitySource;
 use crate::identity::{IdentityError, Psk};
 
 /// Largest config file we read.
@@ -58,17 +59,6 @@ pub enum ConfigError {
     NoDataDir,
     #[error(transparent)]
     Identity(#[from] IdentityError),
-}
-
-/// Where the node's ed25519 identity comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum IdentitySource {
-    /// A protobuf-encoded keypair file, created with mode 0600 on first start.
-    File(PathBuf),
-    /// A fresh random key for this run only (a requester's default): nothing is written.
-    Ephemeral,
-    /// A key derived from a number: for tests only, never secret.
-    Seed(u64),
 }
 
 /// Intervals and limits; short in tests, laptop-friendly by default.

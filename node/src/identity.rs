@@ -8,7 +8,16 @@ use std::path::{Path, PathBuf};
 use libp2p::identity::Keypair;
 use libp2p::pnet::PreSharedKey;
 
-use crate::config::IdentitySource;
+/// Where the node's ed25519 identity comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// A protobuf-encoded keypair file, created with mode 0600 on first start.
+    File(PathBuf),
+    /// A fresh random key for this run only (a requester's default): nothing is written.
+    Ephemeral,
+    /// A key derived from a number: for tests only, never secret.
+    Seed(u64),
+}
 
 /// Largest key or PSK file we read; both are well under 200 bytes.
 const MAX_KEY_FILE_BYTES: u64 = 4096;

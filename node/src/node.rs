@@ -316,7 +316,7 @@ async fn engine(
         // The executor opens its own.
         drop(backend);
         let mut forbid: Vec<std::path::PathBuf> = Vec::new();
-        if let crate::config::IdentitySource::File(p) = &config.identity {
+        if let crate::identity::IdentitySource::File(p) = &config.identity {
             forbid.push(p.clone());
         }
         forbid.extend(config.data_dir.iter().cloned());
