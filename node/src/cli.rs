@@ -15,8 +15,9 @@ use crate::config::{ConfigError, NodeArgs, NodeConfig, Timing, default_data_dir}
 use crate::control::{self, ControlError};
 use crate::identity::IdentitySource;
 use crate::identity::{IdentityError, Psk, load_keypair};
-use crate::node::{Node, NodeError, Status, short_id};
+use crate::node::{Node, NodeError, short_id};
 use crate::peers::PeerInfo;
+use crate::status::{Status, bootstrap_line};
 
 /// Corvid: a peer-to-peer volunteer compute network.
 #[derive(Debug, Parser)]
@@ -282,11 +283,7 @@ async fn run_id(args: &NodeArgs, json: bool) -> Result<(), CliError> {
                 .filter(|a| !a.iter().any(|p| p == libp2p::multiaddr::Protocol::Tcp(0)))
                 .cloned()
                 .collect();
-            let line = crate::node::bootstrap_line(
-                &fixed,
-                &peer,
-                config.psk.as_ref().map(|p| p.path.as_path()),
-            );
+            let line = bootstrap_line(&fixed, &peer, config.psk.as_ref().map(|p| p.path.as_path()));
             (
                 fixed.iter().map(|a| format!("{a}/p2p/{peer}")).collect(),
                 line,

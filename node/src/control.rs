@@ -18,8 +18,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::node::{NodeClient, NodeError, Status};
+use crate::node::{NodeClient, NodeError};
 use crate::peers::PeerInfo;
+use crate::status::Status;
 
 /// Largest response the client reads.
 const MAX_RESPONSE_BYTES: usize = 8 << 20;

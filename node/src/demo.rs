@@ -12,8 +12,8 @@ use corvid_sdk::{Graph, LocalExecutor, Settings, Tensor};
 use libp2p::Multiaddr;
 
 use crate::control::{ControlError, get_json, read_control_file};
-use crate::node::Status;
 use crate::requester::{Client, ClientError};
+use crate::status::Status;
 
 /// Why the demo failed.
 #[derive(Debug, thiserror::Error)]

@@ -31,6 +31,7 @@ pub mod peers;
 pub mod requester;
 #[cfg(target_os = "linux")]
 pub mod sandbox;
+mod status;
 pub mod trust;
 mod work;
 

@@ -1,16 +1,14 @@
 //! [`Node::spawn`]: identity, benchmark, swarm, control endpoint, event loop; and the
 //! [`NodeHandle`] everything else uses.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -22,10 +20,11 @@ use crate::config::{ConfigError, NodeConfig};
 use crate::control;
 use crate::identity::{IdentityError, load_keypair};
 use crate::limits::Limits;
-use crate::net::dial::DialFailure;
 use crate::net::event_loop::{Command, EventLoop, Extras, WorkQueues};
 use crate::net::{NetError, build_swarm};
 use crate::peers::PeerInfo;
+pub(crate) use crate::status::is_loopback;
+pub use crate::status::{BootstrapStatus, ExecutorStatus, Status, bootstrap_line};
 
 /// Commands queued for the event loop at most.
 const COMMAND_QUEUE: usize = 64;
@@ -66,50 +65,6 @@ pub enum NodeError {
     Task(String),
     #[error("cannot start the executor process: {0}")]
     Executor(String),
-}
-
-/// A node's view of itself, served at `GET /status`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Status {
-    pub peer_id: String,
-    pub listen_addrs: Vec<String>,
-    /// The command others run to join through this node.
-    pub bootstrap_line: Option<String>,
-    pub connected_peers: usize,
-    pub known_peers: usize,
-    /// This node's own advert.
-    pub advert: PeerInfo,
-    pub adverts_published: u64,
-    /// Refused adverts by reason.
-    pub rejections: BTreeMap<String, u64>,
-    pub bootstrap: Vec<BootstrapStatus>,
-    pub uptime_ms: u64,
-    /// Tasks from peers this node has answered (done or failed).
-    #[serde(default)]
-    pub tasks_answered: u64,
-    /// What one task from a peer may use here (contributing nodes).
-    #[serde(default)]
-    pub limits: Option<Limits>,
-    /// Where peers' tasks run: the executor process and its protections (`None`: in the node
-    /// process, or not contributing).
-    #[serde(default)]
-    pub executor: Option<ExecutorStatus>,
-}
-
-/// The executor process as the status shows it.
-#[cfg(target_os = "linux")]
-pub use crate::sandbox::ExecutorStatus;
-/// The executor process as the status shows it (none on this platform).
-#[cfg(not(target_os = "linux"))]
-pub type ExecutorStatus = ();
-
-/// One configured bootstrap address and why it was last unreachable.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BootstrapStatus {
-    pub addr: String,
-    pub connected: bool,
-    pub error: Option<String>,
-    pub failure: Option<DialFailure>,
 }
 
 /// Starts nodes: see [`Node::spawn`].
@@ -446,33 +401,6 @@ async fn listen(
     Ok(out)
 }
 
-/// Whether `addr` points at this machine's loopback interface.
-pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_loopback(),
-        Protocol::Ip6(ip) => ip.is_loopback(),
-        Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h) => h == "localhost",
-        _ => false,
-    })
-}
-
-/// `corvid node --bootstrap ADDR/p2p/ID [--psk FILE]`, with the most reachable address:
-/// a non-loopback one if there is one.
-pub fn bootstrap_line(addrs: &[Multiaddr], peer: &PeerId, psk: Option<&Path>) -> Option<String> {
-    let addr = addrs
-        .iter()
-        .find(|a| !is_loopback(a))
-        .or_else(|| addrs.first())?;
-    let mut line = format!(
-        "corvid node --bootstrap {}",
-        addr.clone().with_p2p(*peer).ok()?
-    );
-    if let Some(p) = psk {
-        line.push_str(&format!(" --psk {}", p.display()));
-    }
-    Some(line)
-}
-
 /// The first 8 and last 6 characters of a peer id.
 pub fn short_id(peer: &PeerId) -> String {
     let s = peer.to_string();
@@ -642,27 +570,5 @@ impl NodeHandle {
 impl Drop for NodeHandle {
     fn drop(&mut self) {
         self.cancel.cancel();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bootstrap_line_prefers_a_routable_address() {
-        let peer = PeerId::random();
-        let addrs: Vec<Multiaddr> = vec![
-            "/ip4/127.0.0.1/tcp/4001".parse().unwrap(),
-            "/ip4/192.168.1.7/tcp/4001".parse().unwrap(),
-        ];
-        let line = bootstrap_line(&addrs, &peer, Some(Path::new("/k/swarm.key"))).unwrap();
-        assert_eq!(
-            line,
-            format!(
-                "corvid node --bootstrap /ip4/192.168.1.7/tcp/4001/p2p/{peer} --psk /k/swarm.key"
-            )
-        );
-        assert!(bootstrap_line(&[], &peer, None).is_none());
     }
 }
