@@ -31,6 +31,8 @@ const COMMAND_QUEUE: usize = 64;
 /// Cancels of tasks queued for the worker at most (more are dropped: the task then runs to
 /// its deadline).
 const CANCEL_QUEUE: usize = 256;
+/// Answers the worker has ready for the event loop at most (the worker then waits).
+const FINISHED_QUEUE: usize = 64;
 /// Listeners must report an address within this.
 const LISTEN_DEADLINE: Duration = Duration::from_secs(5);
 /// After the first address of each listener, further addresses are awaited this long.
@@ -157,6 +159,7 @@ impl Node {
                 // Room for a requester's queued tasks plus its checks (canaries, replicas).
                 let (work_tx, work_rx) = mpsc::channel(2 * slots.max(1) + 4);
                 let (cancel_tx, cancel_rx) = mpsc::channel(CANCEL_QUEUE);
+                let (finished_tx, finished_rx) = mpsc::channel(FINISHED_QUEUE);
                 let engine = engine(&config, &limits, &bench, backend).await?;
                 #[cfg(target_os = "linux")]
                 if let crate::work::Engine::Sandboxed { sandbox, .. } = &engine {
@@ -165,7 +168,7 @@ impl Node {
                 let worker = crate::work::Worker::new(
                     work_rx,
                     cancel_rx,
-                    client.tx.clone(),
+                    finished_tx,
                     engine,
                     key.clone(),
                     limits.clone(),
@@ -173,7 +176,11 @@ impl Node {
                 );
                 let worker = crate::work::run(worker, cancel.clone());
                 worker_task = Some(tokio::spawn(worker.in_current_span()));
-                Some(WorkQueues { tasks: work_tx, cancels: cancel_tx })
+                Some(WorkQueues {
+                    tasks: work_tx,
+                    cancels: cancel_tx,
+                    finished: finished_rx,
+                })
             } else {
                 None
             };

@@ -35,7 +35,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Fault;
 use crate::limits::Limits;
-use crate::net::event_loop::Command;
 
 /// Cancellations of tasks not (yet) seen are remembered, at most this many.
 const MAX_EARLY_CANCELS: usize = 4096;
@@ -50,11 +49,18 @@ pub(crate) struct Work {
     pub lease: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// The worker's answer to a [`Work`], for the event loop to send back on its channel.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub channel: ResponseChannel<TaskResponse>,
+    pub response: TaskResponse,
+}
+
 /// Everything the worker task owns.
 pub(crate) struct Worker {
     queue: mpsc::Receiver<Work>,
     cancels: mpsc::Receiver<(PeerId, u64)>,
-    commands: mpsc::Sender<Command>,
+    finished: mpsc::Sender<Finished>,
     shared: Arc<Shared>,
 }
 
@@ -125,7 +131,7 @@ impl Worker {
     pub fn new(
         queue: mpsc::Receiver<Work>,
         cancels: mpsc::Receiver<(PeerId, u64)>,
-        commands: mpsc::Sender<Command>,
+        finished: mpsc::Sender<Finished>,
         engine: Engine,
         key: Keypair,
         limits: Limits,
@@ -134,7 +140,7 @@ impl Worker {
         Worker {
             queue,
             cancels,
-            commands,
+            finished,
             shared: Arc::new(Shared {
                 results: Mutex::new(Results {
                     outputs: ResultCache::new(limits.cache_bytes),
@@ -151,7 +157,8 @@ impl Worker {
     }
 }
 
-/// Runs work items until cancelled or the queue closes; answers go back through the event loop.
+/// Runs work items until cancelled or the queue closes; answers go to `finished`, for the
+/// event loop to send.
 pub(crate) async fn run(mut worker: Worker, cancel: CancellationToken) {
     let slots = worker.shared.limits.slots as usize;
     // Tasks running now, by requester and task id, with the flag that stops each.
@@ -186,13 +193,13 @@ pub(crate) async fn run(mut worker: Worker, cancel: CancellationToken) {
                 let key = (work.peer, work.request.task);
                 if early.remove(&key) {
                     let response = TaskResponse::Failed { task: key.1, error: TaskError::Cancelled };
-                    let _ = worker.commands.send(Command::Respond { channel: work.channel, response }).await;
+                    let _ = worker.finished.send(Finished { channel: work.channel, response }).await;
                     continue;
                 }
                 let flag = Cancel::none();
                 running.insert(key, flag.clone());
                 let shared = worker.shared.clone();
-                let commands = worker.commands.clone();
+                let finished = worker.finished.clone();
                 tasks.spawn(async move {
                     let Work { peer, request, channel, lease } = work;
                     let task = request.task;
@@ -206,7 +213,7 @@ pub(crate) async fn run(mut worker: Worker, cancel: CancellationToken) {
                     if let TaskResponse::Failed { error, .. } = &response {
                         tracing::warn!(%peer, task, %error, "task failed");
                     }
-                    let _ = commands.send(Command::Respond { channel, response }).await;
+                    let _ = finished.send(Finished { channel, response }).await;
                     drop(lease);
                     (peer, task)
                 });

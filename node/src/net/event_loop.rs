@@ -1,5 +1,6 @@
 //! The one task that owns the swarm and the peer table. Everything else talks to it through
-//! [`Command`]s on a bounded channel, each carrying its own reply channel.
+//! [`Command`]s on a bounded channel, each carrying its own reply channel; the worker's answers
+//! to peers' tasks come back on a channel of their own ([`WorkQueues`]).
 
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -21,9 +22,9 @@ use crate::advert::{self, Advert};
 use crate::config::Timing;
 use crate::peers::{Accepted, PeerInfo, PeerTable};
 use crate::status::{BootstrapStatus, Status, bootstrap_line};
-use crate::work::Work;
+use crate::work::{Finished, Work};
 use corvid_sdk::wire::{Request, TaskError, TaskRequest, TaskResponse};
-use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::request_response::{self, OutboundRequestId};
 use std::collections::HashMap;
 
 /// Most peers kept in the table.
@@ -63,11 +64,6 @@ pub(crate) enum Command {
         peer: PeerId,
         task: u64,
     },
-    /// The worker's answer to a task a peer sent.
-    Respond {
-        channel: ResponseChannel<TaskResponse>,
-        response: TaskResponse,
-    },
 }
 
 #[derive(Debug)]
@@ -81,11 +77,12 @@ struct Bootstrap {
     last_error: Option<DialFailure>,
 }
 
-/// The worker's inboxes: tasks to run, and (peer, task) pairs to stop.
-#[derive(Clone, Debug)]
+/// The worker's inboxes (tasks to run, and (peer, task) pairs to stop) and its answers.
+#[derive(Debug)]
 pub(crate) struct WorkQueues {
     pub tasks: mpsc::Sender<Work>,
     pub cancels: mpsc::Sender<(PeerId, u64)>,
+    pub finished: mpsc::Receiver<Finished>,
 }
 
 /// What the status reports besides the network: the worker's limits and its executor.
@@ -192,6 +189,7 @@ impl EventLoop {
                     Some(cmd) => self.handle_command(cmd),
                     None => break,
                 },
+                Some(done) = next_finished(&mut self.work) => self.respond(done),
                 event = self.swarm.select_next_some() => self.handle_event(event),
                 _ = &mut self.next_publish => self.publish(),
                 _ = expire.tick() => self.expire(),
@@ -247,16 +245,18 @@ impl EventLoop {
                     .task
                     .send_request(&peer, Request::Cancel { task }.into());
             }
-            Command::Respond { channel, response } => {
-                // Fails only if the requester has gone; nothing to do then.
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .task
-                    .send_response(channel, response);
-                self.tasks_answered += 1;
-            }
         }
+    }
+
+    /// Sends the worker's answer to the peer that asked.
+    fn respond(&mut self, done: Finished) {
+        // Fails only if the requester has gone; nothing to do then.
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .task
+            .send_response(done.channel, done.response);
+        self.tasks_answered += 1;
     }
 
     fn handle_task(&mut self, event: request_response::Event<Envelope, TaskResponse>) {
@@ -291,7 +291,7 @@ impl EventLoop {
                     ..
                 } => {
                     let task = request.task;
-                    let refusal = match self.work.clone() {
+                    let refusal = match &self.work {
                         None => Some((
                             channel,
                             TaskError::Invalid(
@@ -634,5 +634,13 @@ impl EventLoop {
             #[cfg(not(target_os = "linux"))]
             executor: None,
         }
+    }
+}
+
+/// The worker's next answer; on a node without a worker, never.
+async fn next_finished(work: &mut Option<WorkQueues>) -> Option<Finished> {
+    match work {
+        Some(w) => w.finished.recv().await,
+        None => std::future::pending().await,
     }
 }
