@@ -18,7 +18,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::node::{NodeClient, NodeError};
+use crate::error::NodeError;
+use crate::node_client::NodeClient;
 use crate::peers::PeerInfo;
 use crate::status::Status;
 

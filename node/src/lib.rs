@@ -23,10 +23,12 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+mod error;
 pub mod identity;
 pub mod limits;
 pub mod net;
 pub mod node;
+mod node_client;
 pub mod peers;
 pub mod requester;
 #[cfg(target_os = "linux")]

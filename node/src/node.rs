@@ -9,20 +9,25 @@ use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::advert::{ADVERT_VERSION, Advert};
-use crate::bench::{BenchError, BenchReport};
-use crate::config::{ConfigError, NodeConfig};
+use crate::bench::BenchReport;
+use crate::config::NodeConfig;
 use crate::control;
-use crate::identity::{IdentityError, load_keypair};
+use crate::identity::load_keypair;
 use crate::limits::Limits;
-use crate::net::event_loop::{Command, EventLoop, Extras, WorkQueues};
+use crate::net::event_loop::{EventLoop, Extras, WorkQueues};
 use crate::net::{NetError, build_swarm};
 use crate::peers::PeerInfo;
+
+// Their own files now (so control and the event loop need not import this one); the paths
+// `crate::node::…` keep working.
+pub use crate::error::NodeError;
+pub use crate::node_client::NodeClient;
 pub(crate) use crate::status::is_loopback;
 pub use crate::status::{BootstrapStatus, ExecutorStatus, Status, bootstrap_line};
 
@@ -37,37 +42,6 @@ const FINISHED_QUEUE: usize = 64;
 const LISTEN_DEADLINE: Duration = Duration::from_secs(5);
 /// After the first address of each listener, further addresses are awaited this long.
 const MORE_ADDRS_WAIT: Duration = Duration::from_millis(50);
-
-/// Why a node could not start, or a request to it failed.
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-    #[error("cannot open the '{choice}' backend: {source}")]
-    Backend {
-        choice: corvid_kernels::BackendChoice,
-        source: corvid_kernels::BackendError,
-    },
-    #[error(transparent)]
-    Bench(#[from] BenchError),
-    #[error(transparent)]
-    Net(#[from] NetError),
-    #[error("control endpoint on '{addr}': {source}")]
-    Control {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("the node has stopped")]
-    Stopped,
-    #[error("task to peer {peer} failed: {error}")]
-    Remote { peer: String, error: String },
-    #[error("a blocking task failed: {0}")]
-    Task(String),
-    #[error("cannot start the executor process: {0}")]
-    Executor(String),
-}
 
 /// Starts nodes: see [`Node::spawn`].
 #[derive(Debug)]
@@ -130,7 +104,7 @@ impl Node {
             #[cfg(target_os = "linux")]
             let mut probe: Option<crate::sandbox::Probe> = None;
             let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-            let client = NodeClient { tx };
+            let client = NodeClient::new(tx);
             let (control_addr, control_task) =
                 control::serve(config.control, client.clone(), cancel.clone()).await?;
             let control_file = config.control_file();
@@ -415,73 +389,6 @@ pub fn short_id(peer: &PeerId) -> String {
         format!("{}…{}", &s[..8], &s[s.len() - 6..])
     } else {
         s
-    }
-}
-
-/// A cheap, cloneable way to ask the event loop things.
-#[derive(Clone, Debug)]
-pub struct NodeClient {
-    tx: mpsc::Sender<Command>,
-}
-
-impl NodeClient {
-    async fn ask<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Command,
-    ) -> Result<T, NodeError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| NodeError::Stopped)?;
-        rx.await.map_err(|_| NodeError::Stopped)
-    }
-
-    /// Every peer with a valid, unexpired advert.
-    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
-        self.ask(|reply| Command::Peers { reply }).await
-    }
-
-    pub async fn status(&self) -> Result<Status, NodeError> {
-        self.ask(|reply| Command::Status { reply }).await
-    }
-
-    /// Sets the advertised free execution slots; a change is re-published at once.
-    pub async fn set_free_slots(&self, free: u32) -> Result<(), NodeError> {
-        self.ask(|reply| Command::SetFreeSlots { free, reply })
-            .await
-    }
-
-    /// Asks `peer` to stop task `task` this node sent it (fire and forget).
-    pub async fn cancel_task(&self, peer: PeerId, task: u64) -> Result<(), NodeError> {
-        self.tx
-            .send(Command::CancelTask { peer, task })
-            .await
-            .map_err(|_| NodeError::Stopped)
-    }
-
-    /// Sends `peer` a task and waits for its answer.
-    pub async fn run_task(
-        &self,
-        peer: PeerId,
-        request: corvid_sdk::wire::TaskRequest,
-    ) -> Result<corvid_sdk::wire::TaskResponse, NodeError> {
-        self.ask(|reply| Command::SendTask {
-            peer,
-            request: Box::new(request),
-            reply,
-        })
-        .await?
-        .map_err(|error| NodeError::Remote {
-            peer: peer.to_string(),
-            error,
-        })
-    }
-
-    /// Publishes arbitrary bytes on the advert topic. For tests of other nodes' validation.
-    #[doc(hidden)]
-    pub async fn publish_raw_advert(&self, data: Vec<u8>) -> Result<Result<(), String>, NodeError> {
-        self.ask(|reply| Command::PublishRaw { data, reply }).await
     }
 }
 
