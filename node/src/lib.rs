@@ -34,6 +34,7 @@ pub mod requester;
 #[cfg(target_os = "linux")]
 pub mod sandbox;
 mod status;
+mod task_error;
 pub mod trust;
 mod work;
 

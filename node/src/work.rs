@@ -16,10 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use corvid_kernels::backend::Guard;
-use corvid_kernels::cancel::Stopped;
 use corvid_kernels::verify::Projection;
 use corvid_kernels::{
-    Backend, Cancel, ContentId, DeterminismClass, ExecError, Program, ProgramError, Tensor as Data,
+    Backend, Cancel, ContentId, DeterminismClass, Program, ProgramError, Tensor as Data,
 };
 use corvid_sdk::wire::{
     Input, Receipt, TASK_VERSION, TaskError, TaskRequest, TaskResponse, task_key,
@@ -35,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Fault;
 use crate::limits::Limits;
+use crate::task_error;
 
 /// Cancellations of tasks not (yet) seen are remembered, at most this many.
 const MAX_EARLY_CANCELS: usize = 4096;
@@ -96,7 +96,7 @@ impl Engine {
             Engine::InProcess(b) => b
                 .run_traced(program, inputs, guard)
                 .map(|(o, h)| (o.into_iter().map(Arc::new).collect(), h))
-                .map_err(task_error),
+                .map_err(task_error::from_exec),
             #[cfg(target_os = "linux")]
             Engine::Sandboxed { sandbox, .. } => sandbox.run_traced(program, inputs, guard),
         }
@@ -247,19 +247,6 @@ impl EarlyCancels {
 
     fn remove(&mut self, key: &(PeerId, u64)) -> bool {
         self.set.remove(key)
-    }
-}
-
-/// The requester-facing reason for an execution error.
-pub(crate) fn task_error(e: ExecError) -> TaskError {
-    match e {
-        ExecError::Program(ProgramError::TooLarge(t)) => TaskError::TooLarge(t),
-        e @ (ExecError::Program(_) | ExecError::InputCount { .. } | ExecError::Input { .. }) => {
-            TaskError::Invalid(e.to_string())
-        }
-        ExecError::Stopped(Stopped::Cancelled) => TaskError::Cancelled,
-        ExecError::Stopped(Stopped::Deadline(d)) => TaskError::Deadline(d),
-        e => TaskError::Failed(e.to_string()),
     }
 }
 

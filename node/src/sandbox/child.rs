@@ -397,7 +397,7 @@ fn run(backend: &Backend, job: Job) -> Result<(Vec<Slot>, Vec<ContentId>), TaskE
     }
     let (outputs, hashes) = backend
         .run_traced(&program, &tensors, &guard)
-        .map_err(crate::work::task_error)?;
+        .map_err(crate::task_error::from_exec)?;
     let mut slots = Vec::with_capacity(outputs.len());
     for (t, lent) in outputs.into_iter().zip(lent) {
         match lent {
