@@ -499,29 +499,27 @@ impl EventLoop {
     fn publish(&mut self) {
         self.advert.seq += 1;
         self.advert.timestamp_ms = advert::now_ms();
-        let result = self
-            .advert
-            .sign(&self.key)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| {
+        match self.advert.sign(&self.key) {
+            Err(e) => tracing::warn!(error = %e, "could not publish the advert"),
+            Ok(bytes) => {
                 tracing::debug!(
                     bytes = bytes.len(),
                     seq = self.advert.seq,
                     "publishing advert"
                 );
-                self.swarm
+                match self
+                    .swarm
                     .behaviour_mut()
                     .gossipsub
                     .publish(advert_topic(), bytes)
-                    .map_err(|e| match e {
-                        PublishError::NoPeersSubscribedToTopic => String::new(),
-                        e => e.to_string(),
-                    })
-            });
-        match result {
-            Ok(_) => self.published += 1,
-            Err(e) if e.is_empty() => tracing::trace!("no peers to advertise to yet"),
-            Err(e) => tracing::warn!(error = %e, "could not publish the advert"),
+                {
+                    Ok(_) => self.published += 1,
+                    Err(PublishError::NoPeersSubscribedToTopic) => {
+                        tracing::trace!("no peers to advertise to yet")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not publish the advert"),
+                }
+            }
         }
         let next = tokio::time::Instant::now() + self.timing.advert_interval;
         self.next_publish.as_mut().reset(next);
