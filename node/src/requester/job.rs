@@ -711,7 +711,7 @@ impl Job {
         let mut places = BTreeMap::new();
         for (place, s) in self.sched.stats() {
             places.insert(
-                place.to_string(),
+                place.clone().map(|p| p.to_string()),
                 PlaceSummary {
                     tasks: s.tasks,
                     flops: s.flops,

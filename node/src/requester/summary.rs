@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use corvid_sdk::sched::Place;
+
 /// What one place did in a job.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PlaceSummary {
@@ -50,7 +52,8 @@ pub struct JobSummary {
     /// Subgraphs whose verified result was already cached on the requester.
     pub cached: usize,
     pub wall: Duration,
-    pub places: BTreeMap<String, PlaceSummary>,
+    /// Per place: a peer (by its printed id) or the requester itself.
+    pub places: BTreeMap<Place<String>, PlaceSummary>,
     /// Subgraph index and why it ran again.
     pub redispatches: Vec<(usize, String)>,
     pub verify: VerifySummary,
@@ -75,10 +78,9 @@ impl std::fmt::Display for JobSummary {
             "place", "tasks", "GFLOP", "MiB in", "MiB out", "failed"
         )?;
         for (place, s) in &self.places {
-            let place = if place == "local" {
-                "requester (this machine)"
-            } else {
-                place
+            let place = match place {
+                Place::Local => "requester (this machine)",
+                Place::Peer(id) => id,
             };
             writeln!(
                 f,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::{Proc, node_process, process_status, wait_until};
 use corvid_node::identity::Psk;
 use corvid_node::{Client, ClientBuilder, ClientError, Node, NodeConfig};
+use corvid_sdk::sched::Place;
 use corvid_sdk::{EvalError, Graph, Settings, Tensor};
 use tokio_util::sync::CancellationToken;
 
@@ -56,7 +57,7 @@ fn run_on_workers(client: &Client, seed: u64) {
     let on_workers: usize = s
         .places
         .iter()
-        .filter(|(p, _)| p.as_str() != "local")
+        .filter(|(p, _)| **p != Place::Local)
         .map(|(_, p)| p.tasks)
         .sum();
     assert!(

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use corvid_kernels::{Backend, CpuBackend};
 use corvid_node::{Client, Fault, Node, NodeConfig};
+use corvid_sdk::sched::Place;
 use corvid_sdk::{Graph, LocalExecutor, Settings, Tensor};
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +61,7 @@ fn a_four_node_swarm_gives_exactly_the_local_result() {
     let workers_used = summary
         .places
         .iter()
-        .filter(|(p, s)| p.as_str() != "local" && s.tasks > 0)
+        .filter(|(p, s)| **p != Place::Local && s.tasks > 0)
         .count();
     assert!(
         workers_used >= 2,
@@ -100,7 +101,10 @@ fn a_worker_that_never_answers_is_routed_around() {
     println!("{summary}");
     let bad_id = bad.peer_id().to_string();
     assert!(
-        summary.places.get(&bad_id).is_none_or(|s| s.tasks == 0),
+        summary
+            .places
+            .get(&Place::Peer(bad_id.clone()))
+            .is_none_or(|s| s.tasks == 0),
         "{summary}"
     );
     assert!(
@@ -134,7 +138,7 @@ fn repeated_jobs_reuse_verified_results_and_values_workers_hold() {
     let remote_in = |s: &corvid_node::JobSummary| -> u64 {
         s.places
             .iter()
-            .filter(|(p, _)| p.as_str() != "local")
+            .filter(|(p, _)| **p != Place::Local)
             .map(|(_, p)| p.bytes_in)
             .sum()
     };
@@ -204,7 +208,7 @@ fn plans_are_cut_to_fit_small_worker_budgets_and_nothing_is_refused() {
     let remote: usize = summary
         .places
         .iter()
-        .filter(|(p, _)| p.as_str() != "local")
+        .filter(|(p, _)| **p != Place::Local)
         .map(|(_, s)| s.tasks)
         .sum();
     assert!(remote >= 4, "the tiles ran on the workers:\n{summary}");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use corvid_kernels::{Backend, CpuBackend};
 use corvid_node::{Client, Fault, JobSummary};
+use corvid_sdk::sched::Place;
 use corvid_sdk::{Graph, LocalExecutor, Settings, Tensor};
 
 fn settings() -> Settings {
@@ -65,7 +66,9 @@ fn run(client: &Client, seed: u64, mlp: bool) -> JobSummary {
 }
 
 fn tasks_of(s: &JobSummary, peer: &str) -> usize {
-    s.places.get(peer).map_or(0, |p| p.tasks + p.failures)
+    s.places
+        .get(&Place::Peer(peer.to_string()))
+        .map_or(0, |p| p.tasks + p.failures)
 }
 
 #[test]
