@@ -29,6 +29,7 @@ fn main() {
         cpu_seconds: 3600,
         forbid: Vec::new(),
         threads: 1,
+        #[cfg(feature = "fault-injection")]
         crash_every: 0,
     })
     .unwrap();

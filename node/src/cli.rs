@@ -80,6 +80,7 @@ pub enum Command {
         #[arg(long, default_value_t = 1024)]
         size: usize,
         /// Also start a worker that corrupts its results, to watch it get caught and banned
+        /// (needs a build with `--features fault-injection`)
         #[arg(long)]
         cheater: bool,
     },

@@ -126,10 +126,16 @@ pub struct NodeConfig {
     pub timing: Timing,
     /// Where tasks from peers run.
     pub executor: ExecutorMode,
-    /// Misbehaviour for tests and demos of requesters' defences; set only by the hidden
-    /// `--cheat` flag, never from files or the environment.
+    /// Misbehaviour for tests and demos of requesters' defences (the `fault-injection`
+    /// feature); set only by the hidden `--cheat` flag, never from files or the environment.
+    #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
-    pub fault: Option<Fault>,
+    pub fault: Option<crate::faults::Fault>,
+    /// Without the `fault-injection` feature there are no faults: always `None`. (The field
+    /// stays so that code naming every field builds with and without the feature.)
+    #[cfg(not(feature = "fault-injection"))]
+    #[doc(hidden)]
+    pub fault: Option<std::convert::Infallible>,
 }
 
 /// Where a worker runs tasks from peers.
@@ -140,30 +146,6 @@ pub enum ExecutorMode {
     Process { program: PathBuf },
     /// In the node's own process: no confinement. For tests and debugging.
     InProcess,
-}
-
-/// Ways a test worker misbehaves. Each cheat signs what it returns, as a real cheater would
-/// have to.
-#[doc(hidden)]
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Fault {
-    /// Accepts tasks and never answers.
-    Hang,
-    /// Every `every`-th result has one element moved by `factor` times the verifier's
-    /// tolerance for it (Freivalds' row threshold for a matmul, the element tolerance
-    /// otherwise). `factor` just over 1 is the subtlest detectable lie.
-    Corrupt { every: u32, factor: f32 },
-    /// Returns zeros of the right shapes.
-    Zeros,
-    /// Answers with the previous task's signed result (correct once, then replayed).
-    Replay,
-    /// Signs results with a key that is not its identity.
-    WrongKey,
-    /// A slow machine that says it is fast: advertises `factor` times its measured speed and
-    /// takes `delay_ms` longer over every task.
-    Inflate { factor: f32, delay_ms: u32 },
-    /// The executor process aborts on every `every`-th task (the node must restart it).
-    CrashExecutor { every: u32 },
 }
 
 impl NodeConfig {
@@ -303,7 +285,10 @@ impl NodeConfig {
                     })?,
                 }
             },
-            fault: args.cheat.map(Fault::from),
+            #[cfg(feature = "fault-injection")]
+            fault: args.cheat.map(Into::into),
+            #[cfg(not(feature = "fault-injection"))]
+            fault: None,
         };
         config.validate()?;
         Ok(config)
@@ -432,38 +417,12 @@ pub struct NodeArgs {
     /// (debugging only: a bug a task triggers then costs the node)
     #[arg(long, env = "CORVID_NO_SANDBOX")]
     pub no_sandbox: bool,
-    /// Misbehave on purpose, to show requesters' defences (`corvid demo --cheater`). Hidden;
-    /// no environment variable or config key sets it.
+    /// Misbehave on purpose, to show requesters' defences (`corvid demo --cheater`). Hidden,
+    /// and only in a build with the `fault-injection` feature; no environment variable or
+    /// config key sets it.
+    #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true, value_name = "HOW")]
-    pub cheat: Option<Cheat>,
-}
-
-/// The cheats `--cheat` offers.
-#[doc(hidden)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Cheat {
-    /// Move one element of every result just over the verifier's tolerance.
-    Corrupt,
-    Zeros,
-    Replay,
-    WrongKey,
-    /// The executor process aborts on every third task (tests of the node's recovery).
-    CrashExecutor,
-}
-
-impl From<Cheat> for Fault {
-    fn from(c: Cheat) -> Fault {
-        match c {
-            Cheat::Corrupt => Fault::Corrupt {
-                every: 1,
-                factor: 1.05,
-            },
-            Cheat::Zeros => Fault::Zeros,
-            Cheat::Replay => Fault::Replay,
-            Cheat::WrongKey => Fault::WrongKey,
-            Cheat::CrashExecutor => Fault::CrashExecutor { every: 3 },
-        }
-    }
+    pub cheat: Option<crate::faults::Cheat>,
 }
 
 /// The config file: every field optional, unknown fields rejected.

@@ -34,6 +34,12 @@ pub enum DemoError {
     Mismatch(String),
     #[error("{job}: {n} subgraph(s) with arithmetic ran on the requester, not on a worker")]
     RanLocally { job: String, n: usize },
+    #[cfg(not(feature = "fault-injection"))]
+    #[error(
+        "--cheater needs a corvid built with fault injection: \
+         cargo run -p corvid-node --features fault-injection -- demo --cheater"
+    )]
+    NoFaultInjection,
 }
 
 /// Kills the worker process when dropped: nothing outlives the demo.
@@ -49,6 +55,11 @@ impl Drop for Worker {
 /// Runs the demo with `workers` worker processes (plus one that cheats, if `cheater`) and an
 /// `n`×`n` matmul. Blocking.
 pub fn run(workers: usize, n: usize, cheater: bool) -> Result<(), DemoError> {
+    // The cheating worker is `corvid node --cheat`, which only such a build has.
+    #[cfg(not(feature = "fault-injection"))]
+    if cheater {
+        return Err(DemoError::NoFaultInjection);
+    }
     let workers = workers.max(1);
     let dir = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;

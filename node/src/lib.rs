@@ -24,6 +24,9 @@ pub mod config;
 pub mod control;
 pub mod demo;
 mod error;
+#[cfg(feature = "fault-injection")]
+#[doc(hidden)]
+pub mod faults;
 pub mod identity;
 pub mod limits;
 pub mod net;
@@ -40,7 +43,9 @@ mod work;
 
 pub use advert::{ADVERT_TOPIC, Advert, Rejection, SignedAdvert};
 pub use bench::BenchReport;
-pub use config::{Fault, NodeArgs, NodeConfig};
+pub use config::{NodeArgs, NodeConfig};
+#[cfg(feature = "fault-injection")]
+pub use faults::Fault;
 /// Peer addresses, as `corvid node` prints them (`/ip4/…/tcp/…/p2p/<peer id>`).
 pub use libp2p::Multiaddr;
 pub use limits::Limits;

@@ -76,10 +76,7 @@ impl Node {
                 backend: bench.backend,
                 adapter: bench.adapter.clone(),
                 class: bench.class.clone(),
-                matmul_gflops: match config.fault {
-                    Some(crate::config::Fault::Inflate { factor, .. }) => bench.matmul_gflops as f32 * factor,
-                    _ => bench.matmul_gflops as f32,
-                },
+                matmul_gflops: bench.matmul_gflops as f32,
                 elementwise_gbps: bench.elementwise_gbps as f32,
                 memory_bytes: bench.memory_bytes,
                 max_tensor_bytes: bench.max_tensor_bytes,
@@ -88,6 +85,8 @@ impl Node {
                 contributes: config.contribute,
                 task_budget: limits.task.clone(),
             };
+            #[cfg(feature = "fault-injection")]
+            let advert = crate::faults::advertise(advert, config.fault);
             let codec = if config.contribute {
                 crate::net::task::TaskCodec::worker(
                     limits.inbound_bytes,
@@ -146,8 +145,9 @@ impl Node {
                     engine,
                     key.clone(),
                     limits.clone(),
-                    config.fault,
                 );
+                #[cfg(feature = "fault-injection")]
+                let worker = worker.with_fault(config.fault);
                 let worker = crate::work::run(worker, cancel.clone());
                 worker_task = Some(tokio::spawn(worker.in_current_span()));
                 Some(WorkQueues {
@@ -269,10 +269,8 @@ async fn engine(
             cpu_seconds: DEFAULT_CPU_SECONDS,
             forbid,
             threads: config.slots as usize,
-            crash_every: match config.fault {
-                Some(crate::config::Fault::CrashExecutor { every }) => u64::from(every),
-                _ => 0,
-            },
+            #[cfg(feature = "fault-injection")]
+            crash_every: crate::faults::crash_every(config.fault),
         };
         crate::sandbox::shm::set_pool_bytes(limits.inbound_bytes);
         // Every shared tensor holds a descriptor or two: take what the system allows.

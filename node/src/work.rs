@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use corvid_kernels::backend::Guard;
-use corvid_kernels::verify::Projection;
 use corvid_kernels::{
     Backend, Cancel, ContentId, DeterminismClass, Program, ProgramError, Tensor as Data,
 };
@@ -27,12 +26,10 @@ use corvid_sdk::{ResultCache, SubgraphId, ValueId};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
-use rand::SeedableRng;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Fault;
 use crate::limits::Limits;
 use crate::task_error;
 
@@ -61,7 +58,7 @@ pub(crate) struct Worker {
     queue: mpsc::Receiver<Work>,
     cancels: mpsc::Receiver<(PeerId, u64)>,
     finished: mpsc::Sender<Finished>,
-    shared: Arc<Shared>,
+    shared: Shared,
 }
 
 /// Where tasks run.
@@ -122,9 +119,9 @@ struct Shared {
     key: Keypair,
     limits: Limits,
     held: Mutex<Held>,
-    fault: Option<Fault>,
-    /// For faults: results answered so far, and the last answer (to replay).
-    answered: Mutex<(u64, Option<TaskResponse>)>,
+    /// Misbehaviour for tests of requesters' defences.
+    #[cfg(feature = "fault-injection")]
+    faults: Option<crate::faults::Injector>,
 }
 
 impl Worker {
@@ -135,13 +132,12 @@ impl Worker {
         engine: Engine,
         key: Keypair,
         limits: Limits,
-        fault: Option<Fault>,
     ) -> Worker {
         Worker {
             queue,
             cancels,
             finished,
-            shared: Arc::new(Shared {
+            shared: Shared {
                 results: Mutex::new(Results {
                     outputs: ResultCache::new(limits.cache_bytes),
                     hashes: HashMap::new(),
@@ -150,24 +146,36 @@ impl Worker {
                 key,
                 held: Mutex::new(Held::new(limits.held_bytes)),
                 limits,
-                fault,
-                answered: Mutex::new((0, None)),
-            }),
+                #[cfg(feature = "fault-injection")]
+                faults: None,
+            },
         }
+    }
+
+    /// The worker misbehaves as `fault` says (tests of requesters' defences).
+    #[cfg(feature = "fault-injection")]
+    pub fn with_fault(mut self, fault: Option<crate::faults::Fault>) -> Worker {
+        self.shared.faults = fault.map(crate::faults::Injector::new);
+        self
     }
 }
 
 /// Runs work items until cancelled or the queue closes; answers go to `finished`, for the
 /// event loop to send.
-pub(crate) async fn run(mut worker: Worker, cancel: CancellationToken) {
-    let slots = worker.shared.limits.slots as usize;
+pub(crate) async fn run(worker: Worker, cancel: CancellationToken) {
+    let Worker {
+        mut queue,
+        mut cancels,
+        finished,
+        shared,
+    } = worker;
+    let shared = Arc::new(shared);
+    let slots = shared.limits.slots as usize;
     // Tasks running now, by requester and task id, with the flag that stops each.
     let mut running: HashMap<(PeerId, u64), Cancel> = HashMap::new();
     let mut tasks: JoinSet<(PeerId, u64)> = JoinSet::new();
     // Cancels that arrived before their task left the queue.
     let mut early = EarlyCancels::default();
-    // A hanging test worker keeps the channels it never answers on.
-    let mut hung = Vec::new();
     loop {
         tokio::select! {
             biased;
@@ -177,29 +185,30 @@ pub(crate) async fn run(mut worker: Worker, cancel: CancellationToken) {
                     running.remove(&key);
                 }
             }
-            Some(key) = worker.cancels.recv() => match running.get(&key) {
+            Some(key) = cancels.recv() => match running.get(&key) {
                 Some(flag) => {
                     tracing::debug!(peer = %key.0, task = key.1, "cancelling a running task");
                     flag.cancel();
                 }
                 None => early.insert(key),
             },
-            w = worker.queue.recv(), if tasks.len() < slots => {
+            w = queue.recv(), if tasks.len() < slots => {
                 let Some(work) = w else { break };
-                if worker.shared.fault == Some(Fault::Hang) {
-                    hung.push(work.channel);
+                #[cfg(feature = "fault-injection")]
+                if let Some(f) = &shared.faults && f.hangs() {
+                    f.hold(work.channel);
                     continue;
                 }
                 let key = (work.peer, work.request.task);
                 if early.remove(&key) {
                     let response = TaskResponse::Failed { task: key.1, error: TaskError::Cancelled };
-                    let _ = worker.finished.send(Finished { channel: work.channel, response }).await;
+                    let _ = finished.send(Finished { channel: work.channel, response }).await;
                     continue;
                 }
                 let flag = Cancel::none();
                 running.insert(key, flag.clone());
-                let shared = worker.shared.clone();
-                let finished = worker.finished.clone();
+                let shared = shared.clone();
+                let finished = finished.clone();
                 tasks.spawn(async move {
                     let Work { peer, request, channel, lease } = work;
                     let task = request.task;
@@ -333,9 +342,6 @@ impl Shared {
                 Ok(t) => t,
                 Err(e) => return fail(e),
             };
-        if let Some(Fault::Inflate { delay_ms, .. }) = self.fault {
-            std::thread::sleep(std::time::Duration::from_millis(u64::from(delay_ms)));
-        }
         let compute_micros = started.elapsed().as_micros() as u64;
         {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
@@ -346,40 +352,16 @@ impl Shared {
                 held.put(peer, *id, t.clone());
             }
         }
-        let mut outputs: Vec<Arc<Data>> = outputs.to_vec();
-        let mut op_hashes = op_hashes.to_vec();
-        let count = {
-            let mut a = self.answered.lock().unwrap_or_else(|p| p.into_inner());
-            a.0 += 1;
-            a.0
-        };
-        match self.fault {
-            Some(Fault::Corrupt { every, factor }) if count % u64::from(every.max(1)) == 0 => {
-                corrupt(&request.program, &inputs, &mut outputs, factor, count);
-                rehash_outputs(&request.program, &outputs, &mut op_hashes);
-            }
-            Some(Fault::Zeros) => {
-                for o in &mut outputs {
-                    *o = Arc::new(Data::full(o.shape().to_vec(), 0.0));
-                }
-                rehash_outputs(&request.program, &outputs, &mut op_hashes);
-            }
-            _ => {}
-        }
         let class = self.engine.class();
         let receipt = Receipt {
             task: key,
             nonce: request.nonce,
             outputs: outputs.iter().map(|t| t.content_id()).collect(),
-            op_hashes,
+            op_hashes: op_hashes.to_vec(),
             class: class.id(),
             class_name: class.to_string(),
         };
-        let key = match self.fault {
-            Some(Fault::WrongKey) => Keypair::generate_ed25519(),
-            _ => self.key.clone(),
-        };
-        let signature = match key.sign(&receipt.message()) {
+        let signature = match self.key.sign(&receipt.message()) {
             Ok(s) => s,
             Err(e) => {
                 return fail(TaskError::Failed(format!("could not sign the result: {e}")));
@@ -387,33 +369,15 @@ impl Shared {
         };
         let response = TaskResponse::Done {
             task,
-            outputs,
+            outputs: outputs.to_vec(),
             compute_micros,
             receipt,
             signature,
-            signer: key.public().encode_protobuf(),
+            signer: self.key.public().encode_protobuf(),
         };
-        if self.fault == Some(Fault::Replay) {
-            let mut a = self.answered.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(TaskResponse::Done {
-                outputs,
-                compute_micros,
-                receipt,
-                signature,
-                signer,
-                ..
-            }) = a.1.clone()
-            {
-                return TaskResponse::Done {
-                    task,
-                    outputs,
-                    compute_micros,
-                    receipt,
-                    signature,
-                    signer,
-                };
-            }
-            a.1 = Some(response.clone());
+        #[cfg(feature = "fault-injection")]
+        if let Some(f) = &self.faults {
+            return f.apply(response, &request.program, &inputs, &self.key);
         }
         response
     }
@@ -444,67 +408,6 @@ impl Shared {
         }
         r.hashes.insert(key, hashes.clone());
         Ok((outputs, hashes))
-    }
-}
-
-/// A consistent cheat: the per-op hashes of the output ops match the altered outputs.
-fn rehash_outputs(
-    program: &corvid_kernels::Program,
-    outputs: &[Arc<Data>],
-    op_hashes: &mut [corvid_kernels::ContentId],
-) {
-    let n_in = program.inputs.len();
-    for (k, &o) in program.outputs.iter().enumerate() {
-        if let Some(h) = (o as usize)
-            .checked_sub(n_in)
-            .and_then(|i| op_hashes.get_mut(i))
-        {
-            *h = outputs[k].content_id();
-        }
-    }
-}
-
-/// Moves one element of one output by `factor` times the tolerance the verifier will use.
-fn corrupt(
-    program: &corvid_kernels::Program,
-    inputs: &[Arc<Data>],
-    outputs: &mut [Arc<Data>],
-    factor: f32,
-    count: u64,
-) {
-    let Some(out) = outputs.first_mut() else {
-        return;
-    };
-    let out = Arc::make_mut(out);
-    let Ok(values) = out.as_f32() else {
-        return;
-    };
-    let mut values = values.to_vec();
-    if values.is_empty() {
-        return;
-    }
-    let e = (count as usize * 7919) % values.len();
-    let single_matmul = program.nodes.len() == 1
-        && matches!(program.nodes[0].op, corvid_kernels::Op::MatMul)
-        && program.nodes[0].args == [0, 1]
-        && inputs.len() == 2
-        && out.shape().len() == 2;
-    let delta = if single_matmul {
-        // Freivalds' threshold for this row, from the same public bound the verifier uses.
-        let n = out.shape()[1];
-        let m = out.shape()[0];
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(count);
-        match (Projection::new(&inputs[1], &mut rng), inputs[0].as_f32()) {
-            (Ok(p), Ok(a)) => p.row_tolerance(a, &values, m)[e / n] as f32,
-            _ => 1.0,
-        }
-    } else {
-        let tol = corvid_kernels::verify::program_tolerance(program);
-        tol.atol + tol.rtol * values[e].abs()
-    };
-    values[e] += factor * delta.max(f32::MIN_POSITIVE);
-    if let Ok(t) = Data::from_f32(out.shape().to_vec(), values) {
-        *out = t;
     }
 }
 

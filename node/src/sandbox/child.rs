@@ -38,6 +38,7 @@ pub struct ExecutorArgs {
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Abort on every n-th task (fault injection for tests of the node's recovery)
+    #[cfg(feature = "fault-injection")]
     #[arg(long, default_value_t = 0)]
     pub crash_every: u64,
 }
@@ -221,6 +222,7 @@ fn serve(
     }
     let mut fds: VecDeque<OwnedFd> = VecDeque::new();
     let mut maps = Mappings::default();
+    #[cfg(feature = "fault-injection")]
     let mut count = 0u64;
     loop {
         let msg = match proto::recv::<ToExecutor>(sock, &mut fds) {
@@ -247,10 +249,13 @@ fn serve(
                 budget,
                 deadline,
             } => {
-                count += 1;
-                if args.crash_every > 0 && count.is_multiple_of(args.crash_every) {
-                    tracing::warn!(task = id, "crashing on purpose (fault injection)");
-                    std::process::abort();
+                #[cfg(feature = "fault-injection")]
+                {
+                    count += 1;
+                    if args.crash_every > 0 && count.is_multiple_of(args.crash_every) {
+                        tracing::warn!(task = id, "crashing on purpose (fault injection)");
+                        std::process::abort();
+                    }
                 }
                 maps.forget(&forget);
                 // This message's descriptors are taken here, in order, before the next one.

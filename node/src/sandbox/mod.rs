@@ -64,6 +64,7 @@ pub struct SandboxConfig {
     /// Tasks the executor runs at once (the node's slots).
     pub threads: usize,
     /// Fault injection: the executor aborts on every n-th task (0: never).
+    #[cfg(feature = "fault-injection")]
     pub crash_every: u64,
 }
 
@@ -430,6 +431,7 @@ fn spawn(cfg: &SandboxConfig) -> Result<(Child, Arc<UnixStream>, Ready), Sandbox
     for f in &cfg.forbid {
         cmd.arg("--forbid").arg(f);
     }
+    #[cfg(feature = "fault-injection")]
     if cfg.crash_every > 0 {
         cmd.arg("--crash-every").arg(cfg.crash_every.to_string());
     }
