@@ -13,8 +13,6 @@ use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
 use rand::SeedableRng;
 
-use crate::advert::Advert;
-
 /// Ways a test worker misbehaves. Each cheat signs what it returns, as a real cheater would
 /// have to.
 #[doc(hidden)]
@@ -67,13 +65,13 @@ impl From<Cheat> for Fault {
     }
 }
 
-/// The advert a node with `fault` publishes: an inflating one claims `factor` times its
-/// measured matmul speed.
-pub(crate) fn advertise(mut advert: Advert, fault: Option<Fault>) -> Advert {
-    if let Some(Fault::Inflate { factor, .. }) = fault {
-        advert.matmul_gflops *= factor;
+/// The matmul speed a node with `fault` advertises: an inflating one claims `factor` times
+/// the `measured` one.
+pub(crate) fn advertised_gflops(measured: f32, fault: Option<Fault>) -> f32 {
+    match fault {
+        Some(Fault::Inflate { factor, .. }) => measured * factor,
+        _ => measured,
     }
-    advert
 }
 
 /// Every how many tasks the executor process aborts (0: never).

@@ -86,7 +86,10 @@ impl Node {
                 task_budget: limits.task.clone(),
             };
             #[cfg(feature = "fault-injection")]
-            let advert = crate::faults::advertise(advert, config.fault);
+            let advert = Advert {
+                matmul_gflops: crate::faults::advertised_gflops(advert.matmul_gflops, config.fault),
+                ..advert
+            };
             let codec = if config.contribute {
                 crate::net::task::TaskCodec::worker(
                     limits.inbound_bytes,
