@@ -131,11 +131,6 @@ pub struct NodeConfig {
     #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
     pub fault: Option<crate::faults::Fault>,
-    /// Without the `fault-injection` feature there are no faults: always `None`. (The field
-    /// stays so that code naming every field builds with and without the feature.)
-    #[cfg(not(feature = "fault-injection"))]
-    #[doc(hidden)]
-    pub fault: Option<std::convert::Infallible>,
 }
 
 /// Where a worker runs tasks from peers.
@@ -175,6 +170,7 @@ impl NodeConfig {
                 max_task_time: Duration::from_secs(60),
             },
             executor: ExecutorMode::InProcess,
+            #[cfg(feature = "fault-injection")]
             fault: None,
         }
     }
@@ -287,8 +283,6 @@ impl NodeConfig {
             },
             #[cfg(feature = "fault-injection")]
             fault: args.cheat.map(Into::into),
-            #[cfg(not(feature = "fault-injection"))]
-            fault: None,
         };
         config.validate()?;
         Ok(config)

@@ -451,6 +451,7 @@ impl ClientBuilder {
             max_connections: 128,
             timing: self.timing.clone(),
             executor: ExecutorMode::InProcess,
+            #[cfg(feature = "fault-injection")]
             fault: None,
         };
         config.validate()?;
