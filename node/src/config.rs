@@ -130,7 +130,7 @@ pub struct NodeConfig {
     /// feature); set only by the hidden `--cheat` flag, never from files or the environment.
     #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
-    pub fault: Option<crate::faults::Fault>,
+    pub fault: Option<crate::worker::faults::Fault>,
 }
 
 /// Where a worker runs tasks from peers.
@@ -416,7 +416,7 @@ pub struct NodeArgs {
     /// config key sets it.
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true, value_name = "HOW")]
-    pub cheat: Option<crate::faults::Cheat>,
+    pub cheat: Option<crate::worker::faults::Cheat>,
 }
 
 /// The config file: every field optional, unknown fields rejected.

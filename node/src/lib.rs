@@ -24,9 +24,6 @@ pub mod config;
 pub mod control;
 pub mod demo;
 mod error;
-#[cfg(feature = "fault-injection")]
-#[doc(hidden)]
-pub mod faults;
 pub mod identity;
 pub mod limits;
 pub mod net;
@@ -39,16 +36,16 @@ pub mod sandbox;
 mod status;
 mod task_error;
 pub mod trust;
-mod work;
+mod worker;
 
 pub use advert::{ADVERT_TOPIC, Advert, Rejection, SignedAdvert};
 pub use bench::BenchReport;
 pub use config::{NodeArgs, NodeConfig};
-#[cfg(feature = "fault-injection")]
-pub use faults::Fault;
 /// Peer addresses, as `corvid node` prints them (`/ip4/…/tcp/…/p2p/<peer id>`).
 pub use libp2p::Multiaddr;
 pub use limits::Limits;
 pub use node::{BootstrapStatus, Node, NodeClient, NodeError, NodeHandle, Status};
 pub use peers::PeerInfo;
 pub use requester::{Client, ClientBuilder, ClientError, JobSummary, SwarmExecutor};
+#[cfg(feature = "fault-injection")]
+pub use worker::faults::Fault;

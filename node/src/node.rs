@@ -87,7 +87,7 @@ impl Node {
             };
             #[cfg(feature = "fault-injection")]
             let advert = Advert {
-                matmul_gflops: crate::faults::advertised_gflops(advert.matmul_gflops, config.fault),
+                matmul_gflops: crate::worker::faults::advertised_gflops(advert.matmul_gflops, config.fault),
                 ..advert
             };
             let codec = if config.contribute {
@@ -138,10 +138,10 @@ impl Node {
                 let (finished_tx, finished_rx) = mpsc::channel(FINISHED_QUEUE);
                 let engine = engine(&config, &limits, &bench, backend).await?;
                 #[cfg(target_os = "linux")]
-                if let crate::work::Engine::Sandboxed { sandbox, .. } = &engine {
+                if let crate::worker::Engine::Sandboxed { sandbox, .. } = &engine {
                     probe = Some(sandbox.probe());
                 }
-                let worker = crate::work::Worker::new(
+                let worker = crate::worker::Worker::new(
                     work_rx,
                     cancel_rx,
                     finished_tx,
@@ -151,7 +151,7 @@ impl Node {
                 );
                 #[cfg(feature = "fault-injection")]
                 let worker = worker.with_fault(config.fault);
-                let worker = crate::work::run(worker, cancel.clone());
+                let worker = crate::worker::run(worker, cancel.clone());
                 worker_task = Some(tokio::spawn(worker.in_current_span()));
                 Some(WorkQueues {
                     tasks: work_tx,
@@ -228,14 +228,14 @@ async fn engine(
     limits: &Limits,
     bench: &BenchReport,
     backend: corvid_kernels::Backend,
-) -> Result<crate::work::Engine, NodeError> {
+) -> Result<crate::worker::Engine, NodeError> {
     use crate::config::ExecutorMode;
     let program = match &config.executor {
         ExecutorMode::InProcess => {
             tracing::warn!(
                 "peers' tasks run inside the node process (no executor process, no sandbox)"
             );
-            return Ok(crate::work::Engine::InProcess(backend));
+            return Ok(crate::worker::Engine::InProcess(backend));
         }
         ExecutorMode::Process { program } => program.clone(),
     };
@@ -243,7 +243,7 @@ async fn engine(
     {
         let _ = (program, limits, bench);
         tracing::warn!("no executor process on this platform: peers' tasks run inside the node");
-        Ok(crate::work::Engine::InProcess(backend))
+        Ok(crate::worker::Engine::InProcess(backend))
     }
     #[cfg(target_os = "linux")]
     {
@@ -273,7 +273,7 @@ async fn engine(
             forbid,
             threads: config.slots as usize,
             #[cfg(feature = "fault-injection")]
-            crash_every: crate::faults::crash_every(config.fault),
+            crash_every: crate::worker::faults::crash_every(config.fault),
         };
         crate::sandbox::shm::set_pool_bytes(limits.inbound_bytes);
         // Every shared tensor holds a descriptor or two: take what the system allows.
@@ -297,7 +297,7 @@ async fn engine(
             tracing::warn!(landlock = %c.landlock, seccomp = c.seccomp,
                 "the executor is only partly confined on this system");
         }
-        Ok(crate::work::Engine::Sandboxed {
+        Ok(crate::worker::Engine::Sandboxed {
             sandbox,
             class: ready.class,
         })

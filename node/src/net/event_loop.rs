@@ -22,7 +22,7 @@ use crate::advert::{self, Advert};
 use crate::config::Timing;
 use crate::peers::{Accepted, PeerInfo, PeerTable};
 use crate::status::{BootstrapStatus, Status, bootstrap_line};
-use crate::work::{Finished, Work};
+use crate::worker::{Finished, Work};
 use corvid_sdk::wire::{Request, TaskError, TaskRequest, TaskResponse};
 use libp2p::request_response::{self, OutboundRequestId};
 use std::collections::HashMap;

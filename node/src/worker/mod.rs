@@ -10,6 +10,9 @@
 //! Values a requester sent or had computed here are kept per requester (by the requester's
 //! value ids), so its later tasks can name them instead of sending them again. Keeping them per
 //! requester means one requester cannot plant values under ids another one will use.
+//!
+//! Layout: this file (the worker's loop and execution), `store` (the held store), `faults`
+//! (cheating on purpose, only with the `fault-injection` feature).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -22,7 +25,7 @@ use corvid_kernels::{
 use corvid_sdk::wire::{
     Input, Receipt, TASK_VERSION, TaskError, TaskRequest, TaskResponse, task_key,
 };
-use corvid_sdk::{ResultCache, SubgraphId, ValueId};
+use corvid_sdk::{ResultCache, SubgraphId};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
@@ -32,6 +35,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::limits::Limits;
 use crate::task_error;
+
+#[cfg(feature = "fault-injection")]
+#[doc(hidden)]
+pub mod faults;
+mod store;
+
+use store::Held;
 
 /// Cancellations of tasks not (yet) seen are remembered, at most this many.
 const MAX_EARLY_CANCELS: usize = 4096;
@@ -121,7 +131,7 @@ struct Shared {
     held: Mutex<Held>,
     /// Misbehaviour for tests of requesters' defences.
     #[cfg(feature = "fault-injection")]
-    faults: Option<crate::faults::Injector>,
+    faults: Option<faults::Injector>,
 }
 
 impl Worker {
@@ -154,8 +164,8 @@ impl Worker {
 
     /// The worker misbehaves as `fault` says (tests of requesters' defences).
     #[cfg(feature = "fault-injection")]
-    pub fn with_fault(mut self, fault: Option<crate::faults::Fault>) -> Worker {
-        self.shared.faults = fault.map(crate::faults::Injector::new);
+    pub fn with_fault(mut self, fault: Option<faults::Fault>) -> Worker {
+        self.shared.faults = fault.map(faults::Injector::new);
         self
     }
 }
@@ -408,66 +418,5 @@ impl Shared {
         }
         r.hashes.insert(key, hashes.clone());
         Ok((outputs, hashes))
-    }
-}
-
-/// Values kept for requesters, by (requester, value id), oldest evicted first, at most `cap`
-/// bytes.
-struct Held {
-    map: HashMap<(PeerId, ValueId), Arc<Data>>,
-    order: VecDeque<(PeerId, ValueId, u64)>,
-    bytes: u64,
-    cap: u64,
-}
-
-impl Held {
-    fn new(cap: u64) -> Held {
-        Held {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            bytes: 0,
-            cap,
-        }
-    }
-
-    fn get(&self, peer: PeerId, id: ValueId) -> Option<Arc<Data>> {
-        self.map.get(&(peer, id)).cloned()
-    }
-
-    /// Keeps `t` as `peer`'s value `id`, replacing what was kept under that id (a requester
-    /// that sends data again means it).
-    fn put(&mut self, peer: PeerId, id: ValueId, t: Arc<Data>) {
-        // Every entry is charged its bookkeeping, so empty tensors cannot pile up for free.
-        let size = t.meta().bytes() + 128;
-        if size > self.cap {
-            return;
-        }
-        if let Some(old) = self.map.get_mut(&(peer, id)) {
-            // The same id with the same size keeps its place; another size (a requester may
-            // send anything under an id) is charged afresh below.
-            if old.meta().bytes() == t.meta().bytes() {
-                *old = t;
-                return;
-            }
-            self.map.remove(&(peer, id));
-            if let Some(k) = self
-                .order
-                .iter()
-                .position(|&(p, v, _)| p == peer && v == id)
-                && let Some((_, _, b)) = self.order.remove(k)
-            {
-                self.bytes -= b;
-            }
-        }
-        while self.bytes + size > self.cap {
-            let Some((p, v, b)) = self.order.pop_front() else {
-                break;
-            };
-            self.map.remove(&(p, v));
-            self.bytes -= b;
-        }
-        self.map.insert((peer, id), t);
-        self.order.push_back((peer, id, size));
-        self.bytes += size;
     }
 }
