@@ -293,7 +293,7 @@ async fn engine(
         if !c.forbidden_readable.is_empty() {
             tracing::warn!(files = ?c.forbidden_readable, "the executor can read files it should not");
         }
-        if !c.seccomp || !c.landlock.starts_with("fully") {
+        if !c.seccomp || c.landlock != crate::sandbox::proto::Landlock::FullyEnforced {
             tracing::warn!(landlock = %c.landlock, seccomp = c.seccomp,
                 "the executor is only partly confined on this system");
         }

@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::proto::Confinement;
+use super::proto::{Confinement, Landlock};
 
 /// Read-only roots the backends need (libraries, driver manifests, CPU and GPU topology).
 const READ_ROOTS: &[&str] = &[
@@ -35,8 +35,8 @@ const READ_ROOTS: &[&str] = &[
 /// Devices a GPU driver opens read-write.
 const DEVICE_ROOTS: &[&str] = &["/dev/dri", "/dev/null"];
 
-/// Step 1: Landlock. Returns how it went, in words.
-pub fn landlock() -> String {
+/// Step 1: Landlock. Returns how far it is enforced.
+pub fn landlock() -> Landlock {
     use landlock::{
         ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr,
         RulesetCreatedAttr, RulesetStatus, Scope, path_beneath_rules,
@@ -70,11 +70,13 @@ pub fn landlock() -> String {
         .and_then(|r| r.restrict_self());
     match result {
         Ok(status) => match status.ruleset {
-            RulesetStatus::FullyEnforced => "fully enforced".into(),
-            RulesetStatus::PartiallyEnforced => "partially enforced (an older kernel)".into(),
-            RulesetStatus::NotEnforced => "not enforced: the kernel has no landlock".into(),
+            RulesetStatus::FullyEnforced => Landlock::FullyEnforced,
+            RulesetStatus::PartiallyEnforced => Landlock::PartiallyEnforced,
+            RulesetStatus::NotEnforced => {
+                Landlock::NotEnforced("the kernel has no landlock".into())
+            }
         },
-        Err(e) => format!("not enforced: {e}"),
+        Err(e) => Landlock::NotEnforced(e.to_string()),
     }
 }
 
@@ -190,7 +192,7 @@ pub fn under_read_roots(path: &Path) -> bool {
 
 /// Everything above, for [`Confinement`]'s report.
 pub fn report(
-    landlock: String,
+    landlock: Landlock,
     seccomp: bool,
     address_space: Option<u64>,
     cpu_seconds: u64,

@@ -79,11 +79,37 @@ pub struct Ready {
     pub confinement: Confinement,
 }
 
+/// How far Landlock confines the executor's filesystem access.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Landlock {
+    FullyEnforced,
+    /// An older kernel enforces only part of the rules.
+    PartiallyEnforced,
+    /// Not enforced, and why (no Landlock in this kernel, or the error).
+    NotEnforced(String),
+}
+
+impl Default for Landlock {
+    fn default() -> Self {
+        Landlock::NotEnforced("not reported".into())
+    }
+}
+
+impl std::fmt::Display for Landlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Landlock::FullyEnforced => f.write_str("fully enforced"),
+            Landlock::PartiallyEnforced => f.write_str("partially enforced (an older kernel)"),
+            Landlock::NotEnforced(why) => write!(f, "not enforced: {why}"),
+        }
+    }
+}
+
 /// What confines the executor, as it found out for itself.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Confinement {
-    /// Filesystem confinement (Landlock): "fully enforced", "partially enforced" or why not.
-    pub landlock: String,
+    /// Filesystem confinement (Landlock).
+    pub landlock: Landlock,
     /// Whether the seccomp filter (no exec, no new sockets, no ptrace, no raising limits) is on.
     pub seccomp: bool,
     /// Address-space limit in bytes, if one is set.

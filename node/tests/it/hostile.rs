@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use corvid_kernels::{Limit, Op, Program, Tensor, TensorMeta, UnaryOp};
+use corvid_node::sandbox::proto::Landlock;
 use corvid_node::{Node, NodeClient, NodeConfig, NodeHandle, Status};
 use corvid_sdk::ValueId;
 use corvid_sdk::ids::subgraph_id;
@@ -204,7 +205,7 @@ async fn hostile_programs_get_errors_and_the_node_keeps_serving() {
     eprintln!("executor: {exec:?}");
     assert!(exec.confinement.seccomp, "{exec:?}");
     assert_eq!(exec.pid, children(pid).first().copied(), "{exec:?}");
-    if exec.confinement.landlock == "fully enforced" {
+    if exec.confinement.landlock == Landlock::FullyEnforced {
         assert!(
             exec.confinement.forbidden_readable.is_empty(),
             "the executor can read {:?}",
