@@ -28,7 +28,6 @@ use crate::peers::PeerInfo;
 // `crate::node::…` keep working.
 pub use crate::error::NodeError;
 pub use crate::node_client::NodeClient;
-pub(crate) use crate::status::is_loopback;
 pub use crate::status::{BootstrapStatus, ExecutorStatus, Status, bootstrap_line};
 
 /// Commands queued for the event loop at most.

@@ -1,5 +1,5 @@
 //! The requester-facing [`TaskError`] for an [`ExecError`]: one mapping for tasks run in the
-//! node's process (`work`) and in the executor process (`sandbox::child`).
+//! node's process (`worker`) and in the executor process (`sandbox::child`).
 
 use corvid_kernels::cancel::Stopped;
 use corvid_kernels::{ExecError, ProgramError};

@@ -58,9 +58,10 @@ pub enum TaskFailure {
     /// The worker lacks inputs (by position) even when they were sent.
     #[error("the worker lacks inputs {0:?} even when sent")]
     MissingInputs(Vec<usize>),
-    /// The worker signed a result for the values it held, which were not the ones meant.
-    #[error("the worker's held inputs were stale ({0})")]
-    StaleHeld(String),
+    /// The worker signed a result for the values it held, which were not the ones meant:
+    /// the inputs (by position) it was told to use from what it held, and the evidence.
+    #[error("the worker's held inputs were stale ({evidence})")]
+    StaleHeld { held: Vec<usize>, evidence: String },
     /// The result has the wrong number, dtypes or shapes of outputs.
     #[error("{0}")]
     Malformed(String),

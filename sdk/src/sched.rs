@@ -50,12 +50,16 @@ impl<P: Ord> Default for Knowledge<P> {
 }
 
 impl<P: Ord + Clone> Knowledge<P> {
-    /// Adds what `newer` knows; its measurements win.
+    /// Adds what `newer` knows; what it measured wins, what it did not measure is kept.
     pub fn merge(&mut self, newer: Knowledge<P>) {
         for (id, holders) in newer.held {
             self.held.entry(id).or_default().extend(holders);
         }
-        self.measured.extend(newer.measured);
+        for (p, n) in newer.measured {
+            let m = self.measured.entry(p).or_default();
+            m.flops = n.flops.or(m.flops);
+            m.link = n.link.or(m.link);
+        }
     }
 }
 
@@ -343,6 +347,9 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
     pub fn knowledge(&self) -> Knowledge<P> {
         let mut measured = self.measured_before.clone();
         for (p, info) in &self.peers {
+            if !info.measured && !info.link_measured {
+                continue;
+            }
             let m = measured.entry(p.clone()).or_default();
             if info.measured {
                 m.flops = Some(info.flops);
@@ -412,7 +419,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
     }
 
     /// Seeds a peer's measured speed (FLOP/s) and link (bytes/s) from earlier jobs.
-    pub fn measured(&mut self, p: &P, flops: Option<f64>, link: Option<f64>) {
+    fn measured(&mut self, p: &P, flops: Option<f64>, link: Option<f64>) {
         if let Some(info) = self.peers.get_mut(p) {
             if let Some(f) = flops {
                 info.flops = f;
@@ -506,8 +513,10 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         self.state.iter().all(|s| *s == State::Done)
     }
 
-    /// Records that `p` holds value `id` (it computed or received it).
-    pub fn holds(&mut self, p: P, id: ValueId) {
+    /// Records that `p` holds value `id` (in tests; jobs learn it from dispatches and
+    /// results, and start from [`Scheduler::resume`]).
+    #[cfg(test)]
+    fn holds(&mut self, p: P, id: ValueId) {
         self.held.entry(id).or_default().insert(p);
     }
 

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use crate::NodeConfig;
 use crate::config::{ConfigError, ExecutorMode, IdentitySource, Timing};
 use crate::identity::Psk;
-use crate::node::{Node, NodeError, NodeHandle, is_loopback};
+use crate::node::{Node, NodeError, NodeHandle};
+use crate::status::is_loopback;
 use crate::trust::{self, BanFileError, Trust};
 
 use super::*;

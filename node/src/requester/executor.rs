@@ -16,13 +16,17 @@ use crate::trust::{Trust, Verifier};
 use super::*;
 
 /// What the requester remembers between jobs. Only jobs touch it, at their start (a job
-/// checks out the scheduler's knowledge and reads the cache), on a ban and at their end.
+/// copies the scheduler's knowledge and reads the cache), on a ban and at their end.
 #[derive(Debug)]
 pub(super) struct Memory {
     /// Verified results by subgraph id.
     pub(super) cache: ResultCache,
-    /// Who holds which values and measured speeds, while no job has it checked out.
-    pub(super) knowledge: Option<Knowledge<PeerId>>,
+    /// Who holds which values and measured speeds, as the last job left it: each job's
+    /// scheduler starts from a copy and checks its own back in.
+    pub(super) knowledge: Knowledge<PeerId>,
+    /// Check-ins so far: a job that finds none since its start replaces the knowledge (what it
+    /// forgot stays forgotten); otherwise it merges into what a job that ran alongside left.
+    pub(super) check_ins: u64,
     /// Cached results that only a sample vouched for, and their producer: dropped if it is
     /// banned later.
     pub(super) sampled_from: HashMap<corvid_sdk::SubgraphId, PeerId>,
@@ -32,7 +36,8 @@ impl Default for Memory {
     fn default() -> Self {
         Memory {
             cache: ResultCache::new(CACHE_BYTES),
-            knowledge: None,
+            knowledge: Knowledge::default(),
+            check_ins: 0,
             sampled_from: HashMap::new(),
         }
     }

@@ -64,7 +64,10 @@ pub(super) async fn run_job(
     checks: bool,
 ) -> (Result<Vec<Arc<Data>>, EvalError>, JobSummary) {
     // The scheduler owns who holds what and measured speeds for the job's run.
-    let knowledge = lock(&memory).knowledge.take().unwrap_or_default();
+    let (knowledge, since) = {
+        let mem = lock(&memory);
+        (mem.knowledge.clone(), mem.check_ins)
+    };
     let mut sched: Scheduler<PeerId> = Scheduler::resume(&plan, cfg, knowledge);
     let mut peer_class = HashMap::new();
     let pool;
@@ -102,7 +105,7 @@ pub(super) async fn run_job(
             }
         }
         Err(e) => {
-            check_in(&memory, sched.knowledge());
+            check_in(&memory, sched.knowledge(), since);
             return (
                 Err(EvalError::Requester {
                     reason: format!("cannot list the swarm's peers: {e}"),
@@ -171,7 +174,7 @@ pub(super) async fn run_job(
     job.replicas.abort_all();
     job.canaries.abort_all();
     job.progress.finish_and_clear();
-    check_in(&job.memory, job.sched.knowledge());
+    check_in(&job.memory, job.sched.knowledge(), since);
     let outputs = result.map(|()| {
         job.remember();
         job.plan
@@ -345,9 +348,14 @@ impl Job {
                         tracing::warn!(%peer, %why, "peer unreachable; no more tasks go to it in this job");
                         self.sched.remove_peer(&peer);
                     }
-                    (TaskFailure::StaleHeld(_), Some(peer)) => {
-                        let ids = &self.plan.subgraphs[sg].input_ids;
-                        self.sched.not_held_by(&peer, ids);
+                    (TaskFailure::StaleHeld { held, .. }, Some(peer)) => {
+                        let inputs = &self.plan.subgraphs[sg].input_ids;
+                        let stale: Vec<_> = held
+                            .iter()
+                            .filter_map(|&i| inputs.get(i))
+                            .copied()
+                            .collect();
+                        self.sched.not_held_by(&peer, &stale);
                     }
                     _ => {}
                 }
@@ -387,10 +395,8 @@ impl Job {
         if lock(&self.trust).ban(&peer, reason, evidence) {
             self.verify.bans.push(format!("{peer} ({reason})"));
         }
-        // Even if another job banned it first: this job stops using it too.
-        if !self.sched.peers().contains_key(&peer) {
-            return Ok(());
-        }
+        // Even if another job banned it first, or this job dropped it as unreachable: this
+        // job stops using it and redoes what only a sample vouched for.
         self.sched.remove_peer(&peer);
         // Its cached results that only a sample vouched for go.
         {
@@ -651,7 +657,7 @@ impl Job {
                 self.running.spawn(async move {
                     let r = tokio::task::spawn_blocking(move || local.run_subgraph(&sg, &inputs))
                         .await
-                        .map_err(|e| TaskFailure::Unchecked(format!("local run panicked: {e}")))
+                        .map_err(|e| TaskFailure::Unchecked(format!("the local run ended: {e}")))
                         .and_then(|r| r.map_err(TaskFailure::Local))
                         .map(|v| {
                             let outputs: Vec<Arc<Data>> = v.to_vec();
@@ -735,15 +741,18 @@ impl Job {
     }
 }
 
-/// Returns a job's knowledge to the requester's memory, merged with whatever a job that ran
-/// at the same time returned.
-fn check_in(memory: &Mutex<Memory>, knowledge: Knowledge<PeerId>) {
+/// Returns a job's knowledge to the requester's memory: it replaces what is there, unless
+/// another job checked in since this one started (`since`), when the two are merged.
+fn check_in(memory: &Mutex<Memory>, knowledge: Knowledge<PeerId>, since: u64) {
     let mut mem = lock(memory);
-    let mut merged = mem.knowledge.take().unwrap_or_default();
-    merged.merge(knowledge);
-    // Bounded: past this many values, who holds what is learned again.
-    if merged.held.len() > MAX_TABLE {
-        merged.held.clear();
+    if mem.check_ins == since {
+        mem.knowledge = knowledge;
+    } else {
+        mem.knowledge.merge(knowledge);
     }
-    mem.knowledge = Some(merged);
+    mem.check_ins += 1;
+    // Bounded: past this many values, who holds what is learned again.
+    if mem.knowledge.held.len() > MAX_TABLE {
+        mem.knowledge.held.clear();
+    }
 }

@@ -140,7 +140,8 @@ impl Remote {
                 // It ran on values it held, which differ from what we meant: stale, not proof.
                 // (The job tells the scheduler it no longer holds them.)
                 Err(Forgery::OtherInputs(evidence)) if used_held => {
-                    return Err(TaskFailure::StaleHeld(evidence).into());
+                    let held = (0..held.len()).filter(|&i| held[i]).collect();
+                    return Err(TaskFailure::StaleHeld { held, evidence }.into());
                 }
                 opened => opened?,
             }

@@ -79,14 +79,34 @@ pub struct Ready {
     pub confinement: Confinement,
 }
 
-/// How far Landlock confines the executor's filesystem access.
+/// How far Landlock confines the executor's filesystem access. Travels (and shows in
+/// `GET /status`) as its text, "fully enforced" etc.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
 pub enum Landlock {
     FullyEnforced,
     /// An older kernel enforces only part of the rules.
     PartiallyEnforced,
     /// Not enforced, and why (no Landlock in this kernel, or the error).
     NotEnforced(String),
+}
+
+impl From<Landlock> for String {
+    fn from(l: Landlock) -> String {
+        l.to_string()
+    }
+}
+
+impl From<String> for Landlock {
+    fn from(s: String) -> Landlock {
+        if s == Landlock::FullyEnforced.to_string() {
+            Landlock::FullyEnforced
+        } else if s == Landlock::PartiallyEnforced.to_string() {
+            Landlock::PartiallyEnforced
+        } else {
+            Landlock::NotEnforced(s.strip_prefix("not enforced: ").unwrap_or(&s).to_string())
+        }
+    }
 }
 
 impl Default for Landlock {
@@ -232,6 +252,20 @@ pub fn recv<M: DeserializeOwned>(
 mod tests {
     use super::*;
     use crate::sandbox::shm;
+
+    /// The status JSON shows Landlock's state as text, and reads it back to the same value.
+    #[test]
+    fn landlock_travels_as_its_text() {
+        for l in [
+            Landlock::FullyEnforced,
+            Landlock::PartiallyEnforced,
+            Landlock::NotEnforced("the kernel has no landlock".into()),
+        ] {
+            let json = serde_json::to_string(&l).unwrap();
+            assert_eq!(json, format!("\"{l}\""));
+            assert_eq!(serde_json::from_str::<Landlock>(&json).unwrap(), l);
+        }
+    }
 
     #[test]
     fn messages_carry_hundreds_of_descriptors_in_order() {

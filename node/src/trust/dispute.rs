@@ -59,11 +59,13 @@ pub fn judge_replica(
     // Different classes agree within tolerance.
     if first.class != second.class {
         let tol = verify::program_tolerance(&sg.program);
+        // The replica's values against the accepted ones (the tolerance scales with the
+        // second).
         let close =
-            first
+            second
                 .outputs
                 .iter()
-                .zip(second.outputs)
+                .zip(first.outputs)
                 .all(|(a, b)| match (a.as_f32(), b.as_f32()) {
                     (Ok(x), Ok(y)) => x.iter().zip(y).all(|(p, q)| tol.accepts(*p, *q)),
                     _ => a == b,

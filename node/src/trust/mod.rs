@@ -1,5 +1,6 @@
-//! The requester's defences against untrusted workers: pure functions and state, no tokio and
-//! no network, so each rule is unit-tested on its own.
+//! The requester's defences against untrusted workers: functions and state with no tokio and
+//! no network (only the ledger touches a file, its ban list), so each rule is unit-tested on
+//! its own.
 //!
 //! - [`receipt`]: a result is signed by the peer that was asked, for this task (subgraph and
 //!   input content), this request's nonce and the outputs it carries; anything else is a
