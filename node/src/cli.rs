@@ -17,7 +17,7 @@ use crate::identity::IdentitySource;
 use crate::identity::{IdentityError, Psk, load_keypair};
 use crate::node::{Node, NodeError, short_id};
 use crate::peers::PeerInfo;
-use crate::status::{Status, bootstrap_line};
+use crate::status::{Status, bootstrap_line, dialable, interface_ips};
 
 /// Corvid: a peer-to-peer volunteer compute network.
 #[derive(Debug, Parser)]
@@ -278,12 +278,15 @@ async fn run_id(args: &NodeArgs, json: bool) -> Result<(), CliError> {
             s.bootstrap_line.clone(),
         ),
         None => {
+            // Fixed ports only, as others can dial them: 0.0.0.0 becomes this machine's
+            // interface addresses.
             let fixed: Vec<_> = config
                 .listen
                 .iter()
                 .filter(|a| !a.iter().any(|p| p == libp2p::multiaddr::Protocol::Tcp(0)))
                 .cloned()
                 .collect();
+            let fixed = dialable(&fixed, &interface_ips());
             let line = bootstrap_line(&fixed, &peer, config.psk.as_ref().map(|p| p.path.as_path()));
             (
                 fixed.iter().map(|a| format!("{a}/p2p/{peer}")).collect(),

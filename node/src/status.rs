@@ -2,6 +2,7 @@
 //! `corvid node --bootstrap …` line others join it with.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::Path;
 
 use libp2p::multiaddr::Protocol;
@@ -66,16 +67,69 @@ pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
     })
 }
 
+/// Whether `addr` names no host (`0.0.0.0`, `::`): a place to listen, not to dial.
+pub(crate) fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+/// `addrs` as others can dial them: an unspecified IP (`0.0.0.0`, `::`) becomes each of
+/// `interfaces` of its family, non-loopback ones first.
+pub fn dialable(addrs: &[Multiaddr], interfaces: &[IpAddr]) -> Vec<Multiaddr> {
+    let mut ips = interfaces.to_vec();
+    ips.sort_by_key(|ip| ip.is_loopback());
+    let mut out = Vec::new();
+    for a in addrs {
+        let unspecified = a.iter().find_map(|p| match p {
+            Protocol::Ip4(ip) if ip.is_unspecified() => Some(false),
+            Protocol::Ip6(ip) if ip.is_unspecified() => Some(true),
+            _ => None,
+        });
+        let Some(v6) = unspecified else {
+            out.push(a.clone());
+            continue;
+        };
+        for ip in ips.iter().filter(|ip| ip.is_ipv6() == v6) {
+            let host = match ip {
+                IpAddr::V4(v4) => Protocol::Ip4(*v4),
+                IpAddr::V6(v6) => Protocol::Ip6(*v6),
+            };
+            let replaced: Multiaddr = a
+                .iter()
+                .map(|p| match p {
+                    Protocol::Ip4(_) | Protocol::Ip6(_) => host.clone(),
+                    p => p,
+                })
+                .collect();
+            if !out.contains(&replaced) {
+                out.push(replaced);
+            }
+        }
+    }
+    out
+}
+
+/// This machine's interface addresses (none if they cannot be read).
+pub fn interface_ips() -> Vec<IpAddr> {
+    if_addrs::get_if_addrs()
+        .map(|list| list.into_iter().map(|i| i.ip()).collect())
+        .unwrap_or_default()
+}
+
 /// `corvid node --bootstrap ADDR/p2p/ID [--psk FILE]`, with the most reachable address:
-/// a non-loopback one if there is one.
+/// a non-loopback one if there is one, never an unspecified one (`0.0.0.0` cannot be dialled).
 pub fn bootstrap_line(addrs: &[Multiaddr], peer: &PeerId, psk: Option<&Path>) -> Option<String> {
-    let addr = addrs
+    let usable: Vec<&Multiaddr> = addrs.iter().filter(|a| !is_unspecified(a)).collect();
+    let addr = usable
         .iter()
         .find(|a| !is_loopback(a))
-        .or_else(|| addrs.first())?;
+        .or_else(|| usable.first())?;
     let mut line = format!(
         "corvid node --bootstrap {}",
-        addr.clone().with_p2p(*peer).ok()?
+        (*addr).clone().with_p2p(*peer).ok()?
     );
     if let Some(p) = psk {
         line.push_str(&format!(" --psk {}", p.display()));
@@ -102,5 +156,46 @@ mod tests {
             )
         );
         assert!(bootstrap_line(&[], &peer, None).is_none());
+        let anywhere: Multiaddr = "/ip4/0.0.0.0/tcp/4001".parse().unwrap();
+        assert!(
+            bootstrap_line(std::slice::from_ref(&anywhere), &peer, None).is_none(),
+            "0.0.0.0 is not an address anyone can dial"
+        );
+    }
+
+    /// `/ip4/0.0.0.0/tcp/4001` becomes this machine's IPv4 addresses, non-loopback first;
+    /// `::` its IPv6 ones; a fixed address stays as it is.
+    #[test]
+    fn unspecified_addresses_become_the_interfaces() {
+        let ips: Vec<IpAddr> = ["127.0.0.1", "192.168.1.7", "::1", "fe80::1", "10.0.0.2"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let addrs: Vec<Multiaddr> = [
+            "/ip4/0.0.0.0/tcp/4001",
+            "/ip6/::/tcp/4002",
+            "/ip4/172.16.0.1/tcp/4003",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let got: Vec<String> = dialable(&addrs, &ips)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "/ip4/192.168.1.7/tcp/4001",
+                "/ip4/10.0.0.2/tcp/4001",
+                "/ip4/127.0.0.1/tcp/4001",
+                "/ip6/fe80::1/tcp/4002",
+                "/ip6/::1/tcp/4002",
+                "/ip4/172.16.0.1/tcp/4003",
+            ]
+        );
+        let peer = PeerId::random();
+        let line = bootstrap_line(&dialable(&addrs[..1], &ips), &peer, None).unwrap();
+        assert!(line.contains("/ip4/192.168.1.7/tcp/4001/p2p/"), "{line}");
     }
 }

@@ -125,3 +125,40 @@ fn three_processes_and_corvid_peers() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:9"));
 }
+
+/// `corvid id` for a node set to listen on every interface, before it runs, prints addresses
+/// others can dial (this machine's interfaces), never `0.0.0.0`.
+#[test]
+fn corvid_id_never_prints_an_unspecified_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = corvid(&[
+        "id",
+        "--json",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "/ip4/0.0.0.0/tcp/4001",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["running"], false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("0.0.0.0"), "{text}");
+    let addrs = v["bootstrap"].as_array().unwrap();
+    assert!(
+        !addrs.is_empty()
+            && addrs
+                .iter()
+                .all(|a| a.as_str().unwrap().contains("/tcp/4001/p2p/")),
+        "{text}"
+    );
+    // Loopback is always there; the line names a non-loopback interface when there is one.
+    assert!(
+        addrs
+            .iter()
+            .any(|a| a.as_str().unwrap().starts_with("/ip4/127.0.0.1/")),
+        "{text}"
+    );
+    let line = v["bootstrap_line"].as_str().unwrap();
+    assert!(line.contains("/tcp/4001/p2p/"), "{line}");
+}
