@@ -287,14 +287,10 @@ mod tests {
     #[test]
     fn the_same_answer_agrees() {
         let (verifier, local, sg, inputs, honest) = setup();
-        let v = judge_replica(
-            &verifier,
-            &local,
-            &sg,
-            &inputs,
-            &honest.claim(),
-            &honest.claim(),
-        );
+        let judge = |a: &Owned, b: &Owned| {
+            judge_replica(&verifier, &local, &sg, &inputs, &a.claim(), &b.claim())
+        };
+        let v = judge(&honest, &honest);
         assert_eq!(v, ReplicaVerdict::Agreed);
     }
 
@@ -303,15 +299,11 @@ mod tests {
     #[test]
     fn within_a_class_the_first_differing_op_names_the_liar() {
         let (verifier, local, sg, inputs, honest) = setup();
+        let judge = |a: &Owned, b: &Owned| {
+            judge_replica(&verifier, &local, &sg, &inputs, &a.claim(), &b.claim())
+        };
         let liar = honest.lie(1.0, Some(0));
-        let v = judge_replica(
-            &verifier,
-            &local,
-            &sg,
-            &inputs,
-            &honest.claim(),
-            &liar.claim(),
-        );
+        let v = judge(&honest, &liar);
         let ReplicaVerdict::Dispute {
             primary_wrong: None,
             replica_wrong: Some(e),
@@ -320,14 +312,7 @@ mod tests {
             panic!("the replica lied: {v:?}")
         };
         assert!(e.contains("op 0 (matmul)"), "{e}");
-        let v = judge_replica(
-            &verifier,
-            &local,
-            &sg,
-            &inputs,
-            &liar.claim(),
-            &honest.claim(),
-        );
+        let v = judge(&liar, &honest);
         assert!(
             matches!(
                 v,
@@ -341,14 +326,7 @@ mod tests {
         // A liar that signs honest per-op hashes but sends other outputs is caught by the
         // full recompute.
         let quiet = honest.lie(1.0, None);
-        let v = judge_replica(
-            &verifier,
-            &local,
-            &sg,
-            &inputs,
-            &honest.claim(),
-            &quiet.claim(),
-        );
+        let v = judge(&honest, &quiet);
         let ReplicaVerdict::Dispute {
             primary_wrong: None,
             replica_wrong: Some(e),
@@ -364,27 +342,16 @@ mod tests {
     #[test]
     fn across_classes_rounding_agrees_and_a_wrong_value_is_found() {
         let (verifier, local, sg, inputs, honest) = setup();
+        let judge = |a: &Owned, b: &Owned| {
+            judge_replica(&verifier, &local, &sg, &inputs, &a.claim(), &b.claim())
+        };
         let mut other = honest.lie(1e-6, None);
         other.class = [7; 32];
-        let v = judge_replica(
-            &verifier,
-            &local,
-            &sg,
-            &inputs,
-            &honest.claim(),
-            &other.claim(),
-        );
+        let v = judge(&honest, &other);
         assert_eq!(v, ReplicaVerdict::Agreed);
         let mut wrong = honest.lie(10.0, Some(1));
         wrong.class = [7; 32];
-        let v = judge_replica(
-            &verifier,
-            &local,
-            &sg,
-            &inputs,
-            &honest.claim(),
-            &wrong.claim(),
-        );
+        let v = judge(&honest, &wrong);
         assert!(
             matches!(
                 v,

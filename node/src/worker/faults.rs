@@ -190,23 +190,12 @@ impl Injector {
         };
         if self.fault == Fault::Replay {
             let mut a = self.answered.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(TaskResponse::Done {
-                outputs,
-                compute_micros,
-                receipt,
-                signature,
-                signer,
-                ..
-            }) = a.1.clone()
-            {
-                return TaskResponse::Done {
-                    task,
-                    outputs,
-                    compute_micros,
-                    receipt,
-                    signature,
-                    signer,
-                };
+            // The first answer again, under this request's task id.
+            if let Some(mut old) = a.1.clone() {
+                if let TaskResponse::Done { task: t, .. } = &mut old {
+                    *t = task;
+                }
+                return old;
             }
             a.1 = Some(response.clone());
         }
