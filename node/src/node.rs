@@ -207,7 +207,7 @@ async fn benchmark(
         let _g = span.enter();
         let backend = corvid_kernels::Backend::open(choice)
             .map_err(|source| NodeError::Backend { choice, source })?;
-        let report = crate::bench::run(&backend, budget, max_memory)?;
+        let report = crate::bench::run_once(&backend, choice, budget, max_memory)?;
         tracing::info!(matmul_gflops = report.matmul_gflops, matmul_n = report.matmul_n,
             elementwise_gbps = report.elementwise_gbps, took = ?report.took, "benchmark done");
         Ok((report, backend))

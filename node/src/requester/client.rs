@@ -69,23 +69,31 @@ impl Client {
         let runtime = runtime()?;
         let shutdown = CancellationToken::new();
         let (requester, workers) = runtime.block_on(async {
-            let mut workers: Vec<NodeHandle> = Vec::with_capacity(n);
-            for i in 0..n {
+            let config = |i: usize, bootstrap: Option<&NodeHandle>| {
                 let mut c = NodeConfig::for_test(1000 + i as u64);
                 c.slots = 1;
-                if let Some(first) = workers.first() {
-                    c.bootstrap = vec![first.bootstrap_addr()];
-                }
+                c.bootstrap = bootstrap
+                    .map(|b| vec![b.bootstrap_addr()])
+                    .unwrap_or_default();
                 tweak(i, &mut c);
-                workers.push(Node::spawn(c, shutdown.clone()).await?);
+                c
+            };
+            // The first worker, then the others and the requester together, all joining
+            // through the first (they share its benchmark: see `bench::run_once`).
+            let mut workers: Vec<NodeHandle> = Vec::with_capacity(n);
+            if n > 0 {
+                workers.push(Node::spawn(config(0, None), shutdown.clone()).await?);
             }
+            let first = workers.first();
+            let others = futures::future::try_join_all(
+                (1..n).map(|i| Node::spawn(config(i, first), shutdown.clone())),
+            );
             let mut c = NodeConfig::for_test(999);
             c.contribute = false;
-            c.bootstrap = workers
-                .first()
-                .map(|w| vec![w.bootstrap_addr()])
-                .unwrap_or_default();
-            let requester = Node::spawn(c, shutdown.clone()).await?;
+            c.bootstrap = first.map(|w| vec![w.bootstrap_addr()]).unwrap_or_default();
+            let (others, requester) =
+                futures::future::try_join(others, Node::spawn(c, shutdown.clone())).await?;
+            workers.extend(others);
             Ok::<_, ClientError>((requester, workers))
         })?;
         let client = Client::from_parts(
