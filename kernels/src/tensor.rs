@@ -8,8 +8,6 @@ use std::fmt;
 use std::sync::Arc;
 
 use ndarray::{ArrayD, IxDyn};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::checked;
@@ -229,19 +227,15 @@ impl Tensor {
         }
     }
 
-    /// Seeded uniform random values in `[lo, hi)`: the same seed gives the same tensor everywhere.
+    /// Seeded uniform random values in `[lo, hi)`: the same seed gives the same tensor
+    /// everywhere, and any window of it is [`crate::Recipe::slice`] of its recipe.
     ///
     /// # Panics
-    /// If the element count overflows, like [`Tensor::full`].
+    /// If the element count overflows, like [`Tensor::full`], or the range is not finite.
     pub fn random_uniform(shape: impl Into<Vec<usize>>, lo: f32, hi: f32, seed: u64) -> Self {
-        let shape = shape.into();
-        let n = local_numel(&shape);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let data = (0..n).map(|_| rng.random_range(lo..hi)).collect();
-        Tensor {
-            shape,
-            data: Data::F32(data),
-        }
+        crate::recipe::Recipe::uniform(shape, lo, hi, seed)
+            .materialise()
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Rebuilds a tensor from little-endian bytes, checking the length first.

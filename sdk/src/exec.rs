@@ -125,7 +125,7 @@ impl Executor for LocalExecutor {
             let wave: Vec<usize> = (0..n).filter(|&i| level[i] == l).collect();
             let fetch = |s: &Source| -> Arc<Data> {
                 match *s {
-                    Source::Leaf(i) => plan.leaves[i].clone(),
+                    Source::Leaf(i) => plan.leaves[i].get().clone(),
                     Source::Output { subgraph, output } => {
                         results[subgraph].as_ref().expect("earlier wave")[output].clone()
                     }
@@ -165,7 +165,7 @@ impl Executor for LocalExecutor {
             .outputs
             .iter()
             .map(|s| match *s {
-                Source::Leaf(i) => plan.leaves[i].clone(),
+                Source::Leaf(i) => plan.leaves[i].get().clone(),
                 Source::Output { subgraph, output } => {
                     results[subgraph].as_ref().expect("outputs are kept")[output].clone()
                 }

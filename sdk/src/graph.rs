@@ -5,13 +5,14 @@ use std::panic::Location;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use corvid_kernels::{Op, Program, Tensor as Data, TensorMeta};
+use corvid_kernels::{Op, Program, Recipe, Tensor as Data, TensorMeta};
 use ndarray::{Array, Dimension};
 
 use crate::error::{BuildError, EvalError, Site};
 use crate::exec::{Executor, default_executor};
 use crate::ids::{ValueId, op_value_id};
 use crate::partition::{PartitionError, partition};
+use crate::plan::Leaf;
 use crate::report::{Failure, Report};
 use crate::tensor::Tensor;
 
@@ -20,7 +21,7 @@ pub(crate) type NodeId = usize;
 
 #[derive(Debug)]
 pub(crate) enum NodeKind {
-    Leaf(Arc<Data>),
+    Leaf(Arc<Leaf>),
     Op {
         op: Op,
         args: Vec<NodeId>,
@@ -114,7 +115,7 @@ impl Graph {
         let meta = data.meta();
         let id = data.content_id().into();
         self.add_node(
-            NodeKind::Leaf(Arc::new(data)),
+            NodeKind::Leaf(Arc::new(Leaf::data(Arc::new(data)))),
             meta,
             id,
             Site(Location::caller()),
@@ -154,10 +155,23 @@ impl Graph {
     }
 
     /// Seeded uniform random values in `[lo, hi)`; the same seed gives the same tensor anywhere.
+    ///
+    /// The tensor is its recipe: no values are made until something reads them, and a worker
+    /// that needs a block of it makes that block (see [`Recipe`]).
+    ///
+    /// # Panics
+    /// If the range is not finite or `lo > hi`, or the shape has more elements than fit in
+    /// memory, like [`Data::random_uniform`].
     #[track_caller]
     pub fn random(&self, shape: &[usize], lo: f32, hi: f32, seed: u64) -> Tensor {
         let at = Site(Location::caller());
-        self.constant_at(Data::random_uniform(shape.to_vec(), lo, hi, seed), at)
+        let recipe = Recipe::uniform(shape.to_vec(), lo, hi, seed);
+        if let Err(e) = recipe.check() {
+            panic!("{e}");
+        }
+        let meta = recipe.meta();
+        let id = recipe.id().into();
+        self.add_node(NodeKind::Leaf(Arc::new(Leaf::recipe(recipe))), meta, id, at)
     }
 
     /// Loads a `.npy` file holding f32 or i32 values.
@@ -190,7 +204,12 @@ impl Graph {
     fn constant_at(&self, data: Data, at: Site) -> Tensor {
         let meta = data.meta();
         let id = data.content_id().into();
-        self.add_node(NodeKind::Leaf(Arc::new(data)), meta, id, at)
+        self.add_node(
+            NodeKind::Leaf(Arc::new(Leaf::data(Arc::new(data)))),
+            meta,
+            id,
+            at,
+        )
     }
 
     // ---- ops ----------------------------------------------------------------------------
@@ -401,7 +420,7 @@ impl Graph {
             if let NodeKind::Leaf(d) = &n.kind {
                 local.insert(i, program.inputs.len() as u32);
                 program.inputs.push(n.meta.clone());
-                leaves.push(d.clone());
+                leaves.push(d.get().clone());
             }
         }
         let first_op = program.inputs.len() as u32;

@@ -39,6 +39,6 @@ pub use error::{BuildError, EvalError, Site};
 pub use exec::{Executor, LocalExecutor, ResultCache};
 pub use graph::Graph;
 pub use ids::{SubgraphId, ValueId};
-pub use plan::{Cost, Plan, Settings, Source, Subgraph};
+pub use plan::{Cost, Leaf, Plan, Settings, Source, Subgraph};
 pub use report::Report;
 pub use tensor::Tensor;

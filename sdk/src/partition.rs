@@ -6,7 +6,8 @@
 //!    (softmax, reductions over columns, layer_norm, argmax, a following matmul) when the grid
 //!    has one column block, are applied per tile, so an MLP runs as independent row pipelines.
 //!    Tiles are assembled by `concat` in a fixed order. Slices of constants are cut here, on the
-//!    requester, so a tile ships only its blocks.
+//!    requester, so a tile ships only its blocks; a slice of a recipe (a seeded random tensor)
+//!    is a narrower recipe, so a tile ships a few bytes and its worker makes the block.
 //! 2. **Fusion.** Each op joins the subgraph of its first computed argument when it is that
 //!    value's only consumer and the subgraph stays under `max_subgraph_flops`; otherwise it
 //!    starts a new one. Dependencies between subgraphs always point to earlier ones, so the
@@ -18,13 +19,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use corvid_kernels::budget::{GEMM_WORKSPACE, workspace_bytes};
-use corvid_kernels::{Budget, Op, Program, Tensor as Data, TensorMeta, reference, shape};
+use corvid_kernels::{Budget, Op, Program, TensorMeta, reference, shape};
 
 pub use crate::error::PartitionError;
 use crate::error::Site;
 use crate::graph::{Node, NodeId, NodeKind};
 use crate::ids::{ValueId, op_value_id, subgraph_id};
-use crate::plan::{Cost, Plan, Settings, Source, Subgraph};
+use crate::plan::{Cost, Leaf, Plan, Settings, Source, Subgraph};
 
 /// Room left in a task budget for what the byte estimates do not count (bookkeeping).
 const GROUP_SLACK: u64 = 1 << 20;
@@ -61,7 +62,7 @@ struct Builder<'a> {
     settings: &'a Settings,
     pnodes: Vec<PNode>,
     by_id: HashMap<ValueId, usize>,
-    leaves: Vec<Arc<Data>>,
+    leaves: Vec<Arc<Leaf>>,
     leaf_ids: Vec<ValueId>,
 }
 
@@ -132,11 +133,11 @@ fn is_row_wise(op: &Op, rank: usize) -> bool {
 }
 
 impl Builder<'_> {
-    fn leaf(&mut self, data: Arc<Data>, id: ValueId, at: Site) -> usize {
+    fn leaf(&mut self, data: Arc<Leaf>, id: ValueId, at: Site) -> usize {
         if let Some(&p) = self.by_id.get(&id) {
             return p;
         }
-        let meta = data.meta();
+        let meta = data.meta().clone();
         self.leaves.push(data);
         self.leaf_ids.push(id);
         self.insert(PNode {
@@ -164,10 +165,27 @@ impl Builder<'_> {
         if let Some(&p) = self.by_id.get(&id) {
             return p;
         }
-        if let (Op::Slice { .. }, Some(leaf)) = (&op, self.pnodes[args[0]].leaf) {
-            let data = reference::eval(&op, &[&self.leaves[leaf]])
-                .expect("the partitioner slices within bounds");
-            let p = self.leaf(Arc::new(data), id, at);
+        if let (
+            Op::Slice {
+                starts,
+                ends,
+                steps,
+            },
+            Some(leaf),
+        ) = (&op, self.pnodes[args[0]].leaf)
+        {
+            // A window of a recipe is a recipe: no values are made here.
+            let cut = match self.leaves[leaf]
+                .how()
+                .and_then(|r| r.slice(starts, ends, steps))
+            {
+                Some(window) => Leaf::recipe(window),
+                None => Leaf::data(Arc::new(
+                    reference::eval(&op, &[self.leaves[leaf].get()])
+                        .expect("the partitioner slices within bounds"),
+                )),
+            };
+            let p = self.leaf(Arc::new(cut), id, at);
             self.by_id.insert(id, p);
             return p;
         }

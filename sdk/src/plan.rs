@@ -2,9 +2,9 @@
 //! recognise, and the DAG that connects them.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use corvid_kernels::{Budget, Program, Tensor as Data};
+use corvid_kernels::{Budget, Program, Recipe, Tensor as Data, TensorMeta};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{SubgraphId, ValueId};
@@ -92,10 +92,60 @@ impl Settings {
     }
 }
 
+/// A constant: its values, or a recipe that makes them where they are needed. A recipe leaf
+/// travels as its recipe; the values are made on a requester only when something reads them
+/// (a local run, a check), once.
+#[derive(Debug)]
+pub struct Leaf {
+    recipe: Option<Recipe>,
+    meta: TensorMeta,
+    data: OnceLock<Arc<Data>>,
+}
+
+impl Leaf {
+    pub fn data(data: Arc<Data>) -> Leaf {
+        Leaf {
+            recipe: None,
+            meta: data.meta(),
+            data: OnceLock::from(data),
+        }
+    }
+
+    /// A leaf made from `recipe`, which must pass [`Recipe::check`].
+    pub fn recipe(recipe: Recipe) -> Leaf {
+        Leaf {
+            meta: recipe.meta(),
+            recipe: Some(recipe),
+            data: OnceLock::new(),
+        }
+    }
+
+    /// Its recipe, if it has one.
+    pub fn how(&self) -> Option<&Recipe> {
+        self.recipe.as_ref()
+    }
+
+    pub fn meta(&self) -> &TensorMeta {
+        &self.meta
+    }
+
+    /// Its values, made now if they have not been yet.
+    pub fn get(&self) -> &Arc<Data> {
+        self.data.get_or_init(|| {
+            let recipe = self.recipe.as_ref().expect("a leaf has data or a recipe");
+            Arc::new(
+                recipe
+                    .materialise()
+                    .expect("leaf recipes are checked when built"),
+            )
+        })
+    }
+}
+
 /// A partitioned graph: constants, subgraphs in topological order, and the requested outputs.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    pub leaves: Vec<Arc<Data>>,
+    pub leaves: Vec<Arc<Leaf>>,
     pub leaf_ids: Vec<ValueId>,
     pub subgraphs: Vec<Subgraph>,
     pub outputs: Vec<Source>,

@@ -8,7 +8,8 @@
 //!   `max(now, peer busy until) + flops / speed + bytes to move / link`. Inputs the peer already
 //!   holds cost nothing to move. Speeds start from adverts and are replaced by measured
 //!   throughput as results come back, so a peer that lies about its speed stops attracting work.
-//!   Peers take at most `slots` tasks at once; with no peer free the job runs locally (if
+//!   Peers take at most `slots` tasks at once, plus `queue_depth` queued behind them (the next
+//!   task travels while the current one computes); with no peer free the job runs locally (if
 //!   allowed) or waits.
 //! - **Failures**: a task has a deadline from its estimate; a failure or timeout sends the
 //!   subgraph elsewhere (peers that failed it are avoided) up to `max_attempts`; a task running
@@ -22,7 +23,7 @@ use corvid_kernels::{Budget, Footprint};
 
 pub use crate::failure::{AttemptError, JobFailure, Place, TaskFailure};
 use crate::ids::ValueId;
-use crate::plan::Plan;
+use crate::plan::{Plan, Source};
 
 /// A busy peer is waited for if it would finish in less than this fraction of the time the
 /// best free peer would take.
@@ -95,6 +96,10 @@ pub struct SchedConfig {
     /// come back to it anyway, so shipping them out again only costs transfer. Independent of
     /// `allow_local`.
     pub local_data_movement: bool,
+    /// Tasks a peer may hold beyond its slots, queued behind the ones it runs: its next task
+    /// (and its inputs) arrive while the current one computes, so it never idles through a
+    /// round trip and the requester's checks.
+    pub queue_depth: usize,
 }
 
 impl Default for SchedConfig {
@@ -109,6 +114,7 @@ impl Default for SchedConfig {
             straggler_min: 0.5,
             latency: 0.002,
             local_data_movement: true,
+            queue_depth: 1,
         }
     }
 }
@@ -161,6 +167,8 @@ struct Task<P> {
     speculative_sent: bool,
     /// Input bytes that had to travel (the peer did not hold them).
     moved: u64,
+    /// Sent to a peer whose slots were all taken: it waited in the peer's queue first.
+    queued: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -212,6 +220,8 @@ pub struct Scheduler<P: Ord + Clone> {
     /// Every task of the job, running or not, by id: its subgraph and place.
     dispatched: Vec<(usize, Place<P>)>,
     peers: BTreeMap<P, PeerInfo>,
+    /// When each peer last returned a result: a queued task started no earlier.
+    last_done: BTreeMap<P, f64>,
     /// Which peers hold which values (inputs they were sent, outputs they computed).
     held: HashMap<ValueId, BTreeSet<P>>,
     local_busy_until: f64,
@@ -228,11 +238,16 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         let n = plan.subgraphs.len();
         let mut inputs = Vec::with_capacity(n);
         for sg in &plan.subgraphs {
+            // A recipe travels as a few bytes, whatever it makes.
             let v: Vec<(ValueId, u64)> = sg
                 .input_ids
                 .iter()
                 .zip(&sg.program.inputs)
-                .map(|(id, m)| (*id, m.bytes()))
+                .zip(&sg.inputs)
+                .map(|((id, m), s)| match s {
+                    Source::Leaf(l) if plan.leaves[*l].how().is_some() => (*id, 0),
+                    _ => (*id, m.bytes()),
+                })
                 .collect();
             inputs.push(v);
         }
@@ -275,6 +290,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             next_task: 0,
             dispatched: Vec::new(),
             peers: BTreeMap::new(),
+            last_done: BTreeMap::new(),
             held: HashMap::new(),
             local_busy_until: 0.0,
             local_in_flight: 0,
@@ -549,7 +565,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         while let Some(sg) = self.ready.pop_first() {
             let tried: BTreeSet<Place<P>> =
                 self.errors[sg].iter().map(|e| e.place.clone()).collect();
-            match self.best_place(sg, now, &tried) {
+            match self.best_place(sg, now, &tried, self.cfg.queue_depth) {
                 Some(place) => out.push(self.dispatch(sg, place, now)),
                 None => {
                     if self.stuck.is_none()
@@ -566,7 +582,10 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
                     // Nothing else fits either once every peer is full (or worth waiting for)
                     // and the requester is busy or not allowed; a subgraph that avoided
                     // peers where it failed may be followed by one that can use them.
-                    let free = self.peers.values().any(|i| i.in_flight < i.slots);
+                    let free = self
+                        .peers
+                        .values()
+                        .any(|i| i.in_flight < i.slots + self.cfg.queue_depth);
                     let local = self.cfg.allow_local && self.local_in_flight == 0;
                     if (!free && !local) || self.errors[sg].is_empty() {
                         break;
@@ -578,7 +597,14 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         out
     }
 
-    fn best_place(&self, sg: usize, now: f64, avoid: &BTreeSet<Place<P>>) -> Option<Place<P>> {
+    /// Where `sg` would finish first, among peers with fewer than `slots + depth` tasks.
+    fn best_place(
+        &self,
+        sg: usize,
+        now: f64,
+        avoid: &BTreeSet<Place<P>>,
+        depth: usize,
+    ) -> Option<Place<P>> {
         let mut best: Option<(f64, Place<P>)> = None;
         let mut best_busy: Option<f64> = None;
         for (p, info) in &self.peers {
@@ -587,7 +613,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
                 continue;
             }
             let t = self.estimate(sg, &place, now);
-            if info.in_flight >= info.slots {
+            if info.in_flight >= info.slots + depth {
                 best_busy = Some(best_busy.map_or(t, |b| b.min(t)));
             } else if best.as_ref().is_none_or(|(b, _)| t < *b) {
                 best = Some((t, place));
@@ -682,6 +708,10 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         }
         let finish = self.estimate(sg, &place, now);
         let estimate = (finish - now).max(1e-3);
+        let queued = match &place {
+            Place::Peer(p) => self.peers[p].in_flight >= self.peers[p].slots,
+            Place::Local => false,
+        };
         let deadline = now + self.cfg.deadline_slack * estimate + self.cfg.deadline_grace;
         let held = match &place {
             Place::Peer(p) => self.inputs[sg]
@@ -723,6 +753,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
                     .filter(|(_, h)| !**h)
                     .map(|((_, b), _)| b)
                     .sum(),
+                queued,
             },
         );
         Decision::Dispatch {
@@ -764,7 +795,17 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         if self.state[sg] == State::Done {
             return vec![];
         }
-        let elapsed = (now - t.started).max(1e-6);
+        // A queued task started when the peer finished the one before it.
+        let started = match &t.place {
+            Place::Peer(p) if t.queued => {
+                t.started.max(self.last_done.get(p).copied().unwrap_or(0.0))
+            }
+            _ => t.started,
+        };
+        if let Place::Peer(p) = &t.place {
+            self.last_done.insert(p.clone(), now);
+        }
+        let elapsed = (now - started).max(1e-6);
         let moved = t.moved + self.bytes_out[sg];
         let s = self.stats.entry(t.place.clone()).or_default();
         s.tasks += 1;
@@ -893,7 +934,8 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             let avoid: BTreeSet<Place<P>> = std::iter::once(place.clone())
                 .chain(self.errors[sg].iter().map(|e| e.place.clone()))
                 .collect();
-            if let Some(other) = self.best_place(sg, now, &avoid) {
+            // A copy goes only to a peer with a free slot: in a queue it would wait too.
+            if let Some(other) = self.best_place(sg, now, &avoid, 0) {
                 if let Some(t) = self.tasks.get_mut(&id) {
                     t.speculative_sent = true;
                 }
@@ -932,10 +974,13 @@ mod tests {
             ..Settings::default()
         });
         let g = Graph::new("sched").with_executor(Arc::new(exec));
-        let c = g
-            .random(&[64, 40], -1.0, 1.0, 1)
-            .matmul(&g.random(&[40, 64], -1.0, 1.0, 2))
-            .unwrap();
+        // Data, not recipes: these inputs cost their bytes to move.
+        let data = |shape: [usize; 2], seed| {
+            g.constant(corvid_kernels::Tensor::random_uniform(
+                shape, -1.0, 1.0, seed,
+            ))
+        };
+        let c = data([64, 40], 1).matmul(&data([40, 64], 2)).unwrap();
         g.plan(&[&c]).unwrap()
     }
 
@@ -945,6 +990,14 @@ mod tests {
             allow_local: false,
             local_data_movement: false,
             ..SchedConfig::default()
+        }
+    }
+
+    /// [`no_local`] with no queue: a peer takes as many tasks as it has slots.
+    fn unqueued() -> SchedConfig {
+        SchedConfig {
+            queue_depth: 0,
+            ..no_local()
         }
     }
 
@@ -971,15 +1024,75 @@ mod tests {
     }
 
     #[test]
-    fn independent_tiles_spread_over_peers_within_slots() {
+    fn independent_tiles_spread_over_peers_within_slots_and_queues() {
         let p = plan();
-        let mut s = Scheduler::new(&p, no_local());
+        let mut s = Scheduler::new(&p, unqueued());
         s.peer("a", 1e9, 1e9, 1);
         s.peer("b", 1e9, 1e9, 1);
         let d = dispatched(&s.schedule(0.0));
         assert_eq!(d.len(), 2, "one task per slot");
         let places: BTreeSet<_> = d.iter().map(|x| x.2.clone()).collect();
         assert_eq!(places.len(), 2, "{d:?}");
+
+        // With a queue of one, each peer also gets its next task while the first computes.
+        let mut s = Scheduler::new(&p, no_local());
+        s.peer("a", 1e9, 1e9, 1);
+        s.peer("b", 1e9, 1e9, 1);
+        let d = dispatched(&s.schedule(0.0));
+        assert_eq!(d.len(), 4, "a slot and a queue place each: {d:?}");
+        for peer in ["a", "b"] {
+            assert_eq!(
+                d.iter().filter(|x| x.2 == Place::Peer(peer)).count(),
+                2,
+                "{d:?}"
+            );
+        }
+        assert!(
+            dispatched(&s.schedule(0.0)).is_empty(),
+            "both queues are full"
+        );
+        // The queued task's time runs from when the one before it finished: two tasks back to
+        // back, one second each (by the round trip: the worker did not say), measure one
+        // second each, not two for the second.
+        let on_a: Vec<TaskId> = d
+            .iter()
+            .filter(|x| x.2 == Place::Peer("a"))
+            .map(|x| x.0)
+            .collect();
+        let flops = p.subgraphs[d[0].1].cost.flops as f64;
+        s.on_done(on_a[0], 1.0, &[], None);
+        s.on_done(on_a[1], 2.0, &[], None);
+        let a = &s.peers()["a"];
+        assert!(
+            (a.flops - flops).abs() < 1e-6 * flops,
+            "{} vs {flops}",
+            a.flops
+        );
+    }
+
+    #[test]
+    fn recipes_cost_nothing_to_move() {
+        let exec = LocalExecutor::new(Backend::Cpu(CpuBackend::new())).with_settings(Settings {
+            block: 32,
+            ..Settings::default()
+        });
+        let g = Graph::new("recipes").with_executor(Arc::new(exec));
+        let c = g
+            .random(&[64, 40], -1.0, 1.0, 1)
+            .matmul(&g.random(&[40, 64], -1.0, 1.0, 2))
+            .unwrap();
+        let p = g.plan(&[&c]).unwrap();
+        let mut s = Scheduler::new(&p, no_local());
+        s.peer("a", 1e9, 1e6, 1);
+        let tile = (0..p.subgraphs.len())
+            .find(|&i| p.subgraphs[i].cost.flops > 0)
+            .unwrap();
+        assert!(p.subgraphs[tile].cost.bytes_in > 0);
+        assert!(
+            s.inputs[tile].iter().all(|(_, b)| *b == 0),
+            "{:?}",
+            s.inputs[tile]
+        );
     }
 
     #[test]
@@ -1131,7 +1244,7 @@ mod tests {
     #[test]
     fn deadlines_expire_and_stragglers_get_a_copy_used_once() {
         let p = plan();
-        let mut s = Scheduler::new(&p, no_local());
+        let mut s = Scheduler::new(&p, unqueued());
         s.peer("slow", 1e6, 1e9, 1);
         let d = dispatched(&s.schedule(0.0));
         assert_eq!(d.len(), 1);
@@ -1280,12 +1393,11 @@ mod tests {
         // Measured: the slow peer needs 1000x longer.
         s.measured(&"slow", Some(1e6), None);
         let d = dispatched(&s.schedule(0.0));
-        assert_eq!(
-            d.len(),
-            1,
-            "only the fast peer starts; the slow one is not worth it: {d:?}"
+        assert!(
+            !d.is_empty() && d.iter().all(|x| x.2 == Place::Peer("fast")),
+            "only the fast peer gets work (its slot, then its queue); the slow one is not \
+             worth it: {d:?}"
         );
-        assert_eq!(d[0].2, Place::Peer("fast"));
     }
 
     /// What one job's scheduler learned (measured speeds, who holds what) starts the next

@@ -10,22 +10,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use corvid_kernels::{ContentId, Program, Tensor as Data, TensorMeta, TooLarge};
+use corvid_kernels::{ContentId, Program, Recipe, Tensor as Data, TensorMeta, TooLarge};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{SubgraphId, ValueId, subgraph_id};
 use crate::plan::Subgraph;
 
 /// Version of the task protocol; a peer answers other versions with [`TaskResponse::Failed`].
-pub const TASK_VERSION: u16 = 3;
+pub const TASK_VERSION: u16 = 4;
 
 /// Domain separation for receipt signatures.
 const RECEIPT_DOMAIN: &[u8] = b"corvid/receipt/2";
 
-/// One input of a task: the data itself, or only its id when the worker already holds it.
+/// One input of a task: the data itself, how to make it, or only its id when the worker
+/// already holds it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Input {
     Data(Arc<Data>),
+    /// The worker makes the values (a block of a seeded random tensor): a few bytes on the
+    /// wire instead of the tensor. The receipt still names the content of what it ran on.
+    Recipe(Recipe),
     /// The worker holds this value (by the request's input id) from an earlier task of the
     /// same requester.
     Held,
@@ -214,6 +218,7 @@ pub trait Framed: Sized {
 enum InputHead {
     Data(TensorMeta),
     Held,
+    Recipe(Recipe),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -282,6 +287,7 @@ impl Framed for Request {
                     InputHead::Data(t.meta())
                 }
                 Input::Held => InputHead::Held,
+                Input::Recipe(r) => InputHead::Recipe(r.clone()),
             })
             .collect();
         let head = RequestHead::Run(RunHead {
@@ -304,7 +310,7 @@ impl Framed for Request {
                 .into_iter()
                 .filter_map(|i| match i {
                     InputHead::Data(m) => Some(m),
-                    InputHead::Held => None,
+                    InputHead::Held | InputHead::Recipe(_) => None,
                 })
                 .collect(),
             RequestHead::Cancel { .. } => Vec::new(),
@@ -323,6 +329,7 @@ impl Framed for Request {
             .map(|i| match i {
                 InputHead::Data(_) => tensors.next().map(Input::Data).ok_or(MISCOUNT),
                 InputHead::Held => Ok(Input::Held),
+                InputHead::Recipe(r) => Ok(Input::Recipe(r)),
             })
             .collect::<Result<_, _>>()?;
         Ok(Request::Run(TaskRequest {

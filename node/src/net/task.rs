@@ -1,4 +1,4 @@
-//! The task protocol (`/corvid/task/3`): a requester sends a subgraph with its inputs (or a
+//! The task protocol (`/corvid/task/4`): a requester sends a subgraph with its inputs (or a
 //! cancel), a worker answers with the outputs.
 //!
 //! A message is a postcard head behind a u64 length, then the raw little-endian bytes of each
@@ -22,7 +22,7 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/corvid/task/3");
+pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/corvid/task/4");
 /// Inbound budget is counted in units of this many bytes.
 const LEASE_UNIT: u64 = 4096;
 /// Largest task request or response, in bytes.
@@ -329,7 +329,16 @@ mod tests {
             .unwrap();
         let plan = g.plan(&[&c]).unwrap();
         let sg = &plan.subgraphs[0];
-        let inputs = vec![Input::Data(plan.leaves[0].clone()), Input::Held];
+        // Data, a recipe and a held value: the codec does not check counts against the program.
+        let recipe = plan.leaves[1]
+            .how()
+            .expect("a random leaf is a recipe")
+            .clone();
+        let inputs = vec![
+            Input::Data(plan.leaves[0].get().clone()),
+            Input::Recipe(recipe),
+            Input::Held,
+        ];
         Request::Run(TaskRequest::new(7, [3; 16], sg, inputs))
     }
 

@@ -181,7 +181,7 @@ pub(super) async fn run_job(
             .outputs
             .iter()
             .map(|s| match *s {
-                Source::Leaf(i) => job.plan.leaves[i].clone(),
+                Source::Leaf(i) => job.plan.leaves[i].get().clone(),
                 Source::Output { subgraph, output } => job.results[subgraph]
                     .as_ref()
                     .expect("finished jobs have every result")[output]
@@ -478,6 +478,16 @@ impl Job {
                 .map(|id| self.sched.held().get(id).is_some_and(|h| h.contains(&peer)))
                 .collect();
             let copied = sg.id;
+            // The job's constants it keeps travel as the job's work sends them (a recipe as
+            // its recipe), so that the worker names them the same way.
+            let kept: Vec<Option<Arc<Leaf>>> = sg
+                .input_ids
+                .iter()
+                .map(|id| {
+                    let l = self.plan.leaf_ids.iter().position(|x| x == id)?;
+                    Some(self.plan.leaves[l].clone())
+                })
+                .collect();
             let remote = self.remote.clone();
             self.canaries.spawn(async move {
                 let local = remote.local.clone();
@@ -507,7 +517,15 @@ impl Job {
                     2.0 + sg.cost.bytes_in as f64 / 20e6 + sg.cost.flops as f64 / 1e9,
                 );
                 let wire = rand::rng().random();
-                let r = match remote.run(peer, wire, &sg, inputs, held, timeout).await {
+                let args = inputs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, t)| match kept.get(k) {
+                        Some(Some(leaf)) if sg.id == copied => Arg::Leaf(leaf.clone()),
+                        _ => Arg::Value(t),
+                    })
+                    .collect();
+                let r = match remote.run(peer, wire, &sg, args, held, timeout).await {
                     Ok(a) if a.class == mine => {
                         match trust::compare(&sg, &a.outputs, &want, true) {
                             Ok(()) => Ok(a),
@@ -655,24 +673,27 @@ impl Job {
                 }
                 let local = self.remote.local.clone();
                 self.running.spawn(async move {
-                    let r = tokio::task::spawn_blocking(move || local.run_subgraph(&sg, &inputs))
-                        .await
-                        .map_err(|e| TaskFailure::Unchecked(format!("the local run ended: {e}")))
-                        .and_then(|r| r.map_err(TaskFailure::Local))
-                        .map(|v| {
-                            let outputs: Vec<Arc<Data>> = v.to_vec();
-                            Accepted {
-                                cids: outputs.iter().map(|t| t.content_id()).collect(),
-                                outputs,
-                                op_hashes: Vec::new(),
-                                class: [0; 32],
-                                check: None,
-                                verify_secs: 0.0,
-                                compute_secs: None,
-                                elapsed_secs: 0.0,
-                            }
-                        })
-                        .map_err(Refusal::Failed);
+                    let r = tokio::task::spawn_blocking(move || {
+                        let inputs: Vec<Arc<Data>> = inputs.iter().map(Arg::data).collect();
+                        local.run_subgraph(&sg, &inputs)
+                    })
+                    .await
+                    .map_err(|e| TaskFailure::Unchecked(format!("the local run ended: {e}")))
+                    .and_then(|r| r.map_err(TaskFailure::Local))
+                    .map(|v| {
+                        let outputs: Vec<Arc<Data>> = v.to_vec();
+                        Accepted {
+                            cids: outputs.iter().map(|t| t.content_id()).collect(),
+                            outputs,
+                            op_hashes: Vec::new(),
+                            class: [0; 32],
+                            check: None,
+                            verify_secs: 0.0,
+                            compute_secs: None,
+                            elapsed_secs: 0.0,
+                        }
+                    })
+                    .map_err(Refusal::Failed);
                     (task, r)
                 });
             }

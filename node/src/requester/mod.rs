@@ -19,8 +19,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use corvid_kernels::{ContentId, Tensor as Data};
-use corvid_sdk::plan::{Plan, Source, Subgraph};
+use corvid_kernels::{ContentId, Recipe, Tensor as Data};
+use corvid_sdk::plan::{Leaf, Plan, Source, Subgraph};
+use corvid_sdk::wire::Input;
 use libp2p::PeerId;
 
 use corvid_sdk::sched::TaskFailure;
@@ -96,18 +97,57 @@ struct Producer {
     check: Option<CheckKind>,
 }
 /// The inputs of subgraph `sg`: constants and earlier results.
-fn gather(plan: &Plan, sg: usize, results: &[Option<Arc<Vec<Arc<Data>>>>]) -> Vec<Arc<Data>> {
+fn gather(plan: &Plan, sg: usize, results: &[Option<Arc<Vec<Arc<Data>>>>]) -> Vec<Arg> {
     plan.subgraphs[sg]
         .inputs
         .iter()
         .map(|s| match *s {
-            Source::Leaf(i) => plan.leaves[i].clone(),
-            Source::Output { subgraph, output } => results[subgraph]
-                .as_ref()
-                .expect("the scheduler waits for dependencies")[output]
-                .clone(),
+            Source::Leaf(i) => Arg::Leaf(plan.leaves[i].clone()),
+            Source::Output { subgraph, output } => Arg::Value(
+                results[subgraph]
+                    .as_ref()
+                    .expect("the scheduler waits for dependencies")[output]
+                    .clone(),
+            ),
         })
         .collect()
+}
+
+/// A subgraph input on the requester: a value it holds, or a constant of the plan, which
+/// travels as its recipe if it has one and is made here only when something here reads it.
+#[derive(Clone, Debug)]
+enum Arg {
+    Value(Arc<Data>),
+    Leaf(Arc<Leaf>),
+}
+
+impl Arg {
+    /// The values; a recipe not made yet is made now (call it off the async threads).
+    fn data(&self) -> Arc<Data> {
+        match self {
+            Arg::Value(t) => t.clone(),
+            Arg::Leaf(l) => l.get().clone(),
+        }
+    }
+
+    /// The recipe it travels as, if it has one.
+    fn recipe(&self) -> Option<&Recipe> {
+        match self {
+            Arg::Value(_) => None,
+            Arg::Leaf(l) => l.how(),
+        }
+    }
+
+    /// How it travels to a worker.
+    fn wire(&self) -> Input {
+        match self {
+            Arg::Value(t) => Input::Data(t.clone()),
+            Arg::Leaf(l) => match l.how() {
+                Some(r) => Input::Recipe(r.clone()),
+                None => Input::Data(l.get().clone()),
+            },
+        }
+    }
 }
 
 /// A result must have the program's output count, dtypes and shapes.

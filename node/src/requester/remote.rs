@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use corvid_kernels::{ContentId, Tensor as Data};
-use corvid_sdk::LocalExecutor;
 use corvid_sdk::plan::Subgraph;
 use corvid_sdk::sched::TaskFailure;
 use corvid_sdk::wire::{Input, Receipt, TaskRequest, TaskResponse};
+use corvid_sdk::{LocalExecutor, ValueId};
 use libp2p::PeerId;
 use rand::Rng;
 
@@ -45,7 +45,7 @@ impl Remote {
         &self,
         peer: PeerId,
         request: TaskRequest,
-        inputs: &[Arc<Data>],
+        full: Vec<Input>,
         timeout: Duration,
     ) -> Result<(Signed, bool), TaskFailure> {
         let held = request.inputs.iter().any(|i| matches!(i, Input::Held));
@@ -54,10 +54,10 @@ impl Remote {
             // Kept only if it may be needed again (its tensors are shared, not copied).
             let again = held.then(|| request.clone());
             let mut response = self.node.run_task(peer, request).await;
-            if let (Ok(TaskResponse::Missing { .. }), Some(mut full)) = (&response, again) {
+            if let (Ok(TaskResponse::Missing { .. }), Some(mut again)) = (&response, again) {
                 used_held.store(false, Ordering::Relaxed);
-                full.inputs = inputs.iter().map(|t| Input::Data(t.clone())).collect();
-                response = self.node.run_task(peer, full).await;
+                again.inputs = full;
+                response = self.node.run_task(peer, again).await;
             }
             response
         };
@@ -99,35 +99,36 @@ impl Remote {
         peer: PeerId,
         wire_task: u64,
         sg: &Subgraph,
-        inputs: Vec<Arc<Data>>,
+        args: Vec<Arg>,
         held: Vec<bool>,
         timeout: Duration,
     ) -> Result<Accepted, Refusal> {
         let nonce: [u8; 16] = rand::rng().random();
-        let data = inputs
+        let full: Vec<Input> = args.iter().map(Arg::wire).collect();
+        let data = full
             .iter()
             .zip(&held)
-            .map(|(t, &h)| {
-                if h {
-                    Input::Held
-                } else {
-                    Input::Data(t.clone())
-                }
-            })
+            .map(|(i, &h)| if h { Input::Held } else { i.clone() })
             .collect();
         let request = TaskRequest::new(wire_task, nonce, sg, data);
         let sent = Instant::now();
-        // The inputs' content ids (for the receipt) are hashed while the worker computes.
+        // While the worker computes, the inputs are made here (recipes, for the checks) and
+        // their content ids hashed (for the receipt).
         let hashing = {
-            let (memo, ids, inputs) = (self.cids.clone(), sg.input_ids.clone(), inputs.clone());
+            let (memo, ids) = (self.cids.clone(), sg.input_ids.clone());
             tokio::task::spawn_blocking(move || {
                 let clock = trust::Stopwatch::start();
-                (memo.of(&ids, &inputs), clock.secs())
+                let inputs: Vec<Arc<Data>> = args.iter().map(Arg::data).collect();
+                (
+                    content_ids(&memo, &ids, &args, &inputs),
+                    inputs,
+                    clock.secs(),
+                )
             })
         };
-        let (signed, used_held) = self.round_trip(peer, request, &inputs, timeout).await?;
+        let (signed, used_held) = self.round_trip(peer, request, full, timeout).await?;
         let elapsed_secs = sent.elapsed().as_secs_f64();
-        let (input_cids, hash_secs) = hashing
+        let (input_cids, inputs, hash_secs) = hashing
             .await
             .map_err(|e| TaskFailure::Unchecked(format!("hashing panicked: {e}")))?;
         let this = self.clone();
@@ -158,7 +159,11 @@ impl Remote {
                 op_hashes: signed.receipt.op_hashes,
                 class: signed.receipt.class,
                 check: Some(check),
-                verify_secs: clock.secs() + hash_secs,
+                verify_secs: {
+                    tracing::debug!(%peer, sg = %sg.id.short(), answered_after = elapsed_secs,
+                        inputs_made_and_hashed = hash_secs, checked = clock.secs(), "answer accepted");
+                    clock.secs() + hash_secs
+                },
                 compute_secs: Some(signed.compute_micros as f64 / 1e6),
                 elapsed_secs,
             })
@@ -173,15 +178,15 @@ impl Remote {
         &self,
         peer: PeerId,
         sg: Subgraph,
-        inputs: Vec<Arc<Data>>,
+        args: Vec<Arg>,
         first: Arc<Accepted>,
     ) -> Replica {
         let nonce: [u8; 16] = rand::rng().random();
-        let data = inputs.iter().map(|t| Input::Data(t.clone())).collect();
-        let request = TaskRequest::new(rand::rng().random(), nonce, &sg, data);
+        let full: Vec<Input> = args.iter().map(Arg::wire).collect();
+        let request = TaskRequest::new(rand::rng().random(), nonce, &sg, full.clone());
         // As long as a task's deadline would be, from the primary's round trip.
         let timeout = Duration::from_secs_f64(2.0 + 4.0 * first.elapsed_secs);
-        let signed = match self.round_trip(peer, request, &inputs, timeout).await {
+        let signed = match self.round_trip(peer, request, full, timeout).await {
             Ok((signed, _)) => signed,
             Err(e) => return Replica::Unusable(e),
         };
@@ -190,7 +195,8 @@ impl Remote {
             if let Err(e) = check_shapes(&sg, &signed.outputs) {
                 return Replica::Unusable(e);
             }
-            let input_cids = this.cids.of(&sg.input_ids, &inputs);
+            let inputs: Vec<Arc<Data>> = args.iter().map(Arg::data).collect();
+            let input_cids = content_ids(&this.cids, &sg.input_ids, &args, &inputs);
             let cids: Vec<ContentId> = signed.outputs.iter().map(|t| t.content_id()).collect();
             if let Err(f) = open(peer, &signed, &sg, &input_cids, &nonce, &cids) {
                 return Replica::Forged(f);
@@ -215,6 +221,30 @@ impl Remote {
             Replica::Unusable(TaskFailure::Unchecked(format!("dispute panicked: {e}")))
         })
     }
+}
+
+/// The content ids a worker's receipt names for inputs `args` (values `ids`, made as
+/// `inputs`): a recipe's own id, as the worker was sent it; a value's hash, memoised.
+fn content_ids(
+    memo: &ContentIds,
+    ids: &[ValueId],
+    args: &[Arg],
+    inputs: &[Arc<Data>],
+) -> Vec<ContentId> {
+    let (mut hash_ids, mut hash_inputs) = (Vec::new(), Vec::new());
+    for ((id, a), t) in ids.iter().zip(args).zip(inputs) {
+        if a.recipe().is_none() {
+            hash_ids.push(*id);
+            hash_inputs.push(t.clone());
+        }
+    }
+    let mut hashed = memo.of(&hash_ids, &hash_inputs).into_iter();
+    args.iter()
+        .map(|a| match a.recipe() {
+            Some(r) => r.id(),
+            None => hashed.next().expect("one hash per input without a recipe"),
+        })
+        .collect()
 }
 
 /// Opens `signed` as the answer of `peer` to the request for `sg` on inputs with content ids

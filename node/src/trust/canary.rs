@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use corvid_kernels::Tensor as Data;
+use corvid_kernels::{Recipe, Tensor as Data};
 use corvid_sdk::plan::{Plan, Source, Subgraph};
 use corvid_sdk::{LocalExecutor, ValueId};
 use rand::Rng;
@@ -45,20 +45,24 @@ pub fn canary(rng: &mut impl Rng, plan: &Plan) -> (Subgraph, Vec<Arc<Data>>) {
                 unreachable!("filtered above")
             };
             let leaf = &plan.leaves[l];
-            let range = leaf.as_f32().ok().and_then(|v| {
-                let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
-                let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                (lo.is_finite() && hi.is_finite() && lo < hi).then_some((lo, hi))
-            });
+            let range = match leaf.how() {
+                Some(Recipe::Uniform { lo, hi, .. }) => (lo < hi).then_some((*lo, *hi)),
+                None => leaf.get().as_f32().ok().and_then(|v| {
+                    let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
+                    let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    (lo.is_finite() && hi.is_finite() && lo < hi).then_some((lo, hi))
+                }),
+            };
             match range {
                 Some((lo, hi)) if !shared(l) => {
-                    let fresh = Data::random_uniform(leaf.shape().to_vec(), lo, hi, rng.random());
+                    let fresh =
+                        Data::random_uniform(leaf.meta().shape.clone(), lo, hi, rng.random());
                     ids.push(fresh.content_id().into());
                     inputs.push(Arc::new(fresh));
                 }
                 _ => {
                     ids.push(plan.leaf_ids[l]);
-                    inputs.push(leaf.clone());
+                    inputs.push(leaf.get().clone());
                 }
             }
         }
@@ -191,14 +195,20 @@ mod tests {
             let Source::Leaf(l) = twin.inputs[k] else {
                 panic!("copied a subgraph that reads results")
             };
-            let leaf = &plan.leaves[l];
+            let leaf = plan.leaves[l].get();
             assert_eq!(t.meta(), leaf.meta());
             // Used by this subgraph only: drawn afresh over the leaf's range.
             assert_ne!(t.content_id(), leaf.content_id());
             assert_ne!(sg.input_ids[k], twin.input_ids[k]);
+            // A recipe's range, or the range of the values.
             let (a, b) = (t.as_f32().unwrap(), leaf.as_f32().unwrap());
-            let lo = b.iter().copied().fold(f32::INFINITY, f32::min);
-            let hi = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let (lo, hi) = match plan.leaves[l].how() {
+                Some(Recipe::Uniform { lo, hi, .. }) => (*lo, *hi),
+                None => (
+                    b.iter().copied().fold(f32::INFINITY, f32::min),
+                    b.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                ),
+            };
             assert!(a.iter().all(|x| (lo..=hi).contains(x)));
         }
         // Its outputs' value ids follow from the new inputs: none collides with the job's.
@@ -221,7 +231,7 @@ mod tests {
         let Source::Leaf(l) = twin.inputs[1] else {
             panic!("copied a subgraph that reads results")
         };
-        assert_eq!(inputs[1].content_id(), plan.leaves[l].content_id());
+        assert_eq!(inputs[1].content_id(), plan.leaves[l].get().content_id());
 
         let big = corvid_sdk::Graph::new("big");
         let y = big

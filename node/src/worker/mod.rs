@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use corvid_kernels::backend::Guard;
 use corvid_kernels::{
-    Backend, Cancel, ContentId, DeterminismClass, Program, ProgramError, Tensor as Data,
+    Backend, Cancel, ContentId, DeterminismClass, Program, ProgramError, Recipe, Tensor as Data,
 };
 use corvid_sdk::wire::{
     Input, Receipt, TASK_VERSION, TaskError, TaskRequest, TaskResponse, task_key,
@@ -269,10 +269,41 @@ impl EarlyCancels {
     }
 }
 
+/// A task's input once held values are looked up: values, with the content id its receipt
+/// names when that is known without hashing (a held value's, a recipe's own id), or a recipe
+/// still to make.
+enum Resolved {
+    Values(Arc<Data>, Option<ContentId>),
+    Recipe(Recipe),
+}
+
+/// Content ids of a program's outputs: an output that an op made already has its id among the
+/// op hashes (hashing 16 MiB again would cost milliseconds); others are hashed.
+fn output_cids(
+    program: &Program,
+    outputs: &[Arc<Data>],
+    op_hashes: &[ContentId],
+) -> Vec<ContentId> {
+    let first_op = program.inputs.len();
+    program
+        .outputs
+        .iter()
+        .zip(outputs)
+        .map(|(&o, t)| {
+            (o as usize)
+                .checked_sub(first_op)
+                .filter(|_| op_hashes.len() == program.nodes.len())
+                .and_then(|k| op_hashes.get(k).copied())
+                .unwrap_or_else(|| t.content_id())
+        })
+        .collect()
+}
+
 impl Shared {
     /// Checks, runs and signs one request; `flag` is raised if the requester cancels it.
     fn execute(&self, peer: PeerId, request: TaskRequest, flag: Cancel) -> TaskResponse {
         let task = request.task;
+        let received = Instant::now();
         let fail = |error: TaskError| TaskResponse::Failed { task, error };
         let invalid = |msg: String| fail(TaskError::Invalid(msg));
         if request.version != TASK_VERSION {
@@ -310,15 +341,23 @@ impl Shared {
             ));
         }
         // Resolve held inputs; report every one that is gone.
-        let mut inputs: Vec<Arc<Data>> = Vec::with_capacity(n);
+        let mut resolved: Vec<Resolved> = Vec::with_capacity(n);
         let mut missing = Vec::new();
         {
             let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             for (i, input) in request.inputs.into_iter().enumerate() {
                 match input {
-                    Input::Data(t) => inputs.push(t),
+                    Input::Data(t) => resolved.push(Resolved::Values(t, None)),
+                    // Made here before from this very recipe (a block two tiles share): the
+                    // same values, kept under the recipe's id.
+                    Input::Recipe(r) => match held.get(peer, request.input_ids[i]) {
+                        Some((t, cid)) if cid == r.id() => {
+                            resolved.push(Resolved::Values(t, Some(cid)))
+                        }
+                        _ => resolved.push(Resolved::Recipe(r)),
+                    },
                     Input::Held => match held.get(peer, request.input_ids[i]) {
-                        Some(t) => inputs.push(t),
+                        Some((t, cid)) => resolved.push(Resolved::Values(t, Some(cid))),
                         None => missing.push(i),
                     },
                 }
@@ -330,6 +369,38 @@ impl Shared {
                 inputs: missing,
             };
         }
+        // Recipes are made only when they describe exactly the input the program declares
+        // (which fits this node's limits, checked above).
+        let mut inputs: Vec<Arc<Data>> = Vec::with_capacity(n);
+        let mut known: Vec<Option<ContentId>> = Vec::with_capacity(n);
+        for (index, (input, want)) in resolved
+            .into_iter()
+            .zip(&request.program.inputs)
+            .enumerate()
+        {
+            match input {
+                Resolved::Values(t, cid) => {
+                    inputs.push(t);
+                    known.push(cid);
+                }
+                Resolved::Recipe(recipe) => {
+                    if let Err(e) = recipe.check() {
+                        return invalid(format!("input {index}: {e}"));
+                    }
+                    if &recipe.meta() != want {
+                        return invalid(format!(
+                            "input {index}: the program expects {want}, the recipe makes {}",
+                            recipe.meta()
+                        ));
+                    }
+                    match recipe.materialise() {
+                        Ok(t) => inputs.push(Arc::new(t)),
+                        Err(e) => return invalid(format!("input {index}: {e}")),
+                    }
+                    known.push(Some(recipe.id()));
+                }
+            }
+        }
         for (index, (t, want)) in inputs.iter().zip(&request.program.inputs).enumerate() {
             if t.dtype() != want.dtype || t.shape() != want.shape.as_slice() {
                 return invalid(format!(
@@ -338,7 +409,15 @@ impl Shared {
                 ));
             }
         }
-        let input_cids: Vec<_> = inputs.iter().map(|t| t.content_id()).collect();
+        let made = received.elapsed();
+        // A recipe's input is named by the recipe (which fixes every value): hashing what it
+        // made would cost as much as making it.
+        let input_cids: Vec<ContentId> = inputs
+            .iter()
+            .zip(&known)
+            .map(|(t, k)| k.unwrap_or_else(|| t.content_id()))
+            .collect();
+        let hashed = received.elapsed();
         // Cache by the task key: the subgraph id *and* the content of the inputs, so a
         // requester cannot plant a result under an id that other requesters will ask for.
         let key = task_key(&request.subgraph, &input_cids);
@@ -353,20 +432,25 @@ impl Shared {
                 Err(e) => return fail(e),
             };
         let compute_micros = started.elapsed().as_micros() as u64;
+        let computed = received.elapsed();
         {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-            for (id, t) in request.input_ids.iter().zip(&inputs) {
-                held.put(peer, *id, t.clone());
+            for ((id, t), cid) in request.input_ids.iter().zip(&inputs).zip(&input_cids) {
+                held.put(peer, *id, t.clone(), *cid);
             }
-            for (id, t) in request.output_ids.iter().zip(outputs.iter()) {
-                held.put(peer, *id, t.clone());
+        }
+        let out_cids = output_cids(&request.program, &outputs, &op_hashes);
+        {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            for ((id, t), cid) in request.output_ids.iter().zip(outputs.iter()).zip(&out_cids) {
+                held.put(peer, *id, t.clone(), *cid);
             }
         }
         let class = self.engine.class();
         let receipt = Receipt {
             task: key,
             nonce: request.nonce,
-            outputs: outputs.iter().map(|t| t.content_id()).collect(),
+            outputs: out_cids,
             op_hashes: op_hashes.to_vec(),
             class: class.id(),
             class_name: class.to_string(),
@@ -377,6 +461,8 @@ impl Shared {
                 return fail(TaskError::Failed(format!("could not sign the result: {e}")));
             }
         };
+        tracing::debug!(%peer, task, inputs_made = ?made, inputs_hashed = ?hashed, computed = ?computed,
+            signed = ?received.elapsed(), "task done");
         let response = TaskResponse::Done {
             task,
             outputs: outputs.to_vec(),

@@ -4,14 +4,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use corvid_kernels::Tensor as Data;
+use corvid_kernels::{ContentId, Tensor as Data};
 use corvid_sdk::ValueId;
 use libp2p::PeerId;
 
 /// Values kept for requesters, by (requester, value id), oldest evicted first, at most `cap`
-/// bytes.
+/// bytes; each with the content id its receipts name (its hash, or the recipe it was made
+/// from), so that it is not hashed again.
 pub(super) struct Held {
-    map: HashMap<(PeerId, ValueId), Arc<Data>>,
+    map: HashMap<(PeerId, ValueId), (Arc<Data>, ContentId)>,
     order: VecDeque<(PeerId, ValueId, u64)>,
     bytes: u64,
     cap: u64,
@@ -27,13 +28,13 @@ impl Held {
         }
     }
 
-    pub(super) fn get(&self, peer: PeerId, id: ValueId) -> Option<Arc<Data>> {
+    pub(super) fn get(&self, peer: PeerId, id: ValueId) -> Option<(Arc<Data>, ContentId)> {
         self.map.get(&(peer, id)).cloned()
     }
 
     /// Keeps `t` as `peer`'s value `id`, replacing what was kept under that id (a requester
     /// that sends data again means it).
-    pub(super) fn put(&mut self, peer: PeerId, id: ValueId, t: Arc<Data>) {
+    pub(super) fn put(&mut self, peer: PeerId, id: ValueId, t: Arc<Data>, cid: ContentId) {
         // Every entry is charged its bookkeeping, so empty tensors cannot pile up for free.
         let size = t.meta().bytes() + 128;
         if size > self.cap {
@@ -42,8 +43,8 @@ impl Held {
         if let Some(old) = self.map.get_mut(&(peer, id)) {
             // The same id with the same size keeps its place; another size (a requester may
             // send anything under an id) is charged afresh below.
-            if old.meta().bytes() == t.meta().bytes() {
-                *old = t;
+            if old.0.meta().bytes() == t.meta().bytes() {
+                *old = (t, cid);
                 return;
             }
             self.map.remove(&(peer, id));
@@ -63,7 +64,7 @@ impl Held {
             self.map.remove(&(p, v));
             self.bytes -= b;
         }
-        self.map.insert((peer, id), t);
+        self.map.insert((peer, id), (t, cid));
         self.order.push_back((peer, id, size));
         self.bytes += size;
     }

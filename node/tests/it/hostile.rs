@@ -1,4 +1,4 @@
-//! A hostile requester, built from the public crates, speaks `/corvid/task/3` to a real
+//! A hostile requester, built from the public crates, speaks `/corvid/task/4` to a real
 //! `corvid node` process (tasks in its confined executor process) and sends programs meant to
 //! crash, exhaust or hang it. Each gets an error quickly; an honest task sent right after
 //! succeeds; the node's and executor's memory stays within the node's budget; a cancel stops a

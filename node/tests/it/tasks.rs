@@ -66,7 +66,11 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
             .inputs
             .iter()
             .map(|s| match s {
-                Source::Leaf(l) => Some(Input::Data(plan.leaves[*l].clone())),
+                // Every other tile gets its blocks as recipes, which the worker makes.
+                Source::Leaf(l) => Some(match plan.leaves[*l].how() {
+                    Some(r) if i % 2 == 1 => Input::Recipe(r.clone()),
+                    _ => Input::Data(plan.leaves[*l].get().clone()),
+                }),
                 Source::Output { .. } => None,
             })
             .collect::<Option<Vec<_>>>()
@@ -92,12 +96,16 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
             panic!("{response:?}")
         };
         assert_eq!(task, i as u64);
-        // Signed by the worker, for this task, this nonce and these outputs.
+        // Signed by the worker, for this task (its inputs named by content, or by the recipe
+        // they were made from), this nonce and these outputs.
         let cids: Vec<_> = sg
             .inputs
             .iter()
             .map(|s| match s {
-                Source::Leaf(l) => plan.leaves[*l].content_id(),
+                Source::Leaf(l) => match plan.leaves[*l].how() {
+                    Some(r) if i % 2 == 1 => r.id(),
+                    _ => plan.leaves[*l].get().content_id(),
+                },
                 Source::Output { .. } => unreachable!(),
             })
             .collect();
@@ -137,7 +145,7 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
                 &sg.inputs
                     .iter()
                     .map(|s| match s {
-                        Source::Leaf(l) => plan.leaves[*l].clone(),
+                        Source::Leaf(l) => plan.leaves[*l].get().clone(),
                         Source::Output { .. } => unreachable!(),
                     })
                     .collect::<Vec<_>>(),
@@ -163,7 +171,7 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
         .inputs
         .iter()
         .map(|s| match s {
-            Source::Leaf(l) => Input::Data(plan.leaves[*l].clone()),
+            Source::Leaf(l) => Input::Data(plan.leaves[*l].get().clone()),
             Source::Output { .. } => unreachable!(),
         })
         .collect();
@@ -173,6 +181,68 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
     assert!(
         matches!(&r, TaskResponse::Failed { error: TaskError::Invalid(e), .. } if e.contains("does not match")),
         "{r:?}"
+    );
+    // A recipe that makes another shape than the program declares, or no tensor at all.
+    let Source::Leaf(l) = sg.inputs[0] else {
+        unreachable!()
+    };
+    let recipe = plan.leaves[l].how().unwrap().clone();
+    let wider = corvid_kernels::Recipe::uniform([100, 61], -1.0, 1.0, 1);
+    let outside = corvid_kernels::Recipe::Uniform {
+        full: vec![2, 2],
+        starts: vec![0, 0],
+        ends: vec![3, 2],
+        lo: 0.0,
+        hi: 1.0,
+        seed: 1,
+    };
+    for (bad, says) in [(wider, "the recipe makes"), (outside, "outside")] {
+        let mut r = TaskRequest::new(103, [0; 16], sg, inputs.clone());
+        r.inputs[0] = Input::Recipe(bad);
+        let r = client.run_task(worker_id, r).await.unwrap();
+        assert!(
+            matches!(&r, TaskResponse::Failed { error: TaskError::Invalid(e), .. } if e.contains(says)),
+            "{r:?}"
+        );
+    }
+    // The right recipe gives the same result as the data; the receipt names the recipe.
+    let recipe_id = recipe.id();
+    let mut by_recipe = TaskRequest::new(104, [0; 16], sg, inputs.clone());
+    by_recipe.inputs[0] = Input::Recipe(recipe);
+    let by_data = TaskRequest::new(105, [0; 16], sg, inputs.clone());
+    let (a, b) = (
+        client.run_task(worker_id, by_recipe).await.unwrap(),
+        client.run_task(worker_id, by_data).await.unwrap(),
+    );
+    let (
+        TaskResponse::Done {
+            outputs: oa,
+            receipt: ra,
+            ..
+        },
+        TaskResponse::Done {
+            outputs: ob,
+            receipt: rb,
+            ..
+        },
+    ) = (&a, &b)
+    else {
+        panic!("{a:?} {b:?}")
+    };
+    assert_eq!(oa, ob);
+    let mut cids: Vec<_> = inputs
+        .iter()
+        .map(|i| match i {
+            Input::Data(t) => t.content_id(),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(rb.task, task_key(&sg.id, &cids));
+    cids[0] = recipe_id;
+    assert_eq!(
+        ra.task,
+        task_key(&sg.id, &cids),
+        "the receipt names the recipe"
     );
     let n_inputs = inputs.len();
     let mut held = TaskRequest::new(101, [0; 16], sg, inputs);
