@@ -228,7 +228,7 @@ fn binary(
 ) -> Result<Tensor, Stopped> {
     let (x, y) = (a.as_f32().expect("f32"), b.as_f32().expect("f32"));
     let n = out.numel();
-    let mut o = vec![0.0f32; n];
+    let mut o = crate::tensor::zeroed::<f32>(n);
     if a.shape() == out.shape.as_slice() && b.shape() == out.shape.as_slice() {
         if n < PAR_ELEMS {
             op.map_slices(x, y, &mut o);
@@ -332,7 +332,7 @@ fn matmul(a: &Tensor, b: &Tensor, out: &TensorMeta, cancel: &Cancel) -> Result<T
     let sa = broadcast_strides(&a.shape()[..a.shape().len() - 2], batch_shape);
     let sb = broadcast_strides(&b.shape()[..b.shape().len() - 2], batch_shape);
     let (x, y) = (a.as_f32().expect("f32"), b.as_f32().expect("f32"));
-    let mut o = vec![0.0f32; out.numel()];
+    let mut o = crate::tensor::zeroed::<f32>(out.numel());
     if m * n > 0 {
         // Rows per gemm call: about CANCEL_FLOPS of work, at least 64 rows.
         let rows = (CANCEL_FLOPS / (n * k).max(1)).max(64);

@@ -169,7 +169,7 @@ impl Recipe {
         } = self;
         let shape = meta.shape;
         let numel = checked::numel(&shape).ok_or_else(|| RecipeError("too large".into()))?;
-        let mut data = vec![0f32; numel];
+        let mut data = crate::tensor::zeroed::<f32>(numel);
         if numel > 0 {
             // Runs along the last axis are contiguous in the whole tensor.
             let run = shape.last().copied().unwrap_or(1);

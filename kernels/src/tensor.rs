@@ -162,6 +162,39 @@ pub struct Tensor {
     data: Data,
 }
 
+/// Buffers at least this large are backed by huge pages where the kernel offers them.
+const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
+
+/// `n` zeroed elements, in memory the kernel is asked to back with transparent huge pages
+/// when the buffer is large (Linux, `madvise` mode): a 64 MiB tensor then costs 32 page
+/// faults instead of 16,384, which on a small machine is most of what receiving or making it
+/// costs. Elsewhere, or when refused, an ordinary zeroed buffer.
+pub fn zeroed<T: bytemuck::Zeroable + Clone>(n: usize) -> Vec<T> {
+    let bytes = n.saturating_mul(std::mem::size_of::<T>());
+    if bytes < HUGE_PAGE_MIN_BYTES {
+        return vec![T::zeroed(); n];
+    }
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    #[cfg(target_os = "linux")]
+    {
+        // Advice only, over whole pages inside the allocation, before any of it is touched.
+        const PAGE: usize = 4096;
+        let start = v.as_mut_ptr() as usize;
+        let aligned = start.next_multiple_of(PAGE);
+        let len = (start + bytes).saturating_sub(aligned) / PAGE * PAGE;
+        if len > 0 {
+            // SAFETY: the range lies inside this allocation, which nothing else uses yet;
+            // MADV_HUGEPAGE changes how its pages are backed, never their contents.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v.resize(n, T::zeroed());
+    v
+}
+
 /// blake3 id of a tensor's dtype, shape and bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ContentId(pub [u8; 32]);
@@ -534,6 +567,17 @@ mod tests {
             e.to_string(),
             "shape [2, 3] holds 6 elements but 5 were given"
         );
+    }
+
+    #[test]
+    fn zeroed_buffers_are_zero_at_any_size() {
+        for n in [0, 3, (HUGE_PAGE_MIN_BYTES / 4) - 1, 3 * HUGE_PAGE_MIN_BYTES / 4 + 5] {
+            let v = zeroed::<f32>(n);
+            assert_eq!(v.len(), n);
+            assert!(v.iter().all(|&x| x.to_bits() == 0));
+            let w = zeroed::<i32>(n);
+            assert!(w.len() == n && w.iter().all(|&x| x == 0));
+        }
     }
 
     #[test]

@@ -177,7 +177,7 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
         }
         let t = match m.dtype {
             DType::F32 => {
-                let mut v = vec![0f32; n];
+                let mut v = corvid_kernels::tensor::zeroed::<f32>(n);
                 io.read_exact(bytemuck::cast_slice_mut(&mut v))
                     .await
                     .map_err(|e| eof(e, "tensor"))?;
@@ -188,7 +188,7 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
                 Tensor::from_f32(m.shape, v)
             }
             DType::I32 => {
-                let mut v = vec![0i32; n];
+                let mut v = corvid_kernels::tensor::zeroed::<i32>(n);
                 io.read_exact(bytemuck::cast_slice_mut(&mut v))
                     .await
                     .map_err(|e| eof(e, "tensor"))?;
