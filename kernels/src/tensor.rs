@@ -571,7 +571,12 @@ mod tests {
 
     #[test]
     fn zeroed_buffers_are_zero_at_any_size() {
-        for n in [0, 3, (HUGE_PAGE_MIN_BYTES / 4) - 1, 3 * HUGE_PAGE_MIN_BYTES / 4 + 5] {
+        for n in [
+            0,
+            3,
+            (HUGE_PAGE_MIN_BYTES / 4) - 1,
+            3 * HUGE_PAGE_MIN_BYTES / 4 + 5,
+        ] {
             let v = zeroed::<f32>(n);
             assert_eq!(v.len(), n);
             assert!(v.iter().all(|&x| x.to_bits() == 0));

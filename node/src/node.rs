@@ -131,8 +131,9 @@ impl Node {
                     task_gflop = limits.task.max_flops as f64 / 1e9,
                     max_task_time = %humantime::format_duration(limits.max_task_time),
                     "limits on every task from a peer");
-                // Room for a requester's queued tasks plus its checks (canaries, replicas).
-                let (work_tx, work_rx) = mpsc::channel(2 * slots.max(1) + 4);
+                // Room for a requester's queued tasks (small ones queue deeper: see
+                // `SchedConfig::small_queue_depth`) plus its checks (canaries, replicas).
+                let (work_tx, work_rx) = mpsc::channel(2 * slots.max(1) + 16);
                 let (cancel_tx, cancel_rx) = mpsc::channel(CANCEL_QUEUE);
                 let (finished_tx, finished_rx) = mpsc::channel(FINISHED_QUEUE);
                 let engine = engine(&config, &limits, &bench, backend).await?;

@@ -100,6 +100,12 @@ pub struct SchedConfig {
     /// (and its inputs) arrive while the current one computes, so it never idles through a
     /// round trip and the requester's checks.
     pub queue_depth: usize,
+    /// The queue for small subgraphs (at most `small_flops` of arithmetic and `small_bytes`
+    /// in and out): the round trip, not the worker, limits their rate, so more of them travel
+    /// at once.
+    pub small_queue_depth: usize,
+    pub small_flops: u64,
+    pub small_bytes: u64,
 }
 
 impl Default for SchedConfig {
@@ -115,6 +121,9 @@ impl Default for SchedConfig {
             latency: 0.002,
             local_data_movement: true,
             queue_depth: 1,
+            small_queue_depth: 8,
+            small_flops: 1 << 20,
+            small_bytes: 64 << 10,
         }
     }
 }
@@ -565,7 +574,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         while let Some(sg) = self.ready.pop_first() {
             let tried: BTreeSet<Place<P>> =
                 self.errors[sg].iter().map(|e| e.place.clone()).collect();
-            match self.best_place(sg, now, &tried, self.cfg.queue_depth) {
+            match self.best_place(sg, now, &tried, self.depth(sg)) {
                 Some(place) => out.push(self.dispatch(sg, place, now)),
                 None => {
                     if self.stuck.is_none()
@@ -582,10 +591,8 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
                     // Nothing else fits either once every peer is full (or worth waiting for)
                     // and the requester is busy or not allowed; a subgraph that avoided
                     // peers where it failed may be followed by one that can use them.
-                    let free = self
-                        .peers
-                        .values()
-                        .any(|i| i.in_flight < i.slots + self.cfg.queue_depth);
+                    let depth = self.depth(sg);
+                    let free = self.peers.values().any(|i| i.in_flight < i.slots + depth);
                     let local = self.cfg.allow_local && self.local_in_flight == 0;
                     if (!free && !local) || self.errors[sg].is_empty() {
                         break;
@@ -595,6 +602,16 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         }
         self.ready.extend(skipped);
         out
+    }
+
+    /// How deep a peer's queue may be for `sg`.
+    fn depth(&self, sg: usize) -> usize {
+        let bytes = self.inputs[sg].iter().map(|(_, b)| b).sum::<u64>() + self.bytes_out[sg];
+        if self.flops[sg] <= self.cfg.small_flops && bytes <= self.cfg.small_bytes {
+            self.cfg.queue_depth.max(self.cfg.small_queue_depth)
+        } else {
+            self.cfg.queue_depth
+        }
     }
 
     /// Where `sg` would finish first, among peers with fewer than `slots + depth` tasks.
@@ -984,11 +1001,13 @@ mod tests {
         g.plan(&[&c]).unwrap()
     }
 
-    /// Everything on peers, assembly too.
+    /// Everything on peers, assembly too; no subgraph counts as small (this plan's tiles are
+    /// tiny, and most tests are about the general policy).
     fn no_local() -> SchedConfig {
         SchedConfig {
             allow_local: false,
             local_data_movement: false,
+            small_flops: 0,
             ..SchedConfig::default()
         }
     }
@@ -1005,6 +1024,7 @@ mod tests {
     fn with_local() -> SchedConfig {
         SchedConfig {
             allow_local: true,
+            small_flops: 0,
             ..SchedConfig::default()
         }
     }
@@ -1051,6 +1071,22 @@ mod tests {
             dispatched(&s.schedule(0.0)).is_empty(),
             "both queues are full"
         );
+        // Small subgraphs queue deeper: one peer with one slot takes all 4 tiles at once (1
+        // running, 3 queued) when they count as small, 2 when they do not.
+        for (small_flops, want) in [(u64::MAX, 4), (0, 2)] {
+            let mut one = Scheduler::new(
+                &p,
+                SchedConfig {
+                    small_flops,
+                    small_bytes: u64::MAX,
+                    small_queue_depth: 3,
+                    ..no_local()
+                },
+            );
+            one.peer("a", 1e9, 1e9, 1);
+            let d = dispatched(&one.schedule(0.0));
+            assert_eq!(d.len(), want, "{d:?}");
+        }
         // The queued task's time runs from when the one before it finished: two tasks back to
         // back, one second each (by the round trip: the worker did not say), measure one
         // second each, not two for the second.

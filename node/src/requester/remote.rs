@@ -114,9 +114,10 @@ impl Remote {
         let sent = Instant::now();
         // While the worker computes, the inputs are made here (recipes, for the checks) and
         // their content ids hashed (for the receipt).
+        let small = is_small(sg);
         let hashing = {
             let (memo, ids) = (self.cids.clone(), sg.input_ids.clone());
-            tokio::task::spawn_blocking(move || {
+            OffThread::start(small, move || {
                 let clock = trust::Stopwatch::start();
                 let inputs: Vec<Arc<Data>> = args.iter().map(Arg::data).collect();
                 (
@@ -129,11 +130,12 @@ impl Remote {
         let (signed, used_held) = self.round_trip(peer, request, full, timeout).await?;
         let elapsed_secs = sent.elapsed().as_secs_f64();
         let (input_cids, inputs, hash_secs) = hashing
+            .finish()
             .await
             .map_err(|e| TaskFailure::Unchecked(format!("hashing panicked: {e}")))?;
         let this = self.clone();
         let sg = sg.clone();
-        tokio::task::spawn_blocking(move || {
+        OffThread::start(small, move || {
             let clock = trust::Stopwatch::start();
             check_shapes(&sg, &signed.outputs)?;
             let cids: Vec<ContentId> = signed.outputs.iter().map(|t| t.content_id()).collect();
@@ -168,6 +170,7 @@ impl Remote {
                 elapsed_secs,
             })
         })
+        .finish()
         .await
         .map_err(|e| TaskFailure::Unchecked(format!("verification panicked: {e}")))?
     }
@@ -269,6 +272,39 @@ fn open(
             program: &sg.program,
         },
     )
+}
+
+/// Inputs and outputs of at most this many bytes in all, and at most this much arithmetic,
+/// make a task whose hashing and checks run on the async thread that handles its answer:
+/// microseconds of work, where a hop to the blocking pool and back costs more.
+const SMALL_BYTES: u64 = 64 << 10;
+const SMALL_FLOPS: u64 = 1 << 20;
+
+fn is_small(sg: &Subgraph) -> bool {
+    sg.cost.bytes_in + sg.cost.bytes_out <= SMALL_BYTES && sg.cost.flops <= SMALL_FLOPS
+}
+
+/// Work done right here (small) or on the blocking pool, awaited the same way.
+enum OffThread<T> {
+    Done(T),
+    Spawned(tokio::task::JoinHandle<T>),
+}
+
+impl<T: Send + 'static> OffThread<T> {
+    fn start(here: bool, f: impl FnOnce() -> T + Send + 'static) -> Self {
+        if here {
+            OffThread::Done(f())
+        } else {
+            OffThread::Spawned(tokio::task::spawn_blocking(f))
+        }
+    }
+
+    async fn finish(self) -> Result<T, tokio::task::JoinError> {
+        match self {
+            OffThread::Done(t) => Ok(t),
+            OffThread::Spawned(h) => h.await,
+        }
+    }
 }
 
 /// What a replica showed.

@@ -222,13 +222,18 @@ pub(crate) async fn run(worker: Worker, cancel: CancellationToken) {
                 tasks.spawn(async move {
                     let Work { peer, request, channel, lease } = work;
                     let task = request.task;
-                    let response =
+                    // A tiny task runs right here: the hop to the blocking pool and back
+                    // would cost more than it does.
+                    let response = if shared.is_tiny(&request) {
+                        shared.execute(peer, request, flag)
+                    } else {
                         tokio::task::spawn_blocking(move || shared.execute(peer, request, flag))
                             .await
                             .unwrap_or_else(|e| TaskResponse::Failed {
                                 task,
                                 error: TaskError::Failed(format!("worker panicked: {e}")),
-                            });
+                            })
+                    };
                     if let TaskResponse::Failed { error, .. } = &response {
                         tracing::warn!(%peer, task, %error, "task failed");
                     }
@@ -299,7 +304,22 @@ fn output_cids(
         .collect()
 }
 
+/// Tasks at most this large (arithmetic, and bytes at their peak) run on the async thread
+/// that received them.
+const TINY_FLOPS: u64 = 1 << 20;
+const TINY_PEAK_BYTES: u64 = 256 << 10;
+
 impl Shared {
+    /// Whether `request` is tiny enough to run without a hop to the blocking pool: its
+    /// program validates within this node's limits at a tiny footprint.
+    fn is_tiny(&self, request: &TaskRequest) -> bool {
+        request.program.nodes.len() <= 16
+            && request
+                .program
+                .validate(&self.limits.task)
+                .is_ok_and(|f| f.flops <= TINY_FLOPS && f.peak_bytes <= TINY_PEAK_BYTES)
+    }
+
     /// Checks, runs and signs one request; `flag` is raised if the requester cancels it.
     fn execute(&self, peer: PeerId, request: TaskRequest, flag: Cancel) -> TaskResponse {
         let task = request.task;
