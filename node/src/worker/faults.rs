@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use corvid_kernels::verify::Projection;
-use corvid_kernels::{Program, Tensor as Data};
+use corvid_kernels::{ContentId, Program, Recipe, Tensor as Data};
 use corvid_sdk::wire::{TaskError, TaskResponse};
 use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
@@ -35,6 +35,9 @@ pub enum Fault {
     Inflate { factor: f32, delay_ms: u32 },
     /// The executor process aborts on every `every`-th task (the node must restart it).
     CrashExecutor { every: u32 },
+    /// Makes a recipe input from another seed (cheaper inputs it had lying around, say) and
+    /// signs the receipt naming that recipe, or, with `claim_asked`, the recipe it was sent.
+    OtherRecipe { claim_asked: bool },
 }
 
 /// The cheats `corvid node --cheat` offers.
@@ -80,6 +83,33 @@ pub(crate) fn crash_every(fault: Option<Fault>) -> u64 {
     match fault {
         Some(Fault::CrashExecutor { every }) => u64::from(every),
         _ => 0,
+    }
+}
+
+/// What a worker with `fault` makes for `recipe`, and the content id its receipt names.
+pub(crate) fn recipe_to_make(fault: Option<&Injector>, recipe: &Recipe) -> (Recipe, ContentId) {
+    match fault.map(|f| f.fault) {
+        Some(Fault::OtherRecipe { claim_asked }) => {
+            let Recipe::Uniform {
+                full,
+                starts,
+                ends,
+                lo,
+                hi,
+                seed,
+            } = recipe.clone();
+            let other = Recipe::Uniform {
+                full,
+                starts,
+                ends,
+                lo,
+                hi,
+                seed: seed.wrapping_add(1),
+            };
+            let named = if claim_asked { recipe.id() } else { other.id() };
+            (other, named)
+        }
+        _ => (recipe.clone(), recipe.id()),
     }
 }
 

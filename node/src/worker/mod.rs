@@ -413,11 +413,15 @@ impl Shared {
                             recipe.meta()
                         ));
                     }
+                    #[cfg(feature = "fault-injection")]
+                    let (recipe, named) = faults::recipe_to_make(self.faults.as_ref(), &recipe);
+                    #[cfg(not(feature = "fault-injection"))]
+                    let named = recipe.id();
                     match recipe.materialise() {
                         Ok(t) => inputs.push(Arc::new(t)),
                         Err(e) => return invalid(format!("input {index}: {e}")),
                     }
-                    known.push(Some(recipe.id()));
+                    known.push(Some(named));
                 }
             }
         }

@@ -155,6 +155,48 @@ fn zeroed_replayed_and_wrongly_signed_results_are_refused() {
     );
 }
 
+/// Recipes are inputs like any other: a worker that makes a recipe input from another seed is
+/// caught whether its receipt names the recipe it made (a result for other inputs) or the one
+/// it was sent (a wrong result), and the job's answer is still exact.
+#[test]
+fn a_worker_cannot_claim_another_recipe() {
+    let faults = [
+        None,
+        Some(Fault::OtherRecipe { claim_asked: false }),
+        Some(Fault::OtherRecipe { claim_asked: true }),
+    ];
+    let client = Client::local_with(3, |i, c| c.fault = faults[i])
+        .unwrap()
+        .with_settings(settings());
+    let ids: Vec<String> = client
+        .workers()
+        .iter()
+        .map(|w| w.peer_id().to_string())
+        .collect();
+    for seed in 1..=6 {
+        println!("{}", run(&client, seed, false));
+        if client.bans().len() == 2 {
+            break;
+        }
+    }
+    let bans = client.bans();
+    let reason = |peer: &str| {
+        bans.iter()
+            .find(|b| b.peer == peer)
+            .map(|b| b.reason.clone())
+            .unwrap_or_else(|| panic!("{peer} was not banned: {bans:?}"))
+    };
+    assert!(
+        reason(&ids[1]).starts_with("result for other inputs"),
+        "{bans:?}"
+    );
+    assert!(reason(&ids[2]).contains("wrong result"), "{bans:?}");
+    assert!(
+        bans.iter().all(|b| b.peer != ids[0]),
+        "the honest peer was banned: {bans:?}"
+    );
+}
+
 #[test]
 fn a_slow_peer_advertising_a_fast_benchmark_stops_attracting_work() {
     // Worker 1 claims 1000x its speed and takes 40 ms longer over every task.
