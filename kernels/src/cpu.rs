@@ -97,7 +97,7 @@ impl CpuBackend {
         Ok(match op {
             Op::Unary(u) => {
                 let x = inputs[0].as_f32().expect("dtype checked by infer");
-                let mut o = vec![0.0; x.len()];
+                let mut o = crate::tensor::zeroed::<f32>(x.len());
                 par_zip1(x, &mut o, cancel, |s, d| u.map_slice(s, d))?;
                 f32_tensor(&out, o)
             }
