@@ -192,6 +192,19 @@ impl Recipe {
     }
 }
 
+impl Tensor {
+    /// Seeded uniform random values in `[lo, hi)`: the same seed gives the same tensor
+    /// everywhere, and any window of it is [`Recipe::slice`] of its recipe.
+    ///
+    /// # Panics
+    /// If the element count overflows, like [`Tensor::full`], or the range is not finite.
+    pub fn random_uniform(shape: impl Into<Vec<usize>>, lo: f32, hi: f32, seed: u64) -> Self {
+        Recipe::uniform(shape, lo, hi, seed)
+            .materialise()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
 /// Row-major index, in the whole tensor, of the first element of run `row` of the window.
 fn flat_start(full: &[usize], starts: &[usize], window: &[usize], mut row: usize) -> u64 {
     let rank = full.len();

@@ -260,17 +260,6 @@ impl Tensor {
         }
     }
 
-    /// Seeded uniform random values in `[lo, hi)`: the same seed gives the same tensor
-    /// everywhere, and any window of it is [`crate::Recipe::slice`] of its recipe.
-    ///
-    /// # Panics
-    /// If the element count overflows, like [`Tensor::full`], or the range is not finite.
-    pub fn random_uniform(shape: impl Into<Vec<usize>>, lo: f32, hi: f32, seed: u64) -> Self {
-        crate::recipe::Recipe::uniform(shape, lo, hi, seed)
-            .materialise()
-            .unwrap_or_else(|e| panic!("{e}"))
-    }
-
     /// Rebuilds a tensor from little-endian bytes, checking the length first.
     pub fn from_le_bytes(
         dtype: DType,
