@@ -45,6 +45,17 @@ impl LocalExecutor {
         }
     }
 
+    /// Same executor, caching nothing: for a requester, whose local runs (assembling tiles,
+    /// settling disputes) take inputs from workers before every check on them is settled. A
+    /// subgraph's id names its inputs by value id, so a result cached under it would outlive
+    /// the discovery that one of those inputs was a lie and is being computed again.
+    pub fn without_cache(self) -> Self {
+        LocalExecutor {
+            cache: Mutex::new(ResultCache::new(0)),
+            ..self
+        }
+    }
+
     /// Same executor with other partition settings (block size, limits).
     pub fn with_settings(mut self, settings: Settings) -> Self {
         self.settings = settings;
@@ -248,5 +259,33 @@ impl ResultCache {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use corvid_kernels::{Op, Program, TensorMeta, UnaryOp};
+
+    /// The same subgraph id over other values: a caching executor answers from its cache, one
+    /// without a cache computes what it was given.
+    #[test]
+    fn an_executor_without_a_cache_computes_what_it_is_given() {
+        let program = Program::single(Op::Unary(UnaryOp::Neg), vec![TensorMeta::f32([2])]);
+        let id = SubgraphId([7; 32]);
+        let one = Arc::new(Data::from_f32([2], vec![1.0, 2.0]).unwrap());
+        let other = Arc::new(Data::from_f32([2], vec![5.0, 6.0]).unwrap());
+        let cpu = || Backend::open(corvid_kernels::BackendChoice::Cpu).unwrap();
+        let caching = LocalExecutor::new(cpu());
+        caching.run_program(id, &program, &[one.clone()]).unwrap();
+        let stale = caching.run_program(id, &program, &[other.clone()]).unwrap();
+        assert_eq!(stale[0].as_f32().unwrap(), &[-1.0, -2.0]);
+        let fresh = LocalExecutor::new(cpu()).without_cache();
+        fresh.run_program(id, &program, &[one]).unwrap();
+        let got = fresh.run_program(id, &program, &[other]).unwrap();
+        assert_eq!(got[0].as_f32().unwrap(), &[-5.0, -6.0]);
+        assert_eq!(fresh.cached(), 0);
     }
 }

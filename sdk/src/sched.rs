@@ -604,6 +604,16 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         out
     }
 
+    /// Failed attempts at `sg` that count against `max_attempts`: a task lost because its
+    /// peer was banned says nothing about the subgraph (a queue full of tasks on a cheater
+    /// would otherwise use up every attempt of them at once).
+    fn attempts(&self, sg: usize) -> usize {
+        self.errors[sg]
+            .iter()
+            .filter(|e| !matches!(e.error, TaskFailure::Banned { .. }))
+            .count()
+    }
+
     /// How deep a peer's queue may be for `sg`.
     fn depth(&self, sg: usize) -> usize {
         let bytes = self.inputs[sg].iter().map(|(_, b)| b).sum::<u64>() + self.bytes_out[sg];
@@ -907,7 +917,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         if self.state[sg] == State::Done || self.tasks.values().any(|o| o.subgraph == sg) {
             return Ok(()); // another copy is still running or already won
         }
-        if self.errors[sg].len() >= self.cfg.max_attempts {
+        if self.attempts(sg) >= self.cfg.max_attempts {
             return Err(JobFailure {
                 subgraph: sg,
                 ops: self.ops[sg].clone(),
@@ -944,8 +954,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             .collect();
         for (id, sg, place) in stragglers {
             let copies_running = self.tasks.values().filter(|t| t.subgraph == sg).count();
-            if copies_running > 1 || self.errors[sg].len() + copies_running >= self.cfg.max_attempts
-            {
+            if copies_running > 1 || self.attempts(sg) + copies_running >= self.cfg.max_attempts {
                 continue;
             }
             let avoid: BTreeSet<Place<P>> = std::iter::once(place.clone())
@@ -1242,6 +1251,33 @@ mod tests {
             "{msg}"
         );
         assert_eq!(s.redispatches().len(), 2);
+    }
+
+    #[test]
+    fn tasks_lost_to_banned_peers_do_not_use_up_attempts() {
+        let p = plan();
+        let mut s = Scheduler::new(&p, no_local());
+        for peer in ["a", "b", "c", "d", "e"] {
+            s.peer(peer, 1e9, 1e9, 4);
+        }
+        let sg = 0;
+        // Four peers in turn are banned while holding the subgraph: it still goes to the fifth.
+        for round in 0..4 {
+            let d = dispatched(&s.schedule(round as f64));
+            let (task, _, place) = d.into_iter().find(|x| x.1 == sg).unwrap();
+            let Place::Peer(peer) = place else {
+                panic!("placed locally")
+            };
+            s.remove_peer(&peer);
+            s.on_failed(
+                task,
+                TaskFailure::Banned {
+                    peer: peer.to_string(),
+                },
+            )
+            .expect("a ban is not an attempt at the subgraph");
+        }
+        assert!(dispatched(&s.schedule(5.0)).iter().any(|x| x.1 == sg));
     }
 
     #[test]

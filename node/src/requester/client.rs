@@ -159,7 +159,9 @@ impl Client {
         let executor = Arc::new(SwarmExecutor {
             handle: runtime.handle().clone(),
             node: requester.client(),
-            local: Arc::new(LocalExecutor::new(local)),
+            // Nothing cached by subgraph id: a value a worker sent may yet be proved wrong
+            // and computed again under the same id (verified results are cached by job).
+            local: Arc::new(LocalExecutor::new(local).without_cache()),
             settings: Mutex::new(Settings::default()),
             sched,
             last: Mutex::new(None),
