@@ -279,8 +279,12 @@ mod tests {
         let other = Arc::new(Data::from_f32([2], vec![5.0, 6.0]).unwrap());
         let cpu = || Backend::open(corvid_kernels::BackendChoice::Cpu).unwrap();
         let caching = LocalExecutor::new(cpu());
-        caching.run_program(id, &program, &[one.clone()]).unwrap();
-        let stale = caching.run_program(id, &program, &[other.clone()]).unwrap();
+        caching
+            .run_program(id, &program, std::slice::from_ref(&one))
+            .unwrap();
+        let stale = caching
+            .run_program(id, &program, std::slice::from_ref(&other))
+            .unwrap();
         assert_eq!(stale[0].as_f32().unwrap(), &[-1.0, -2.0]);
         let fresh = LocalExecutor::new(cpu()).without_cache();
         fresh.run_program(id, &program, &[one]).unwrap();
