@@ -155,17 +155,16 @@ impl Remote {
                 &signed.outputs,
                 &signed.receipt.class,
             )?;
+            let checked = clock.secs();
+            tracing::debug!(%peer, sg = %sg.id.short(), answered_after = elapsed_secs,
+                inputs_made_and_hashed = hash_secs, checked, "answer accepted");
             Ok(Accepted {
                 outputs: signed.outputs,
                 cids,
                 op_hashes: signed.receipt.op_hashes,
                 class: signed.receipt.class,
                 check: Some(check),
-                verify_secs: {
-                    tracing::debug!(%peer, sg = %sg.id.short(), answered_after = elapsed_secs,
-                        inputs_made_and_hashed = hash_secs, checked = clock.secs(), "answer accepted");
-                    clock.secs() + hash_secs
-                },
+                verify_secs: checked + hash_secs,
                 compute_secs: Some(signed.compute_micros as f64 / 1e6),
                 elapsed_secs,
             })
