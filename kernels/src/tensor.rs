@@ -180,8 +180,12 @@ pub fn zeroed<T: bytemuck::Zeroable + Clone>(n: usize) -> Vec<T> {
         // Advice only, over whole pages inside the allocation, before any of it is touched.
         const PAGE: usize = 4096;
         let start = v.as_mut_ptr() as usize;
-        let aligned = start.next_multiple_of(PAGE);
-        let len = (start + bytes).saturating_sub(aligned) / PAGE * PAGE;
+        // The allocation spans `start..start + bytes`, so neither sum wraps; checked anyway.
+        let range = start
+            .checked_next_multiple_of(PAGE)
+            .zip(start.checked_add(bytes));
+        let (aligned, len) =
+            range.map_or((0, 0), |(a, end)| (a, end.saturating_sub(a) / PAGE * PAGE));
         if len > 0 {
             // SAFETY: the range lies inside this allocation, which nothing else uses yet;
             // MADV_HUGEPAGE changes how its pages are backed, never their contents.

@@ -90,22 +90,9 @@ pub(crate) fn crash_every(fault: Option<Fault>) -> u64 {
 pub(crate) fn recipe_to_make(fault: Option<&Injector>, recipe: &Recipe) -> (Recipe, ContentId) {
     match fault.map(|f| f.fault) {
         Some(Fault::OtherRecipe { claim_asked }) => {
-            let Recipe::Uniform {
-                full,
-                starts,
-                ends,
-                lo,
-                hi,
-                seed,
-            } = recipe.clone();
-            let other = Recipe::Uniform {
-                full,
-                starts,
-                ends,
-                lo,
-                hi,
-                seed: seed.wrapping_add(1),
-            };
+            let mut other = recipe.clone();
+            let Recipe::Uniform { seed, .. } = &mut other;
+            *seed = seed.wrapping_add(1);
             let named = if claim_asked { recipe.id() } else { other.id() };
             (other, named)
         }

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use corvid_kernels::{Backend, CpuBackend};
+use corvid_node::trust::Ban;
 use corvid_node::{Client, Fault, JobSummary};
 use corvid_sdk::sched::Place;
 use corvid_sdk::{Graph, LocalExecutor, Settings, Tensor};
@@ -63,6 +64,14 @@ fn run(client: &Client, seed: u64, mlp: bool) -> JobSummary {
         );
     }
     summary
+}
+
+/// Why `peer` was banned; panics, listing the bans, if it was not.
+fn ban_reason(bans: &[Ban], peer: &str) -> String {
+    bans.iter()
+        .find(|b| b.peer == peer)
+        .map(|b| b.reason.clone())
+        .unwrap_or_else(|| panic!("{peer} was not banned: {bans:?}"))
 }
 
 fn tasks_of(s: &JobSummary, peer: &str) -> usize {
@@ -137,12 +146,7 @@ fn zeroed_replayed_and_wrongly_signed_results_are_refused() {
         }
     }
     let bans = client.bans();
-    let reason = |peer: &str| {
-        bans.iter()
-            .find(|b| b.peer == peer)
-            .map(|b| b.reason.clone())
-            .unwrap_or_else(|| panic!("{peer} was not banned: {bans:?}"))
-    };
+    let reason = |peer: &str| ban_reason(&bans, peer);
     assert!(reason(&ids[1]).contains("wrong result"), "{bans:?}");
     assert!(reason(&ids[2]).starts_with("replayed result"), "{bans:?}");
     assert!(
@@ -180,12 +184,7 @@ fn a_worker_cannot_claim_another_recipe() {
         }
     }
     let bans = client.bans();
-    let reason = |peer: &str| {
-        bans.iter()
-            .find(|b| b.peer == peer)
-            .map(|b| b.reason.clone())
-            .unwrap_or_else(|| panic!("{peer} was not banned: {bans:?}"))
-    };
+    let reason = |peer: &str| ban_reason(&bans, peer);
     assert!(
         reason(&ids[1]).starts_with("result for other inputs"),
         "{bans:?}"
