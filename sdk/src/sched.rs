@@ -15,6 +15,12 @@
 //!   subgraph elsewhere (peers that failed it are avoided) up to `max_attempts`; a task running
 //!   much longer than its estimate gets a speculative copy on a free peer. The first accepted
 //!   result wins; later copies are cancelled, so every result is used exactly once.
+//! - **Failing peers**: a peer that has failed more tasks than it has done (in this job and
+//!   the ones before) gets work only when no peer in good standing can take it, and only a
+//!   failure at a peer in good standing (one that has done work and fails less than it works)
+//!   uses up one of a subgraph's attempts: peers that only fail, however fast they say they
+//!   are, cannot fail a job that honest peers can finish. A subgraph still tries each peer at
+//!   most once, so the job ends when every peer has failed it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -60,15 +66,21 @@ impl<P: Ord + Clone> Knowledge<P> {
             let m = self.measured.entry(p).or_default();
             m.flops = n.flops.or(m.flops);
             m.link = n.link.or(m.link);
+            // A job starts from the counts before it, so the newer counts include the older.
+            m.done = m.done.max(n.done);
+            m.failed = m.failed.max(n.failed);
         }
     }
 }
 
-/// A peer's measured FLOP/s and link bytes/s (`None`: not measured yet).
+/// A peer's measured FLOP/s and link bytes/s (`None`: not measured yet), and how many tasks
+/// it has done and failed.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Measured {
     pub flops: Option<f64>,
     pub link: Option<f64>,
+    pub done: usize,
+    pub failed: usize,
 }
 
 /// Identifies one attempt at one subgraph.
@@ -143,10 +155,24 @@ pub struct PeerInfo {
     pub measured: bool,
     /// Whether `link` is measured rather than assumed.
     pub link_measured: bool,
+    /// Tasks it did and failed, in this job and (when it joins) the ones before.
     pub done: usize,
     pub failed: usize,
     /// What one task may use there (advertised); `None`: unknown, anything is sent.
     pub budget: Option<Budget>,
+}
+
+impl PeerInfo {
+    /// Failed more tasks than it did: placed only where no other peer can take the work.
+    pub fn failing(&self) -> bool {
+        self.failed > self.done
+    }
+
+    /// Has done work and does not mostly fail: its failures say something about the task,
+    /// and count against a subgraph's attempts.
+    pub fn in_good_standing(&self) -> bool {
+        self.done > 0 && !self.failing()
+    }
 }
 
 /// A decision for the caller to carry out.
@@ -224,6 +250,9 @@ pub struct Scheduler<P: Ord + Clone> {
     ready: BTreeSet<usize>,
     ready_local: BTreeSet<usize>,
     errors: Vec<Vec<AttemptError<P>>>,
+    /// Per subgraph, how many of its errors do not count against `max_attempts`: failures
+    /// at peers not in good standing (see [`PeerInfo::in_good_standing`]).
+    uncounted: Vec<usize>,
     tasks: HashMap<TaskId, Task<P>>,
     next_task: TaskId,
     /// Every task of the job, running or not, by id: its subgraph and place.
@@ -295,6 +324,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             ready: BTreeSet::new(),
             ready_local: BTreeSet::new(),
             errors: vec![Vec::new(); n],
+            uncounted: vec![0; n],
             tasks: HashMap::new(),
             next_task: 0,
             dispatched: Vec::new(),
@@ -372,10 +402,12 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
     pub fn knowledge(&self) -> Knowledge<P> {
         let mut measured = self.measured_before.clone();
         for (p, info) in &self.peers {
-            if !info.measured && !info.link_measured {
+            if !info.measured && !info.link_measured && info.done == 0 && info.failed == 0 {
                 continue;
             }
             let m = measured.entry(p.clone()).or_default();
+            m.done = info.done;
+            m.failed = info.failed;
             if info.measured {
                 m.flops = Some(info.flops);
             }
@@ -424,6 +456,10 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         // A peer measured in an earlier job starts from that measurement.
         if new && let Some(m) = self.measured_before.get(&p_key).copied() {
             self.measured(&p_key, m.flops, m.link);
+            if let Some(info) = self.peers.get_mut(&p_key) {
+                info.done = m.done;
+                info.failed = m.failed;
+            }
         }
     }
 
@@ -606,12 +642,14 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
 
     /// Failed attempts at `sg` that count against `max_attempts`: a task lost because its
     /// peer was banned says nothing about the subgraph (a queue full of tasks on a cheater
-    /// would otherwise use up every attempt of them at once).
+    /// would otherwise use up every attempt of them at once), nor does a failure at a peer
+    /// not in good standing (three fake fast peers would otherwise fail any job).
     fn attempts(&self, sg: usize) -> usize {
         self.errors[sg]
             .iter()
             .filter(|e| !matches!(e.error, TaskFailure::Banned { .. }))
             .count()
+            .saturating_sub(self.uncounted[sg])
     }
 
     /// How deep a peer's queue may be for `sg`.
@@ -634,9 +672,13 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
     ) -> Option<Place<P>> {
         let mut best: Option<(f64, Place<P>)> = None;
         let mut best_busy: Option<f64> = None;
+        // Peers that mostly fail are used only when no other peer could take it.
+        let others_can = self.peers.iter().any(|(p, info)| {
+            !info.failing() && !avoid.contains(&Place::Peer(p.clone())) && self.fits(sg, info)
+        });
         for (p, info) in &self.peers {
             let place = Place::Peer(p.clone());
-            if avoid.contains(&place) || !self.fits(sg, info) {
+            if avoid.contains(&place) || !self.fits(sg, info) || (others_can && info.failing()) {
                 continue;
             }
             let t = self.estimate(sg, &place, now);
@@ -904,6 +946,15 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         };
         self.release(&t);
         let sg = t.subgraph;
+        // Judged before this failure counts against the peer; a peer already gone (banned,
+        // unreachable) is not in good standing.
+        let counts = match &t.place {
+            Place::Peer(p) => self.peers.get(p).is_some_and(PeerInfo::in_good_standing),
+            Place::Local => true,
+        };
+        if !counts && !matches!(error, TaskFailure::Banned { .. }) {
+            self.uncounted[sg] += 1;
+        }
         if let Place::Peer(p) = &t.place
             && let Some(info) = self.peers.get_mut(p)
         {
@@ -1213,10 +1264,27 @@ mod tests {
         );
     }
 
+    /// What earlier jobs learned of `peers`: each did a task, so its failures count.
+    fn proven(peers: &[&'static str]) -> Knowledge<&'static str> {
+        Knowledge {
+            held: HashMap::new(),
+            measured: peers
+                .iter()
+                .map(|p| {
+                    let m = Measured {
+                        done: 1,
+                        ..Measured::default()
+                    };
+                    (*p, m)
+                })
+                .collect(),
+        }
+    }
+
     #[test]
     fn failures_go_elsewhere_then_fail_the_job_with_a_report() {
         let p = plan();
-        let mut s = Scheduler::new(&p, no_local());
+        let mut s = Scheduler::resume(&p, no_local(), proven(&["a", "b", "c"]));
         for peer in ["a", "b", "c"] {
             s.peer(peer, 1e9, 1e9, 4);
         }
@@ -1251,6 +1319,77 @@ mod tests {
             "{msg}"
         );
         assert_eq!(s.redispatches().len(), 2);
+    }
+
+    #[test]
+    fn peers_that_only_fail_lose_placement_and_use_up_no_attempts() {
+        let p = plan();
+        let mut s = Scheduler::new(&p, no_local());
+        // Three fake peers, a million times faster than the honest one by their adverts.
+        let fakes = ["fake1", "fake2", "fake3"];
+        for f in fakes {
+            s.peer(f, 1e15, 1e12, 4);
+        }
+        s.peer("honest", 1e9, 1e9, 1);
+        let mut now = 0.0;
+        let mut failures = 0;
+        let mut done_by_honest = 0;
+        while !s.finished() {
+            assert!(now < 100.0, "the job never finished");
+            let d = dispatched(&s.schedule(now));
+            assert!(s.stuck().is_none(), "{:?}", s.stuck());
+            for (task, _, place) in d {
+                now += 0.01;
+                if place == Place::Peer("honest") {
+                    done_by_honest += 1;
+                    s.on_done(task, now, &[], None);
+                } else {
+                    failures += 1;
+                    s.on_failed(task, TaskFailure::Worker(crate::wire::TaskError::Busy))
+                        .expect("a fake peer's failure uses up no attempt");
+                }
+            }
+            now += 0.01;
+        }
+        assert_eq!(done_by_honest, p.subgraphs.len());
+        // Each fake failed at most what it took before it failed more than it did: after
+        // their first round they get nothing while the honest peer can take the work.
+        assert!(failures <= 3 * (4 + 1), "{failures}");
+        for f in fakes {
+            assert!(s.peers()[f].failing());
+        }
+        // What this job learned carries over: the next job starts with the fakes failing.
+        let mut next = Scheduler::resume(&p, no_local(), s.knowledge());
+        for f in fakes {
+            next.peer(f, 1e15, 1e12, 4);
+        }
+        next.peer("honest", 1e9, 1e9, 1);
+        let d = dispatched(&next.schedule(0.0));
+        assert!(
+            !d.is_empty() && d.iter().all(|x| x.2 == Place::Peer("honest")),
+            "{d:?}"
+        );
+
+        // A subgraph that every peer fails still ends the job, once each peer has tried it.
+        let mut s = Scheduler::new(&p, no_local());
+        for f in fakes {
+            s.peer(f, 1e15, 1e12, 4);
+        }
+        let mut now = 0.0;
+        let stuck = loop {
+            assert!(now < 100.0, "never gave up");
+            for (task, _, _) in dispatched(&s.schedule(now)) {
+                let _ = s.on_failed(task, TaskFailure::Worker(crate::wire::TaskError::Busy));
+            }
+            if let Some(stuck) = s.stuck() {
+                break stuck.to_string();
+            }
+            now += 0.01;
+        };
+        assert!(
+            stuck.contains("every one of the 3 workers failed it"),
+            "{stuck}"
+        );
     }
 
     #[test]

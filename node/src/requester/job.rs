@@ -581,15 +581,20 @@ impl Job {
             .copied()
             .collect();
         let candidates = if same.is_empty() { free } else { same };
-        // The candidate with the fewest failures, then the least loaded.
-        let Some(replica) = candidates
-            .iter()
-            .min_by_key(|p| {
-                let i = &self.sched.peers()[p];
-                (i.failed, i.in_flight)
-            })
-            .copied()
-        else {
+        // Chosen at random, never by a rule a peer could predict and game (two colluding
+        // peers would otherwise always replicate each other): peers that fail less, and are
+        // less loaded, weigh more; peers failing more than they work only when nobody else is
+        // there.
+        let weigh = |p: &PeerId| {
+            let i = &self.sched.peers()[p];
+            if i.failing() {
+                1e-6
+            } else {
+                1.0 / ((1 + i.failed) as f64 * (1 + i.in_flight) as f64)
+            }
+        };
+        use rand::seq::IndexedRandom;
+        let Ok(&replica) = candidates.choose_weighted(&mut rand::rng(), weigh) else {
             return;
         };
         self.verify.replicated += 1;

@@ -35,6 +35,9 @@ pub enum Fault {
     Inflate { factor: f32, delay_ms: u32 },
     /// The executor process aborts on every `every`-th task (the node must restart it).
     CrashExecutor { every: u32 },
+    /// Says it is `factor` times faster than it is and refuses every task as busy: a
+    /// requester must route around it, not give up on the job.
+    Refuse { factor: f32 },
     /// Makes a recipe input from another seed (cheaper inputs it had lying around, say) and
     /// signs the receipt naming that recipe, or, with `claim_asked`, the recipe it was sent.
     OtherRecipe { claim_asked: bool },
@@ -72,7 +75,7 @@ impl From<Cheat> for Fault {
 /// the `measured` one.
 pub(crate) fn advertised_gflops(measured: f32, fault: Option<Fault>) -> f32 {
     match fault {
-        Some(Fault::Inflate { factor, .. }) => measured * factor,
+        Some(Fault::Inflate { factor, .. } | Fault::Refuse { factor }) => measured * factor,
         _ => measured,
     }
 }
@@ -121,6 +124,11 @@ impl Injector {
     /// Whether this worker takes tasks and never answers them.
     pub(crate) fn hangs(&self) -> bool {
         self.fault == Fault::Hang
+    }
+
+    /// Whether this worker refuses every task as busy.
+    pub(crate) fn refuses(&self) -> bool {
+        matches!(self.fault, Fault::Refuse { .. })
     }
 
     /// Keeps `channel` open, never to answer on it.

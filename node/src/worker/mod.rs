@@ -205,9 +205,16 @@ pub(crate) async fn run(worker: Worker, cancel: CancellationToken) {
             w = queue.recv(), if tasks.len() < slots => {
                 let Some(work) = w else { break };
                 #[cfg(feature = "fault-injection")]
-                if let Some(f) = &shared.faults && f.hangs() {
-                    f.hold(work.channel);
-                    continue;
+                if let Some(f) = &shared.faults {
+                    if f.hangs() {
+                        f.hold(work.channel);
+                        continue;
+                    }
+                    if f.refuses() {
+                        let response = TaskResponse::Failed { task: work.request.task, error: TaskError::Busy };
+                        let _ = finished.send(Finished { channel: work.channel, response }).await;
+                        continue;
+                    }
                 }
                 let key = (work.peer, work.request.task);
                 if early.remove(&key) {

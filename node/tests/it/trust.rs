@@ -196,6 +196,49 @@ fn a_worker_cannot_claim_another_recipe() {
     );
 }
 
+/// Peers that claim to be fast and refuse every task cost a job time, not its result: they
+/// lose placement after their first failures, their failures use up none of a subgraph's
+/// attempts, and the job finishes on the one honest peer, bit for bit.
+#[test]
+fn fast_peers_that_refuse_every_task_cannot_fail_a_job() {
+    let client = Client::local_with(4, |i, c| {
+        if i > 0 {
+            c.fault = Some(Fault::Refuse { factor: 1000.0 });
+        }
+    })
+    .unwrap()
+    .with_settings(settings());
+    let honest = client.workers()[0].peer_id().to_string();
+    let fakes: Vec<String> = client.workers()[1..]
+        .iter()
+        .map(|w| w.peer_id().to_string())
+        .collect();
+    let first = run(&client, 1, true);
+    println!("{first}");
+    let refused: usize = fakes
+        .iter()
+        .map(|f| {
+            first
+                .places
+                .get(&Place::Peer(f.clone()))
+                .map_or(0, |p| p.failures)
+        })
+        .sum();
+    assert!(refused > 0, "the fakes were never tried:\n{first}");
+    assert!(
+        first.places[&Place::Peer(honest.clone())].tasks > 0,
+        "{first}"
+    );
+    // The next job starts from what this one learned: the fakes get nothing while the
+    // honest peer can take the work.
+    let second = run(&client, 2, true);
+    println!("{second}");
+    for f in &fakes {
+        assert_eq!(tasks_of(&second, f), 0, "{second}");
+    }
+    assert!(client.bans().is_empty(), "refusing is not cheating");
+}
+
 #[test]
 fn a_slow_peer_advertising_a_fast_benchmark_stops_attracting_work() {
     // Worker 1 claims 1000x its speed and takes 40 ms longer over every task.
