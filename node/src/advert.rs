@@ -173,7 +173,7 @@ pub fn validate(
     let key = PublicKey::try_decode_protobuf(&env.public_key).map_err(|_| Rejection::BadKey)?;
     let mut msg = SIGNING_CONTEXT.to_vec();
     msg.extend_from_slice(&env.advert);
-    if !key.verify(&msg, &env.signature) {
+    if !crate::identity::verify_strict(&key, &msg, &env.signature) {
         return Err(Rejection::BadSignature);
     }
     let signer = key.to_peer_id();
@@ -251,6 +251,35 @@ pub(crate) mod tests {
 
     const AGE: Duration = Duration::from_secs(60);
     const NOW: u64 = 1_700_000_000_000;
+
+    #[test]
+    fn a_small_order_key_cannot_sign_every_advert() {
+        // The identity point as a key and (R = identity, s = 0) as the signature verify for
+        // any message by the plain rules: a forger could advertise as this key at will.
+        let mut point = [0u8; 32];
+        point[0] = 1;
+        let weak =
+            PublicKey::from(libp2p::identity::ed25519::PublicKey::try_from_bytes(&point).unwrap());
+        let peer = weak.to_peer_id();
+        let key = Keypair::generate_ed25519();
+        let advert = Advert {
+            peer_id: peer.to_bytes(),
+            ..sample(&key, NOW)
+        };
+        let mut signature = vec![0u8; 64];
+        signature[0] = 1;
+        let bytes = postcard::to_stdvec(&SignedAdvert {
+            version: ADVERT_VERSION,
+            public_key: weak.encode_protobuf(),
+            advert: postcard::to_stdvec(&advert).unwrap(),
+            signature,
+        })
+        .unwrap();
+        assert_eq!(
+            validate(&bytes, Some(&peer), NOW, AGE),
+            Err(Rejection::BadSignature)
+        );
+    }
 
     #[test]
     fn valid_advert_round_trips() {

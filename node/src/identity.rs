@@ -48,6 +48,22 @@ pub enum IdentityError {
     PskParse { path: PathBuf, reason: String },
 }
 
+/// Whether `signature` is `key`'s ed25519 signature over `msg`, by the strict rules
+/// (`verify_strict`: no small-order keys or malleable signatures, so one message has one
+/// valid signature per key). Corvid identities are ed25519; any other key never verifies.
+pub fn verify_strict(key: &libp2p::identity::PublicKey, msg: &[u8], signature: &[u8]) -> bool {
+    let Ok(key) = key.clone().try_into_ed25519() else {
+        return false;
+    };
+    let (Ok(key), Ok(signature)) = (
+        ed25519_dalek::VerifyingKey::from_bytes(&key.to_bytes()),
+        ed25519_dalek::Signature::from_slice(signature),
+    ) else {
+        return false;
+    };
+    key.verify_strict(msg, &signature).is_ok()
+}
+
 /// Loads the keypair named by `source`, creating the key file if it does not exist.
 pub fn load_keypair(source: &IdentitySource) -> Result<Keypair, IdentityError> {
     match source {
@@ -235,6 +251,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bad.key"), "{e}");
+    }
+
+    #[test]
+    fn strict_verification_refuses_what_plain_verification_lets_through() {
+        let key = seeded(3);
+        let msg = b"an advert";
+        let sig = key.sign(msg).unwrap();
+        assert!(verify_strict(&key.public(), msg, &sig));
+        assert!(!verify_strict(&key.public(), b"another advert", &sig));
+        // The identity point as a public key, and the signature (R = identity, s = 0): plain
+        // verification accepts it for every message (anyone can "sign" as this key); strict
+        // verification refuses small-order keys.
+        let mut weak = [0u8; 32];
+        weak[0] = 1;
+        let weak = libp2p::identity::PublicKey::from(
+            libp2p::identity::ed25519::PublicKey::try_from_bytes(&weak).unwrap(),
+        );
+        let mut forged = [0u8; 64];
+        forged[0] = 1;
+        assert!(weak.verify(msg, &forged), "plain verify lets it through");
+        assert!(!verify_strict(&weak, msg, &forged));
     }
 
     #[test]

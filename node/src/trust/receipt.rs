@@ -84,7 +84,7 @@ pub fn open_receipt(
             key.to_peer_id()
         )));
     }
-    if !key.verify(&receipt.message(), signature) {
+    if !crate::identity::verify_strict(&key, &receipt.message(), signature) {
         return Err(Forgery::BadSignature(
             "the signature does not verify over the receipt".into(),
         ));
