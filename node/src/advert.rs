@@ -104,8 +104,9 @@ impl Advert {
     }
 }
 
-/// Why a received advert was refused. `Stale`, `Replayed` and `TableFull` are ignored (not forwarded, no
-/// penalty); the rest are rejected as malformed or forged.
+/// Why a received advert was refused. `Stale`, `Replayed`, `TableFull`, `Unconfirmed` and
+/// `RelayQuota` are ignored (not forwarded, no penalty); the rest are rejected as malformed
+/// or forged, and cost their sender gossip score.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Rejection {
@@ -121,6 +122,12 @@ pub enum Rejection {
     Replayed,
     /// The peer table is full; a new peer's advert is dropped.
     TableFull,
+    /// From a peer never connected to, and not reached within the time allowed: its advert
+    /// never entered the table.
+    Unconfirmed,
+    /// One more advert from a peer never connected to, relayed by a peer that already relays
+    /// as many such adverts as we check at once.
+    RelayQuota,
 }
 
 impl Rejection {
@@ -128,7 +135,11 @@ impl Rejection {
     pub fn is_fault(self) -> bool {
         !matches!(
             self,
-            Rejection::Stale | Rejection::Replayed | Rejection::TableFull
+            Rejection::Stale
+                | Rejection::Replayed
+                | Rejection::TableFull
+                | Rejection::Unconfirmed
+                | Rejection::RelayQuota
         )
     }
 
@@ -145,6 +156,8 @@ impl Rejection {
             Rejection::Insane => "insane",
             Rejection::Replayed => "replayed",
             Rejection::TableFull => "table_full",
+            Rejection::Unconfirmed => "unconfirmed",
+            Rejection::RelayQuota => "relay_quota",
         }
     }
 }

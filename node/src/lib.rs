@@ -34,6 +34,9 @@ pub mod requester;
 #[cfg(target_os = "linux")]
 pub mod sandbox;
 mod status;
+#[cfg(feature = "fault-injection")]
+#[doc(hidden)]
+pub mod sybil;
 mod task_error;
 pub mod trust;
 mod worker;

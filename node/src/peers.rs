@@ -161,6 +161,11 @@ impl PeerTable {
         out
     }
 
+    /// Whether `peer` has an advert in the table.
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.entries.contains_key(peer)
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -32,6 +32,10 @@ pub struct Status {
     /// Tasks from peers this node has answered (done or failed).
     #[serde(default)]
     pub tasks_answered: u64,
+    /// Gossip scores (gossipsub v1.1) of the connected peers with the lowest ones, lowest
+    /// first: below [`crate::net::GRAYLIST_SCORE`] a peer's messages are dropped unread.
+    #[serde(default)]
+    pub gossip_scores: Vec<(String, f64)>,
     /// What one task from a peer may use here (contributing nodes).
     #[serde(default)]
     pub limits: Option<Limits>,

@@ -29,6 +29,15 @@ use std::collections::HashMap;
 
 /// Most peers kept in the table.
 const MAX_PEERS: usize = 10_000;
+/// Adverts from peers never connected to, held while we try to reach their authors: at most
+/// this many in all, and this many relayed by any one peer. Only a connection (whose
+/// handshake proves the author holds its key, and that it exists somewhere reachable) lets
+/// such an advert into the table: adverts signed by keys made up by the thousand never do.
+/// An author not reached within the dial timeout is given up on.
+const MAX_UNCONFIRMED: usize = 256;
+const MAX_UNCONFIRMED_PER_RELAY: usize = 8;
+/// Most peers listed with their gossip score in the status (the lowest scores).
+const MAX_SCORES_SHOWN: usize = 32;
 /// Publishing waits this long after a peer subscribes, so several arrivals share one advert.
 const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(200);
 /// When the start-up summary of who is there is logged.
@@ -66,6 +75,15 @@ pub(crate) enum Command {
     },
 }
 
+/// An advert from a peer never connected to, waiting for a connection to its author.
+#[derive(Debug)]
+struct Unconfirmed {
+    advert: Advert,
+    /// The peer that relayed it.
+    via: PeerId,
+    since: Instant,
+}
+
 #[derive(Debug)]
 struct Bootstrap {
     /// Full address, with `/p2p/`.
@@ -99,6 +117,7 @@ pub(crate) struct EventLoop {
     commands: mpsc::Receiver<Command>,
     key: Keypair,
     table: PeerTable,
+    unconfirmed: HashMap<PeerId, Unconfirmed>,
     advert: Advert,
     timing: Timing,
     psk_path: Option<std::path::PathBuf>,
@@ -149,6 +168,7 @@ impl EventLoop {
             commands,
             key,
             table: PeerTable::new(MAX_PEERS),
+            unconfirmed: HashMap::new(),
             advert,
             timing,
             psk_path,
@@ -393,6 +413,9 @@ impl EventLoop {
                 if was_bootstrap {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
+                if let Some(u) = self.unconfirmed.remove(&peer_id) {
+                    let _ = self.accept(peer_id, u.advert);
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -438,7 +461,7 @@ impl EventLoop {
                     self.timing.peer_expiry,
                 );
                 let acceptance = match (verdict, message.source) {
-                    (Ok(advert), Some(peer)) => self.accept(peer, advert),
+                    (Ok(advert), Some(peer)) => self.admit(peer, advert, propagation_source),
                     (Ok(_), None) => MessageAcceptance::Reject, // unreachable: validate needs a source
                     (Err(why), source) => {
                         self.table.reject(why);
@@ -464,6 +487,49 @@ impl EventLoop {
             }
             _ => {}
         }
+    }
+
+    /// A valid advert by `peer`, relayed by `via`: into the table if we are (or have been)
+    /// connected to `peer`; otherwise held while we try to reach it, within the bounds.
+    fn admit(&mut self, peer: PeerId, advert: Advert, via: PeerId) -> MessageAcceptance {
+        if self.table.contains(&peer) || self.swarm.is_connected(&peer) {
+            self.unconfirmed.remove(&peer);
+            return self.accept(peer, advert);
+        }
+        if let Some(u) = self.unconfirmed.get_mut(&peer) {
+            if advert.seq <= u.advert.seq {
+                return MessageAcceptance::Ignore;
+            }
+            u.advert = advert;
+            return MessageAcceptance::Accept;
+        }
+        let relayed = self.unconfirmed.values().filter(|u| u.via == via).count();
+        if relayed >= MAX_UNCONFIRMED_PER_RELAY || self.unconfirmed.len() >= MAX_UNCONFIRMED {
+            self.table.reject(advert::Rejection::RelayQuota);
+            let n = self.table.rejection_count(advert::Rejection::RelayQuota);
+            if n.is_power_of_two() {
+                tracing::warn!(%via, count = n, "dropped adverts of unknown peers over the relay quota");
+            }
+            return MessageAcceptance::Ignore;
+        }
+        tracing::debug!(%peer, %via, "advert of a peer never connected to; reaching it");
+        self.unconfirmed.insert(
+            peer,
+            Unconfirmed {
+                advert,
+                via,
+                since: Instant::now(),
+            },
+        );
+        // Addresses Kademlia already knows, and a lookup for the rest: the lookup reaches the
+        // peer itself if the DHT knows where it is.
+        let _ = self.swarm.dial(
+            DialOpts::peer_id(peer)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build(),
+        );
+        self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+        MessageAcceptance::Accept
     }
 
     fn accept(&mut self, peer: PeerId, advert: Advert) -> MessageAcceptance {
@@ -526,6 +592,14 @@ impl EventLoop {
     }
 
     fn expire(&mut self) {
+        let now = Instant::now();
+        let before = self.unconfirmed.len();
+        let within = self.timing.dial_timeout;
+        self.unconfirmed
+            .retain(|_, u| now.saturating_duration_since(u.since) <= within);
+        for _ in self.unconfirmed.len()..before {
+            self.table.reject(advert::Rejection::Unconfirmed);
+        }
         let swarm = &self.swarm;
         let gone = self
             .table
@@ -602,6 +676,19 @@ impl EventLoop {
         }
     }
 
+    /// The connected peers with the lowest gossip scores, lowest first.
+    fn low_scores(&self) -> Vec<(String, f64)> {
+        let gossip = &self.swarm.behaviour().gossipsub;
+        let mut scores: Vec<(String, f64)> = self
+            .swarm
+            .connected_peers()
+            .filter_map(|p| Some((p.to_string(), gossip.peer_score(p)?)))
+            .collect();
+        scores.sort_by(|a, b| a.1.total_cmp(&b.1));
+        scores.truncate(MAX_SCORES_SHOWN);
+        scores
+    }
+
     fn status(&self) -> Status {
         let me = *self.swarm.local_peer_id();
         let own = PeerInfo::from_advert(&me, &self.advert, Duration::ZERO);
@@ -626,6 +713,7 @@ impl EventLoop {
                 .collect(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             tasks_answered: self.tasks_answered,
+            gossip_scores: self.low_scores(),
             limits: self.extras.limits.clone(),
             #[cfg(target_os = "linux")]
             executor: self.extras.executor.as_ref().and_then(|p| p.status()),

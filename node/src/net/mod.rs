@@ -65,13 +65,65 @@ pub(crate) struct Behaviour {
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<MemoryStore>,
-    pub gossipsub: gossipsub::Behaviour,
+    pub gossipsub: Gossip,
     pub task: request_response::Behaviour<task::TaskCodec>,
 }
+
+/// Gossipsub as the node runs it: only the advert topic is tracked for anyone.
+pub(crate) type Gossip =
+    gossipsub::Behaviour<gossipsub::IdentityTransform, gossipsub::WhitelistSubscriptionFilter>;
+
+/// Gossip scores at or below this stop a peer's messages from being processed at all
+/// (gossipsub's graylist); an invalid advert costs [`INVALID_ADVERT_WEIGHT`] × the square of
+/// the invalid adverts it has sent, decaying slowly.
+pub const GRAYLIST_SCORE: f64 = -80.0;
+const INVALID_ADVERT_WEIGHT: f64 = -10.0;
 
 /// The advert topic.
 pub fn advert_topic() -> IdentTopic {
     IdentTopic::new(ADVERT_TOPIC)
+}
+
+/// Gossipsub peer scoring (v1.1) for a swarm whose one topic carries a signed advert per peer
+/// every half minute. Invalid adverts (forged, malformed, insane) weigh heavily and decay
+/// slowly: three put a peer below the graylist, and its messages are then dropped unread.
+/// Many peers from one IP address (sybils on one machine) lose score beyond ten; this
+/// machine's own loopback address does not count (local swarms, tests). Delivery-rate
+/// penalties (P3) are off: adverts are too rare to measure a peer's mesh deliveries by.
+fn gossip_scoring() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let topic = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 300.0,
+        first_message_deliveries_weight: 0.5,
+        first_message_deliveries_decay: 0.9,
+        first_message_deliveries_cap: 20.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: INVALID_ADVERT_WEIGHT,
+        invalid_message_deliveries_decay: 0.99,
+        ..gossipsub::TopicScoreParams::default()
+    };
+    let params = gossipsub::PeerScoreParams {
+        topics: std::iter::once((advert_topic().hash(), topic)).collect(),
+        ip_colocation_factor_weight: -5.0,
+        ip_colocation_factor_threshold: 10.0,
+        ip_colocation_factor_whitelist: [
+            std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+            std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        ]
+        .into_iter()
+        .collect(),
+        ..gossipsub::PeerScoreParams::default()
+    };
+    let thresholds = gossipsub::PeerScoreThresholds {
+        gossip_threshold: -10.0,
+        publish_threshold: -50.0,
+        graylist_threshold: GRAYLIST_SCORE,
+        ..gossipsub::PeerScoreThresholds::default()
+    };
+    (params, thresholds)
 }
 
 /// Builds the swarm for `config` (not yet listening or dialling).
@@ -133,8 +185,14 @@ fn behaviour(
         .validation_mode(ValidationMode::Strict)
         .validate_messages()
         .max_transmit_size(MAX_GOSSIP_BYTES)
+        // Bound to its author: a peer re-publishing someone else's advert first makes another
+        // message, and cannot suppress the real one as a duplicate.
         .message_id_fn(|m: &gossipsub::Message| {
-            MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+            let mut h = blake3::Hasher::new();
+            h.update(b"corvid-gossip-id-v1");
+            h.update(&m.source.map(|p| p.to_bytes()).unwrap_or_default());
+            h.update(&m.data);
+            MessageId::from(h.finalize().as_bytes().to_vec())
         })
         // Small swarms: a mesh of two is enough; flood publishing reaches everyone subscribed.
         .mesh_n_low(2)
@@ -145,8 +203,16 @@ fn behaviour(
         .duplicate_cache_time(config.timing.peer_expiry)
         .build()
         .map_err(|e| format!("gossipsub config: {e}"))?;
-    let mut gossipsub =
-        gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+    // Peers may subscribe only to the advert topic: others' subscriptions are not tracked.
+    let only_adverts =
+        gossipsub::WhitelistSubscriptionFilter(std::iter::once(advert_topic().hash()).collect());
+    let mut gossipsub = Gossip::new_with_subscription_filter(
+        MessageAuthenticity::Signed(key.clone()),
+        gossip_config,
+        only_adverts,
+    )?;
+    let (params, thresholds) = gossip_scoring();
+    gossipsub.with_peer_score(params, thresholds)?;
     gossipsub
         .subscribe(&advert_topic())
         .map_err(|e| format!("subscribe: {e}"))?;

@@ -1,6 +1,7 @@
 //! Forged, oversized, malformed and stale adverts sent through real gossip are refused, counted
-//! by reason and not forwarded; the receiving node keeps working and keeps the sender's real
-//! advert.
+//! by reason and not forwarded; each forged or malformed one costs its sender gossip score,
+//! until the receiving node drops its messages unread (graylisted, visible in the status);
+//! the receiving node keeps working with everyone else.
 #![allow(clippy::unwrap_used)]
 
 use crate::common;
@@ -70,7 +71,8 @@ async fn bad_adverts_are_rejected_counted_and_harmless() {
     }
     .sign(&liar_key)
     .unwrap();
-    for data in [forged, oversized, malformed, stale, insane] {
+    // Stale first: late, not at fault, it costs nothing; the three after it each do.
+    for data in [stale, forged, oversized, malformed, insane] {
         liar.client()
             .publish_raw_advert(data)
             .await
@@ -78,13 +80,7 @@ async fn bad_adverts_are_rejected_counted_and_harmless() {
             .unwrap();
     }
 
-    let expected = [
-        "signer_mismatch",
-        "oversized",
-        "malformed",
-        "stale",
-        "insane",
-    ];
+    let expected = ["stale", "signer_mismatch", "oversized", "malformed"];
     let rejections = wait_for(
         "every bad advert to be counted",
         Duration::from_secs(10),
@@ -114,16 +110,37 @@ async fn bad_adverts_are_rejected_counted_and_harmless() {
         "{honest_peers:?}"
     );
 
-    // The honest node keeps working and keeps refreshing the liar's real advert.
-    let seq = |peers: &[corvid_node::PeerInfo]| {
-        peers.iter().find(|p| p.peer_id == *liar_ref).map(|p| p.seq)
-    };
-    let before = seq(&honest_peers).unwrap();
-    wait_for(
-        "a fresh real advert from the liar",
+    // Three invalid adverts put the liar below the graylist: the honest node says so, and
+    // reads nothing more from it (its later adverts, the insane one included, go unread).
+    let liar_score = wait_for(
+        "the liar's gossip score to fall below the graylist",
         Duration::from_secs(10),
         || async move {
-            let now = seq(&honest_ref.peers().await.unwrap())?;
+            let s = honest_ref.status().await.unwrap().gossip_scores;
+            let (_, score) = s.into_iter().find(|(p, _)| p == liar_ref)?;
+            (score <= corvid_node::net::GRAYLIST_SCORE).then_some(score)
+        },
+    )
+    .await;
+    println!("the liar's score at the honest node: {liar_score}");
+
+    // The honest node keeps working: it keeps refreshing the witness's advert.
+    let witness_id = witness.peer_id().to_string();
+    let seq = |peers: &[corvid_node::PeerInfo]| {
+        peers
+            .iter()
+            .find(|p| p.peer_id == witness_id)
+            .map(|p| p.seq)
+    };
+    let before = wait_for("the witness's advert", Duration::from_secs(10), || async {
+        seq(&honest.peers().await.unwrap())
+    })
+    .await;
+    wait_for(
+        "a fresh advert from the witness",
+        Duration::from_secs(10),
+        || async {
+            let now = seq(&honest.peers().await.unwrap())?;
             (now > before).then_some(())
         },
     )

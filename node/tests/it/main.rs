@@ -13,5 +13,6 @@ mod process;
 mod requester;
 mod swarm;
 mod swarm_exec;
+mod sybils;
 mod tasks;
 mod trust;
