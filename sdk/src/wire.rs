@@ -72,6 +72,32 @@ pub enum TaskError {
     Failed(String),
 }
 
+impl TaskError {
+    /// Longest text kept from another peer's error, in bytes.
+    pub const MAX_TEXT: usize = 1024;
+
+    /// The error with its text cut to [`TaskError::MAX_TEXT`] bytes (at a character
+    /// boundary): a peer chooses how long its error is, and the requester keeps it in reports.
+    pub fn bounded(self) -> TaskError {
+        let cut = |mut s: String| {
+            if s.len() > Self::MAX_TEXT {
+                let mut end = Self::MAX_TEXT;
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                s.truncate(end);
+                s.push_str("… (cut)");
+            }
+            s
+        };
+        match self {
+            TaskError::Invalid(s) => TaskError::Invalid(cut(s)),
+            TaskError::Failed(s) => TaskError::Failed(cut(s)),
+            other => other,
+        }
+    }
+}
+
 /// Run this subgraph on these inputs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskRequest {
@@ -416,5 +442,21 @@ impl Framed for TaskResponse {
             ResponseHead::Missing { task, inputs } => TaskResponse::Missing { task, inputs },
             ResponseHead::Failed { task, error } => TaskResponse::Failed { task, error },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_error_text_is_kept_bounded() {
+        let long = "é".repeat(1 << 20);
+        let TaskError::Failed(cut) = TaskError::Failed(long).bounded() else {
+            panic!("the kind changed")
+        };
+        assert!(cut.len() <= TaskError::MAX_TEXT + 16 && cut.ends_with("(cut)"));
+        let short = TaskError::Invalid("no such op".into());
+        assert_eq!(short.clone().bounded(), short);
     }
 }

@@ -1,9 +1,14 @@
 //! The libp2p swarm: TCP (+ [`psk`] for private networks) + noise + yamux, identify, ping, Kademlia and
 //! gossipsub. The event loop (`event_loop`) owns it; [`dial`] turns connection errors into reasons a
 //! person can act on.
+//!
+//! Everything a stranger can open is bounded: connections in total, per peer, per IP address
+//! ([`ip_limits`]) and by the process's memory; handshakes by the dial timeout; task streams
+//! per connection; gossip by size, topic (a subscription filter) and peer score.
 
 pub mod dial;
 pub(crate) mod event_loop;
+pub mod ip_limits;
 pub mod psk;
 pub mod task;
 
@@ -17,7 +22,10 @@ use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, Swarm, connection_limits, identify, noise, ping, tcp, yamux};
+use libp2p::{
+    StreamProtocol, Swarm, connection_limits, identify, memory_connection_limits, noise, ping, tcp,
+    yamux,
+};
 
 use crate::advert::{ADVERT_TOPIC, MAX_ADVERT_BYTES};
 use crate::config::NodeConfig;
@@ -34,7 +42,14 @@ const _: () = assert!(MAX_ADVERT_BYTES < MAX_GOSSIP_BYTES);
 /// Established connections per peer.
 const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 /// Connections being set up at once, each way.
-const MAX_PENDING: u32 = 32;
+const MAX_PENDING: u32 = 64;
+/// Inbound connections from one IP address being set up, and open (see [`ip_limits`]): one
+/// host cannot hold every handshake slot with idle sockets, nor fill the node with sybils.
+pub const MAX_PENDING_PER_IP: u32 = 4;
+pub const MAX_CONNECTIONS_PER_IP: u32 = 8;
+/// New connections are refused while the process uses more than this share of the machine's
+/// memory (its own tasks are bounded by `--max-memory`; this catches everything else).
+const MAX_MEMORY_SHARE: f64 = 0.9;
 /// A task request not answered within this fails on the requester.
 const TASK_TIMEOUT: Duration = Duration::from_secs(600);
 /// Task streams open at once on one connection, either way (each may be decoding a head).
@@ -61,7 +76,9 @@ pub enum NetError {
 /// Every protocol the node speaks.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    pub ip_limits: ip_limits::Behaviour,
     pub limits: connection_limits::Behaviour,
+    pub memory: memory_connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<MemoryStore>,
@@ -218,7 +235,10 @@ fn behaviour(
         .map_err(|e| format!("subscribe: {e}"))?;
 
     Ok(Behaviour {
+        ip_limits: ip_limits::Behaviour::new(MAX_PENDING_PER_IP, MAX_CONNECTIONS_PER_IP),
         limits: connection_limits::Behaviour::new(limits),
+        // No new connections while the process uses this share of the machine's memory.
+        memory: memory_connection_limits::Behaviour::with_max_percentage(MAX_MEMORY_SHARE),
         identify: identify::Behaviour::new(
             identify::Config::new(PROTOCOL_VERSION.to_string(), key.public())
                 .with_agent_version(format!("corvid/{}", env!("CARGO_PKG_VERSION"))),

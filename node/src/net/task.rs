@@ -112,8 +112,16 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
             "task message head of {len} bytes is over the limit of {max} bytes"
         )));
     }
-    let mut head = vec![0u8; len as usize];
-    io.read_exact(&mut head).await.map_err(|e| eof(e, "head"))?;
+    // Grown as bytes arrive: a peer that announces a large head and sends nothing holds
+    // nothing.
+    let mut head = Vec::new();
+    AsyncReadExt::take(&mut *io, len)
+        .read_to_end(&mut head)
+        .await
+        .map_err(|e| eof(e, "head"))?;
+    if head.len() as u64 != len {
+        return Err(eof(io::ErrorKind::UnexpectedEof.into(), "head"));
+    }
     let metas = M::tensor_metas(&head).map_err(|e| invalid(e.to_string()))?;
     if metas.len() > MAX_TENSORS {
         return Err(invalid(format!(

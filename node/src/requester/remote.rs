@@ -49,6 +49,7 @@ impl Remote {
         timeout: Duration,
     ) -> Result<(Signed, bool), TaskFailure> {
         let held = request.inputs.iter().any(|i| matches!(i, Input::Held));
+        let n_inputs = request.inputs.len();
         let used_held = AtomicBool::new(held);
         let ask = async {
             // Kept only if it may be needed again (its tensors are shared, not copied).
@@ -87,8 +88,14 @@ impl Remote {
                 },
                 used_held.into_inner(),
             )),
-            TaskResponse::Failed { error, .. } => Err(TaskFailure::Worker(error)),
-            TaskResponse::Missing { inputs, .. } => Err(TaskFailure::MissingInputs(inputs)),
+            TaskResponse::Failed { error, .. } => Err(TaskFailure::Worker(error.bounded())),
+            // Positions that exist, each once: the peer chose the list.
+            TaskResponse::Missing { mut inputs, .. } => {
+                inputs.retain(|&i| i < n_inputs);
+                inputs.sort_unstable();
+                inputs.dedup();
+                Err(TaskFailure::MissingInputs(inputs))
+            }
         }
     }
 

@@ -1,5 +1,9 @@
 //! What the requester knows of each peer's honesty, across jobs: streaks of verified results
 //! (which decide how often a result is replicated) and bans, persisted with their evidence.
+//!
+//! The ban file holds one JSON ban per line, appended as bans happen (a file of a JSON array,
+//! as earlier versions wrote, is read too). Reasons and evidence are bounded before they are
+//! kept: they quote what a peer sent, and a peer chooses how long that is.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -10,6 +14,22 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{MIN_REPLICATION, NEW_PEER_STREAK};
+
+/// Longest reason and evidence kept for a ban, in bytes.
+pub const MAX_REASON_BYTES: usize = 512;
+pub const MAX_EVIDENCE_BYTES: usize = 4096;
+
+/// `text` cut to at most `max` bytes (at a character boundary), saying how much was cut.
+pub fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &text[..end], text.len() - end)
+}
 
 /// A peer proven to have misbehaved, and the proof.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,7 +65,17 @@ impl Trust {
             reason,
         };
         let bans: Vec<Ban> = match std::fs::read(file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?,
+            Ok(bytes) if bytes.trim_ascii_start().starts_with(b"[") => {
+                serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?
+            }
+            Ok(bytes) => bytes
+                .split(|&b| b == b'\n')
+                .enumerate()
+                .filter(|(_, l)| !l.trim_ascii().is_empty())
+                .map(|(i, l)| {
+                    serde_json::from_slice(l).map_err(|e| err(format!("line {}: {e}", i + 1)))
+                })
+                .collect::<Result<_, _>>()?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(err(e.to_string())),
         };
@@ -70,33 +100,23 @@ impl Trust {
         if self.bans.contains_key(&key) {
             return false;
         }
-        tracing::warn!(%peer, reason, evidence, "peer banned");
-        self.bans.insert(
-            key.clone(),
-            Ban {
-                peer: key,
-                reason: reason.into(),
-                evidence: evidence.into(),
-                unix_secs: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-            },
-        );
+        let ban = Ban {
+            peer: key.clone(),
+            reason: bounded(reason, MAX_REASON_BYTES),
+            evidence: bounded(evidence, MAX_EVIDENCE_BYTES),
+            unix_secs: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        tracing::warn!(%peer, reason = ban.reason, evidence = ban.evidence, "peer banned");
         self.streaks.remove(peer);
         if let Some(path) = &self.file
-            && let Err(e) = self.save(path)
+            && let Err(e) = append(path, &ban)
         {
-            tracing::error!(path = %path.display(), error = %e, "could not save the ban list");
+            tracing::error!(path = %path.display(), error = %e, "could not save the ban");
         }
+        self.bans.insert(key, ban);
         true
-    }
-
-    fn save(&self, path: &Path) -> std::io::Result<()> {
-        let list: Vec<&Ban> = self.bans.values().collect();
-        let json = serde_json::to_vec_pretty(&list).map_err(std::io::Error::other)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, json)?;
-        std::fs::rename(&tmp, path)
     }
 
     /// A verified result from `peer`.
@@ -114,6 +134,19 @@ impl Trust {
         let s = self.streak(peer);
         s < NEW_PEER_STREAK || rng.random::<f64>() < MIN_REPLICATION.max(1.0 / f64::from(s))
     }
+}
+
+/// Appends `ban` to the file at `path` as one line (created if missing).
+fn append(path: &Path, ban: &Ban) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut line = serde_json::to_vec(ban).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    // One write: concurrent appenders (two requesters sharing a file) never interleave lines.
+    f.write_all(&line)
 }
 
 #[cfg(test)]
@@ -135,10 +168,29 @@ mod tests {
         let mut t = Trust::with_file(&path).unwrap();
         assert!(t.ban(&cheat, "wrong result (freivalds)", "row 3: got 1, want 2"));
         assert!(!t.ban(&cheat, "again", ""), "a second ban changes nothing");
+        // Evidence quoting a peer's endless list is kept bounded; bans are appended, a line
+        // each, not rewritten.
+        let liar = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let endless = "1, ".repeat(1 << 20);
+        assert!(t.ban(&liar, &endless, &endless));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "{}", &text[..200.min(text.len())]);
+        assert!(text.len() < MAX_REASON_BYTES + MAX_EVIDENCE_BYTES + 1024);
         let back = Trust::with_file(&path).unwrap();
-        assert!(back.is_banned(&cheat) && !back.is_banned(&honest));
-        let ban = back.bans().next().unwrap();
+        assert!(back.is_banned(&cheat) && back.is_banned(&liar) && !back.is_banned(&honest));
+        let ban = back.bans().find(|b| b.peer == cheat.to_string()).unwrap();
         assert_eq!(ban.evidence, "row 3: got 1, want 2");
+        let long = back.bans().find(|b| b.peer == liar.to_string()).unwrap();
+        assert!(
+            long.evidence.ends_with("more bytes)"),
+            "{}",
+            long.evidence.len()
+        );
+        // A list as earlier versions wrote it is read too.
+        std::fs::write(&path, serde_json::to_vec(&[ban]).unwrap()).unwrap();
+        assert!(Trust::with_file(&path).unwrap().is_banned(&cheat));
         // A corrupt file is an error that names it, not an empty list.
         std::fs::write(&path, b"{not json").unwrap();
         let e = Trust::with_file(&path).unwrap_err();

@@ -4,6 +4,7 @@
 mod common;
 
 mod bootstrap_errors;
+mod connections;
 mod demo;
 mod forged_adverts;
 mod fuzz_corpus;
