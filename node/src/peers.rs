@@ -144,6 +144,16 @@ impl PeerTable {
         gone
     }
 
+    /// Removes `peer` (it misbehaved); whether it was there.
+    pub fn remove(&mut self, peer: &PeerId) -> bool {
+        self.entries.remove(peer).is_some()
+    }
+
+    /// The peers in the table.
+    pub fn peer_ids(&self) -> impl Iterator<Item = &PeerId> {
+        self.entries.keys()
+    }
+
     /// Every peer, fastest matmul first.
     pub fn list(&self, now: Instant) -> Vec<PeerInfo> {
         let mut out: Vec<PeerInfo> = self

@@ -533,9 +533,20 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         closure.into_iter().collect()
     }
 
-    /// Forgets a peer (disconnected, banned). Its running tasks must be reported as failed.
+    /// Forgets a peer (disconnected, banned) for this job; what it did and failed is kept for
+    /// the next. Its running tasks must be reported as failed.
     pub fn remove_peer(&mut self, p: &P) {
-        self.peers.remove(p);
+        if let Some(info) = self.peers.remove(p) {
+            let m = self.measured_before.entry(p.clone()).or_default();
+            m.done = info.done;
+            m.failed = info.failed;
+            if info.measured {
+                m.flops = Some(info.flops);
+            }
+            if info.link_measured {
+                m.link = Some(info.link);
+            }
+        }
         for holders in self.held.values_mut() {
             holders.remove(p);
         }

@@ -460,7 +460,10 @@ impl EventLoop {
                     advert::now_ms(),
                     self.timing.peer_expiry,
                 );
+                let me = *self.swarm.local_peer_id();
                 let acceptance = match (verdict, message.source) {
+                    // Our own, echoed back late: nothing to learn, nobody at fault.
+                    (Ok(_), Some(peer)) if peer == me => MessageAcceptance::Ignore,
                     (Ok(advert), Some(peer)) => self.admit(peer, advert, propagation_source),
                     (Ok(_), None) => MessageAcceptance::Reject, // unreachable: validate needs a source
                     (Err(why), source) => {
@@ -599,6 +602,23 @@ impl EventLoop {
             .retain(|_, u| now.saturating_duration_since(u.since) <= within);
         for _ in self.unconfirmed.len()..before {
             self.table.reject(advert::Rejection::Unconfirmed);
+        }
+        // Peers whose gossip we no longer read (graylisted: they sent invalid adverts) are no
+        // workers of ours either.
+        let gossip = &self.swarm.behaviour().gossipsub;
+        let graylisted: Vec<PeerId> = self
+            .table
+            .peer_ids()
+            .filter(|p| {
+                gossip
+                    .peer_score(p)
+                    .is_some_and(|s| s <= super::GRAYLIST_SCORE)
+            })
+            .copied()
+            .collect();
+        for peer in graylisted {
+            self.table.remove(&peer);
+            tracing::warn!(%peer, peers = self.table.len(), "peer removed: its gossip score is below the graylist (invalid adverts)");
         }
         let swarm = &self.swarm;
         let gone = self

@@ -103,7 +103,8 @@ pub fn advert_topic() -> IdentTopic {
 
 /// Gossipsub peer scoring (v1.1) for a swarm whose one topic carries a signed advert per peer
 /// every half minute. Invalid adverts (forged, malformed, insane) weigh heavily and decay
-/// slowly: three put a peer below the graylist, and its messages are then dropped unread.
+/// slowly: three or four put a peer below the graylist, and its messages are then dropped
+/// unread.
 /// Many peers from one IP address (sybils on one machine) lose score beyond ten; this
 /// machine's own loopback address does not count (local swarms, tests). Delivery-rate
 /// penalties (P3) are off: adverts are too rare to measure a peer's mesh deliveries by.
@@ -132,6 +133,13 @@ fn gossip_scoring() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThreshol
         ]
         .into_iter()
         .collect(),
+        // Protocol misbehaviour (grafting during a backoff, IWANT promises not kept): a few
+        // happen to honest peers under load and cost nothing; beyond them, a little each.
+        behaviour_penalty_weight: -1.0,
+        behaviour_penalty_threshold: 6.0,
+        // Off: a worker busy computing is slow to drain its gossip queues, and would sink
+        // below the publish threshold for doing its job.
+        slow_peer_weight: 0.0,
         ..gossipsub::PeerScoreParams::default()
     };
     let thresholds = gossipsub::PeerScoreThresholds {
@@ -218,6 +226,9 @@ fn behaviour(
         .heartbeat_interval(Duration::from_millis(500))
         // An advert's useful life: a duplicate arriving later is still dropped.
         .duplicate_cache_time(config.timing.peer_expiry)
+        // Our own advert echoed back after that reaches the validator, which ignores it:
+        // gossipsub would otherwise penalise the honest peer that forwarded it late.
+        .allow_self_origin(true)
         .build()
         .map_err(|e| format!("gossipsub config: {e}"))?;
     // Peers may subscribe only to the advert topic: others' subscriptions are not tracked.

@@ -346,7 +346,10 @@ impl Job {
                 match (&error, peer) {
                     (TaskFailure::Unreachable(why), Some(peer)) => {
                         tracing::warn!(%peer, %why, "peer unreachable; no more tasks go to it in this job");
+                        // Counted against the peer first, so the next job knows it fails.
+                        let r = self.fail(task, error);
                         self.sched.remove_peer(&peer);
+                        return r;
                     }
                     (TaskFailure::StaleHeld { held, .. }, Some(peer)) => {
                         let inputs = &self.plan.subgraphs[sg].input_ids;

@@ -24,8 +24,6 @@ use corvid_sdk::plan::{Leaf, Plan, Source, Subgraph};
 use corvid_sdk::wire::Input;
 use libp2p::PeerId;
 
-use corvid_sdk::sched::TaskFailure;
-
 use crate::trust::{CheckKind, Claim, Refusal};
 
 mod client;
@@ -150,26 +148,25 @@ impl Arg {
     }
 }
 
-/// A result must have the program's output count, dtypes and shapes.
-fn check_shapes(sg: &Subgraph, outs: &[Arc<Data>]) -> Result<(), TaskFailure> {
+/// A result must have the program's output count, dtypes and shapes; says how it differs.
+fn check_shapes(sg: &Subgraph, outs: &[Arc<Data>]) -> Result<(), String> {
     let program = &sg.program;
-    let metas = program
-        .infer()
-        .map_err(|e| TaskFailure::Malformed(e.to_string()))?;
+    // The plan's programs type-check (the partitioner made them): inference cannot fail.
+    let metas = program.infer().map_err(|e| e.to_string())?;
     if outs.len() != program.outputs.len() {
-        return Err(TaskFailure::Malformed(format!(
+        return Err(format!(
             "{} outputs returned, {} expected",
             outs.len(),
             program.outputs.len()
-        )));
+        ));
     }
     for (i, (t, &o)) in outs.iter().zip(&program.outputs).enumerate() {
         if t.meta() != metas[o as usize] {
-            return Err(TaskFailure::Malformed(format!(
+            return Err(format!(
                 "output {i} is {}, expected {}",
                 t.meta(),
                 metas[o as usize]
-            )));
+            ));
         }
     }
     Ok(())

@@ -144,7 +144,6 @@ impl Remote {
         let sg = sg.clone();
         OffThread::start(small, move || {
             let clock = trust::Stopwatch::start();
-            check_shapes(&sg, &signed.outputs)?;
             let cids: Vec<ContentId> = signed.outputs.iter().map(|t| t.content_id()).collect();
             match open(peer, &signed, &sg, &input_cids, &nonce, &cids) {
                 // It ran on values it held, which differ from what we meant: stale, not proof.
@@ -155,6 +154,20 @@ impl Remote {
                 }
                 opened => opened?,
             }
+            // Signed, so the wrong shape is the peer's word: no honest run of this program
+            // makes it.
+            check_shapes(&sg, &signed.outputs).map_err(|why| Refusal::Cheated {
+                reason: format!("malformed result, signed: {why}"),
+                evidence: format!(
+                    "subgraph {} ({}): {why}; the receipt signs outputs {}",
+                    sg.id.short(),
+                    sg.ops(),
+                    cids.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
             let check = this.verifier.check(
                 &sg,
                 &inputs,
@@ -202,7 +215,7 @@ impl Remote {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = check_shapes(&sg, &signed.outputs) {
-                return Replica::Unusable(e);
+                return Replica::Unusable(TaskFailure::Malformed(e));
             }
             let inputs: Vec<Arc<Data>> = args.iter().map(Arg::data).collect();
             let input_cids = content_ids(&this.cids, &sg.input_ids, &args, &inputs);

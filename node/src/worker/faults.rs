@@ -35,6 +35,8 @@ pub enum Fault {
     Inflate { factor: f32, delay_ms: u32 },
     /// The executor process aborts on every `every`-th task (the node must restart it).
     CrashExecutor { every: u32 },
+    /// Returns a first output of the wrong shape (one element), signed.
+    WrongShape,
     /// Says it is `factor` times faster than it is and refuses every task as busy: a
     /// requester must route around it, not give up on the job.
     Refuse { factor: f32 },
@@ -179,6 +181,12 @@ impl Injector {
             Fault::Zeros => {
                 for o in &mut outputs {
                     *o = Arc::new(Data::full(o.shape().to_vec(), 0.0));
+                }
+                true
+            }
+            Fault::WrongShape => {
+                if let Some(o) = outputs.first_mut() {
+                    *o = Arc::new(Data::full(vec![1], 0.0));
                 }
                 true
             }

@@ -1,7 +1,7 @@
 //! Forged, oversized, malformed and stale adverts sent through real gossip are refused, counted
 //! by reason and not forwarded; each forged or malformed one costs its sender gossip score,
-//! until the receiving node drops its messages unread (graylisted, visible in the status);
-//! the receiving node keeps working with everyone else.
+//! until the receiving node drops its messages unread and drops it from its peers (graylisted,
+//! visible in the status); the receiving node keeps working with everyone else.
 #![allow(clippy::unwrap_used)]
 
 use crate::common;
@@ -123,6 +123,13 @@ async fn bad_adverts_are_rejected_counted_and_harmless() {
     )
     .await;
     println!("the liar's score at the honest node: {liar_score}");
+    // ... and no longer counts it among its peers (no requester there would send it work).
+    wait_for(
+        "the graylisted liar to leave the honest node's table",
+        Duration::from_secs(10),
+        || async move { (!known(honest_ref).await.contains(liar_ref)).then_some(()) },
+    )
+    .await;
 
     // The honest node keeps working: it keeps refreshing the witness's advert.
     let witness_id = witness.peer_id().to_string();

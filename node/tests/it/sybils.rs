@@ -64,6 +64,11 @@ async fn adverts_of_unreachable_identities_never_enter_the_peer_table() {
         );
         assert!(peers.len() <= 2, "{peers:?}");
     }
+    // The honest peers keep a good gossip score with each other throughout.
+    let witness_id = witness.peer_id().to_string();
+    let scores = victim.status().await.unwrap().gossip_scores;
+    let witness_score = scores.iter().find(|(p, _)| *p == witness_id).map(|s| s.1);
+    assert!(witness_score.is_some_and(|s| s >= 0.0), "{scores:?}");
     sybils.stop();
     shutdown.cancel();
     for n in [victim, witness, newcomer] {

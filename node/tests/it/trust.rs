@@ -159,6 +159,31 @@ fn zeroed_replayed_and_wrongly_signed_results_are_refused() {
     );
 }
 
+/// A result of the wrong shape, signed, is no accident: no honest run of the program makes
+/// it. The peer is banned with the shapes as evidence, and the job finishes elsewhere.
+#[test]
+fn a_signed_result_of_the_wrong_shape_is_grounds_for_a_ban() {
+    let faults = [None, Some(Fault::WrongShape)];
+    let client = Client::local_with(2, |i, c| c.fault = faults[i])
+        .unwrap()
+        .with_settings(settings());
+    let liar = client.workers()[1].peer_id().to_string();
+    for seed in 1..=4 {
+        println!("{}", run(&client, seed, true));
+        if !client.bans().is_empty() {
+            break;
+        }
+    }
+    let bans = client.bans();
+    assert_eq!(bans.len(), 1, "{bans:?}");
+    let reason = ban_reason(&bans, &liar);
+    assert!(reason.starts_with("malformed result, signed"), "{bans:?}");
+    assert!(
+        reason.contains("expected") && bans[0].evidence.contains("the receipt signs"),
+        "{bans:?}"
+    );
+}
+
 /// Recipes are inputs like any other: a worker that makes a recipe input from another seed is
 /// caught whether its receipt names the recipe it made (a result for other inputs) or the one
 /// it was sent (a wrong result), and the job's answer is still exact.
