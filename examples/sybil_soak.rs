@@ -173,7 +173,7 @@ fn main() -> anyhow::Result<()> {
                 status.known_peers,
                 status.connected_peers
             );
-            samples.push(rss);
+            samples.push((ok + wrong + failed, rss));
             next_sample += Duration::from_secs(10);
         }
     }
@@ -187,11 +187,26 @@ fn main() -> anyhow::Result<()> {
         f64::from(ok) / secs as f64
     );
     println!(
-        "  memory: {:.0} MiB before the flood, peak {:.0} MiB, samples {:?} MiB",
+        "  memory: {:.0} MiB before the flood, peak {:.0} MiB, every 10 s {:?} MiB",
         before as f64 / (1 << 20) as f64,
         peak as f64 / (1 << 20) as f64,
-        samples.iter().map(|b| b / (1 << 20)).collect::<Vec<_>>()
+        samples
+            .iter()
+            .map(|(_, b)| b / (1 << 20))
+            .collect::<Vec<_>>()
     );
+    // The workers' result caches and held values fill (up to their caps) with every job's
+    // canary, flood or not: growth per job after the first sample says what the flood adds.
+    if let (Some((j0, m0)), Some((j1, m1))) = (samples.get(1), samples.last())
+        && j1 > j0
+    {
+        println!(
+            "  growth after the first 10 s: {:.1} KiB per job ({} jobs; compare \
+             CORVID_SOAK_SYBILS_OFF=1)",
+            (*m1 as f64 - *m0 as f64) / 1024.0 / f64::from(j1 - j0),
+            j1 - j0
+        );
+    }
     for (i, n) in nodes.iter().enumerate() {
         let s = rt.block_on(n.status())?;
         let lowest = s.gossip_scores.first().map_or(0.0, |(_, score)| *score);

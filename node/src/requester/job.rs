@@ -528,7 +528,10 @@ impl Job {
                         _ => Arg::Value(t),
                     })
                     .collect();
-                let r = match remote.run(peer, wire, &sg, args, held, timeout).await {
+                let r = match remote
+                    .run(peer, wire, &sg, args, held, timeout, trust::SAMPLE_ROWS)
+                    .await
+                {
                     Ok(a) if a.class == mine => {
                         match trust::compare(&sg, &a.outputs, &want, true) {
                             Ok(()) => Ok(a),
@@ -568,8 +571,7 @@ impl Job {
 
     /// Runs `sg` again on another peer of the same class as `primary` and compares.
     fn replicate(&mut self, sg: usize, primary: PeerId, first: Arc<Accepted>) {
-        // Another peer with no replica in flight (so checks never crowd out work), of the
-        // same class if there is one (bit-exact comparison), else any (within tolerance).
+        // Another peer with no replica in flight (so checks never crowd out work).
         let class = self.peer_class.get(&primary).cloned();
         let free: Vec<PeerId> = self
             .sched
@@ -583,7 +585,22 @@ impl Job {
             .filter(|p| self.peer_class.get(p) == class.as_ref())
             .copied()
             .collect();
-        let candidates = if same.is_empty() { free } else { same };
+        // A class claim is the peer's word: only the requester's own class is checked (its
+        // canaries compare bit for bit), so only there does a same-class replica prove
+        // anything more. For any other class, prefer a peer that claims another (two peers
+        // inventing a class together would otherwise vouch for each other, bit for bit).
+        let own =
+            class.as_deref() == Some(self.remote.local.backend().class().to_string().as_str());
+        let candidates = if own && !same.is_empty() {
+            same
+        } else {
+            let other: Vec<PeerId> = free
+                .iter()
+                .filter(|p| self.peer_class.get(p) != class.as_ref())
+                .copied()
+                .collect();
+            if other.is_empty() { free } else { other }
+        };
         // Chosen at random, never by a rule a peer could predict and game (two colluding
         // peers would otherwise always replicate each other): peers that fail less, and are
         // less loaded, weigh more; peers failing more than they work only when nobody else is
@@ -709,9 +726,18 @@ impl Job {
                 // A random id on the wire: a worker cannot tell work from checks by numbering.
                 let wire: u64 = rand::rng().random();
                 self.task_wire.insert(task, wire);
+                // A new peer's results are all replicated; a trusted one's only sometimes, so
+                // its sampled checks look at more rows.
+                let rows = if lock(&self.trust).streak(&peer) < trust::NEW_PEER_STREAK {
+                    trust::SAMPLE_ROWS
+                } else {
+                    trust::SAMPLE_ROWS_ALONE
+                };
                 let remote = self.remote.clone();
                 self.running.spawn(async move {
-                    let r = remote.run(peer, wire, &sg, inputs, held, timeout).await;
+                    let r = remote
+                        .run(peer, wire, &sg, inputs, held, timeout, rows)
+                        .await;
                     (task, r)
                 });
             }

@@ -101,6 +101,7 @@ impl Remote {
 
     /// Runs `sg` on `peer` (work or a canary), waits for the answer within `timeout`, opens its
     /// receipt and checks it. Inputs flagged in `held` travel by id only.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn run(
         &self,
         peer: PeerId,
@@ -109,6 +110,7 @@ impl Remote {
         args: Vec<Arg>,
         held: Vec<bool>,
         timeout: Duration,
+        sample_rows: usize,
     ) -> Result<Accepted, Refusal> {
         let nonce: [u8; 16] = rand::rng().random();
         let full: Vec<Input> = args.iter().map(Arg::wire).collect();
@@ -174,6 +176,7 @@ impl Remote {
                 &input_cids,
                 &signed.outputs,
                 &signed.receipt.class,
+                sample_rows,
             )?;
             let checked = clock.secs();
             tracing::debug!(%peer, sg = %sg.id.short(), answered_after = elapsed_secs,

@@ -33,8 +33,13 @@ pub use ledger::{Ban, BanFileError, Trust};
 pub use receipt::{Expected, Forgery, key_of, open_receipt};
 pub use verifier::{Stopwatch, Verifier, compare};
 
-/// Rows recomputed per sampled check.
+/// Rows recomputed per sampled check of a new peer's result (every one is also replicated).
 pub const SAMPLE_ROWS: usize = 4;
+/// Rows recomputed per sampled check of a trusted peer's result, which is replicated only
+/// sometimes: a result with at least 10 % of its rows wrong passes unnoticed with probability
+/// at most 0.9³² ≈ 3.4 % (sampling without replacement misses less), 25 % with at most
+/// 0.75³² ≈ 10⁻⁴.
+pub const SAMPLE_ROWS_ALONE: usize = 32;
 /// Verified results a new peer needs before its results are replicated only sometimes.
 pub const NEW_PEER_STREAK: u32 = 8;
 /// Replication probability once trusted: `max(MIN_REPLICATION, 1 / streak)`.
@@ -46,7 +51,7 @@ pub enum CheckKind {
     /// Freivalds' test with [`corvid_kernels::verify::FREIVALDS_ROUNDS`] random ±1 vectors: a
     /// wrong entry passes with probability ≤ 2⁻²⁰.
     Freivalds,
-    /// [`SAMPLE_ROWS`] random rows recomputed: bit for bit on the requester's backend when the
+    /// [`SAMPLE_ROWS`] or [`SAMPLE_ROWS_ALONE`] random rows recomputed: bit for bit on the requester's backend when the
     /// worker shares its class, else with the reference within tolerance.
     SampledRows,
     /// Recomputed in full on the requester.

@@ -9,7 +9,7 @@ use corvid_kernels::{ContentId, Op, Tensor as Data};
 use corvid_sdk::sched::TaskFailure;
 use corvid_sdk::{LocalExecutor, Subgraph};
 
-use super::{CheckKind, Refusal, SAMPLE_ROWS};
+use super::{CheckKind, Refusal};
 
 /// Checks results on the requester. Shares Freivalds projections of weight matrices between
 /// the results of one job that multiply by the same matrix.
@@ -39,7 +39,8 @@ impl Verifier {
 
     /// Checks `outputs` of `sg` on `inputs`; returns how, or the mismatch as evidence.
     /// `worker_class` is the class id the worker signed: a full recompute compares bits when
-    /// it equals the requester's own class, and within tolerance otherwise.
+    /// it equals the requester's own class, and within tolerance otherwise. A row pipeline
+    /// is checked on `sample_rows` random rows.
     pub fn check(
         &self,
         sg: &Subgraph,
@@ -47,6 +48,7 @@ impl Verifier {
         input_cids: &[ContentId],
         outputs: &[Arc<Data>],
         worker_class: &[u8; 32],
+        sample_rows: usize,
     ) -> Result<CheckKind, Refusal> {
         let wrong = |kind: CheckKind, m: verify::Mismatch| Refusal::Cheated {
             reason: format!("wrong result ({kind})"),
@@ -91,9 +93,9 @@ impl Verifier {
             }
         } else if let Some(rowed) = verify::row_inputs(p) {
             let rows = outputs.first().map_or(0, |o| o.shape()[0]);
-            if rows > SAMPLE_ROWS {
+            if rows > sample_rows {
                 let mut rng = rand::rng();
-                let mut sample = rand::seq::index::sample(&mut rng, rows, SAMPLE_ROWS).into_vec();
+                let mut sample = rand::seq::index::sample(&mut rng, rows, sample_rows).into_vec();
                 sample.sort_unstable();
                 let refs: Vec<&Data> = inputs.iter().map(|t| &**t).collect();
                 let outs: Vec<&Data> = outputs.iter().map(|t| &**t).collect();
@@ -234,6 +236,7 @@ mod tests {
 
     use super::*;
     use crate::trust::canary::canary_subgraph;
+    use crate::trust::{SAMPLE_ROWS, SAMPLE_ROWS_ALONE};
 
     /// A subgraph, its inputs and their content ids, and its honest outputs.
     type Task = (Subgraph, Vec<Arc<Data>>, Vec<ContentId>, Vec<Arc<Data>>);
@@ -287,7 +290,9 @@ mod tests {
         for (op, shapes, kind) in cases {
             let (sg, inputs, cids, outs) = task(&local, op.clone(), &shapes);
             assert_eq!(
-                verifier.check(&sg, &inputs, &cids, &outs, &mine).unwrap(),
+                verifier
+                    .check(&sg, &inputs, &cids, &outs, &mine, SAMPLE_ROWS)
+                    .unwrap(),
                 kind,
                 "{op}"
             );
@@ -298,7 +303,7 @@ mod tests {
             for row in 0..n / cols {
                 bad = corrupt(&bad, row * cols + row % cols, 0.5);
             }
-            match verifier.check(&sg, &inputs, &cids, &bad, &mine) {
+            match verifier.check(&sg, &inputs, &cids, &bad, &mine, SAMPLE_ROWS) {
                 Err(Refusal::Cheated { reason, evidence }) => {
                     assert!(reason.starts_with("wrong result"), "{op}: {reason}");
                     assert!(evidence.contains(&sg.id.short()), "{op}: {evidence}");
@@ -310,8 +315,37 @@ mod tests {
         let (sg, inputs, cids, outs) = task(&local, Op::Unary(UnaryOp::Exp), &[[4, 8]]);
         let close = corrupt(&outs, 3, 1e-5);
         verifier
-            .check(&sg, &inputs, &cids, &close, &[9; 32])
+            .check(&sg, &inputs, &cids, &close, &[9; 32], SAMPLE_ROWS)
             .unwrap();
-        assert!(verifier.check(&sg, &inputs, &cids, &close, &mine).is_err());
+        assert!(
+            verifier
+                .check(&sg, &inputs, &cids, &close, &mine, SAMPLE_ROWS)
+                .is_err()
+        );
+    }
+
+    /// A result with one row in ten wrong: 4 sampled rows miss it about 65 % of the time,
+    /// [`SAMPLE_ROWS_ALONE`] about 3 % (the bound the constant states).
+    #[test]
+    fn more_sampled_rows_catch_a_sparse_lie_as_stated() {
+        let local = Arc::new(LocalExecutor::new(Backend::Cpu(CpuBackend::new())));
+        let verifier = Verifier::new(local.clone());
+        let mine = local.backend().class().id();
+        let (sg, inputs, cids, outs) = task(&local, Op::Unary(UnaryOp::Exp), &[[640, 4]]);
+        let mut bad = outs.clone();
+        for row in (0..640).step_by(10) {
+            bad = corrupt(&bad, row * 4, 0.5);
+        }
+        let missed = |rows: usize| {
+            (0..200)
+                .filter(|_| {
+                    verifier.check(&sg, &inputs, &cids, &bad, &mine, rows).ok()
+                        == Some(CheckKind::SampledRows)
+                })
+                .count()
+        };
+        let (few, many) = (missed(SAMPLE_ROWS), missed(SAMPLE_ROWS_ALONE));
+        assert!(few >= 90, "4 rows missed {few} of 200");
+        assert!(many <= 20, "{SAMPLE_ROWS_ALONE} rows missed {many} of 200");
     }
 }

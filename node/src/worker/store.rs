@@ -8,14 +8,29 @@ use corvid_kernels::{ContentId, Tensor as Data};
 use corvid_sdk::ValueId;
 use libp2p::PeerId;
 
+/// One kept value, its content id, the bytes it is charged and its generation (a value kept
+/// again under the same id is a new generation; older queue entries for it are stale).
+struct Entry {
+    data: Arc<Data>,
+    cid: ContentId,
+    size: u64,
+    generation: u64,
+}
+
 /// Values kept for requesters, by (requester, value id), oldest evicted first, at most `cap`
-/// bytes; each with the content id its receipts name (its hash, or the recipe it was made
-/// from), so that it is not hashed again.
+/// bytes in all and `cap / 2` for any one requester (a requester's values beyond that evict
+/// its own oldest, not others'); each with the content id its receipts name (its hash, or the
+/// recipe it was made from), so that it is not hashed again. A value sent again under an id
+/// is charged again, whatever its size.
 pub(super) struct Held {
-    map: HashMap<(PeerId, ValueId), (Arc<Data>, ContentId)>,
+    map: HashMap<(PeerId, ValueId), Entry>,
+    /// Keys oldest first, with the generation queued (stale entries are skipped).
     order: VecDeque<(PeerId, ValueId, u64)>,
+    /// The same, per requester.
+    by_peer: HashMap<PeerId, (u64, VecDeque<(ValueId, u64)>)>,
     bytes: u64,
     cap: u64,
+    next_generation: u64,
 }
 
 impl Held {
@@ -23,13 +38,70 @@ impl Held {
         Held {
             map: HashMap::new(),
             order: VecDeque::new(),
+            by_peer: HashMap::new(),
             bytes: 0,
             cap,
+            next_generation: 0,
         }
     }
 
+    /// Most bytes one requester's values may take.
+    fn share(&self) -> u64 {
+        self.cap / 2
+    }
+
     pub(super) fn get(&self, peer: PeerId, id: ValueId) -> Option<(Arc<Data>, ContentId)> {
-        self.map.get(&(peer, id)).cloned()
+        self.map.get(&(peer, id)).map(|e| (e.data.clone(), e.cid))
+    }
+
+    /// Bytes held for `peer`, and in all.
+    #[cfg(test)]
+    fn bytes(&self, peer: &PeerId) -> (u64, u64) {
+        (self.by_peer.get(peer).map_or(0, |p| p.0), self.bytes)
+    }
+
+    fn remove(&mut self, peer: PeerId, id: ValueId) {
+        if let Some(e) = self.map.remove(&(peer, id)) {
+            self.bytes -= e.size;
+            if let Some(p) = self.by_peer.get_mut(&peer) {
+                p.0 -= e.size;
+                if p.0 == 0 {
+                    self.by_peer.remove(&peer);
+                }
+            }
+        }
+    }
+
+    /// Whether (`peer`, `id`) at `generation` is what the store holds now.
+    fn current(&self, peer: PeerId, id: ValueId, generation: u64) -> bool {
+        self.map
+            .get(&(peer, id))
+            .is_some_and(|e| e.generation == generation)
+    }
+
+    /// Evicts `peer`'s oldest value; false if it has none.
+    fn evict_oldest_of(&mut self, peer: PeerId) -> bool {
+        loop {
+            let Some((id, generation)) = self.by_peer.get_mut(&peer).and_then(|p| p.1.pop_front())
+            else {
+                return false;
+            };
+            if self.current(peer, id, generation) {
+                self.remove(peer, id);
+                return true;
+            }
+        }
+    }
+
+    /// Evicts the oldest value of anyone's; false if there is none.
+    fn evict_oldest(&mut self) -> bool {
+        while let Some((peer, id, generation)) = self.order.pop_front() {
+            if self.current(peer, id, generation) {
+                self.remove(peer, id);
+                return true;
+            }
+        }
+        false
     }
 
     /// Keeps `t` as `peer`'s value `id`, replacing what was kept under that id (a requester
@@ -37,35 +109,90 @@ impl Held {
     pub(super) fn put(&mut self, peer: PeerId, id: ValueId, t: Arc<Data>, cid: ContentId) {
         // Every entry is charged its bookkeeping, so empty tensors cannot pile up for free.
         let size = t.meta().bytes() + 128;
-        if size > self.cap {
+        if size > self.share() {
             return;
         }
-        if let Some(old) = self.map.get_mut(&(peer, id)) {
-            // The same id with the same size keeps its place; another size (a requester may
-            // send anything under an id) is charged afresh below.
-            if old.0.meta().bytes() == t.meta().bytes() {
-                *old = (t, cid);
-                return;
-            }
-            self.map.remove(&(peer, id));
-            if let Some(k) = self
-                .order
-                .iter()
-                .position(|&(p, v, _)| p == peer && v == id)
-                && let Some((_, _, b)) = self.order.remove(k)
-            {
-                self.bytes -= b;
+        self.remove(peer, id);
+        while self.by_peer.get(&peer).map_or(0, |p| p.0) + size > self.share() {
+            if !self.evict_oldest_of(peer) {
+                break;
             }
         }
         while self.bytes + size > self.cap {
-            let Some((p, v, b)) = self.order.pop_front() else {
+            if !self.evict_oldest() {
                 break;
-            };
-            self.map.remove(&(p, v));
-            self.bytes -= b;
+            }
         }
-        self.map.insert((peer, id), (t, cid));
-        self.order.push_back((peer, id, size));
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        self.map.insert(
+            (peer, id),
+            Entry {
+                data: t,
+                cid,
+                size,
+                generation,
+            },
+        );
+        self.order.push_back((peer, id, generation));
+        let p = self.by_peer.entry(peer).or_default();
+        p.0 += size;
+        p.1.push_back((id, generation));
         self.bytes += size;
+        // Stale queue entries (values replaced or evicted through the other queue) are
+        // dropped once they outnumber the live ones.
+        if self.order.len() > 2 * self.map.len() + 64 {
+            let map = &self.map;
+            self.order
+                .retain(|&(p, v, g)| map.get(&(p, v)).is_some_and(|e| e.generation == g));
+            for (peer, (_, q)) in &mut self.by_peer {
+                q.retain(|&(v, g)| map.get(&(*peer, v)).is_some_and(|e| e.generation == g));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn value(floats: usize) -> Arc<Data> {
+        Arc::new(Data::full(vec![floats], 1.0))
+    }
+
+    fn id(n: u8) -> ValueId {
+        ValueId([n; 32])
+    }
+
+    #[test]
+    fn each_requester_gets_at_most_half_and_resent_ids_are_recounted() {
+        // 1000 floats is 4128 bytes charged; the store takes 5 of them, one requester 2.
+        let mut h = Held::new(5 * 4128 + 100);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let cid = ContentId([0; 32]);
+        for n in 0..2 {
+            h.put(b, id(n), value(1000), cid);
+        }
+        // A floods the store: it evicts only its own values, B keeps both of its.
+        for n in 0..50 {
+            h.put(a, id(100 + n), value(1000), cid);
+        }
+        assert!(h.get(b, id(0)).is_some() && h.get(b, id(1)).is_some());
+        assert!(h.get(a, id(149)).is_some() && h.get(a, id(147)).is_none());
+        assert_eq!(h.bytes(&a).0, 2 * 4128);
+        // The same id sent again, larger, is charged at its new size (and still within A's
+        // share).
+        h.put(a, id(149), value(2000), cid);
+        assert_eq!(h.bytes(&a).0, 8128);
+        assert!(h.get(a, id(148)).is_none(), "A's older value made room");
+        let (_, total) = h.bytes(&a);
+        assert_eq!(total, 8128 + 2 * 4128);
+        // Many replacements leave no stale bookkeeping behind.
+        for _ in 0..1000 {
+            h.put(b, id(0), value(10), cid);
+        }
+        assert!(h.order.len() <= 2 * h.map.len() + 65, "{}", h.order.len());
     }
 }
