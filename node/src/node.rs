@@ -87,6 +87,7 @@ impl Node {
             #[cfg(feature = "fault-injection")]
             let advert = Advert {
                 matmul_gflops: crate::worker::faults::advertised_gflops(advert.matmul_gflops, config.fault),
+                class: crate::worker::faults::advertised_class(advert.class, config.fault),
                 ..advert
             };
             let codec = if config.contribute {

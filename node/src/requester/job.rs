@@ -569,38 +569,22 @@ impl Job {
         }
     }
 
-    /// Runs `sg` again on another peer of the same class as `primary` and compares.
+    /// Runs `sg` again on another peer and compares: one of the same class when that is the
+    /// requester's own, else one claiming another class.
     fn replicate(&mut self, sg: usize, primary: PeerId, first: Arc<Accepted>) {
-        // Another peer with no replica in flight (so checks never crowd out work).
-        let class = self.peer_class.get(&primary).cloned();
-        let free: Vec<PeerId> = self
+        let own = self.remote.local.backend().class().to_string();
+        let peers: Vec<(PeerId, Option<&str>, bool)> = self
             .sched
             .peers()
             .keys()
-            .filter(|p| **p != primary && !self.replicating.contains(p))
-            .copied()
+            .filter(|p| **p != primary)
+            .map(|p| {
+                let class = self.peer_class.get(p).map(String::as_str);
+                (*p, class, self.replicating.contains(p))
+            })
             .collect();
-        let same: Vec<PeerId> = free
-            .iter()
-            .filter(|p| self.peer_class.get(p) == class.as_ref())
-            .copied()
-            .collect();
-        // A class claim is the peer's word: only the requester's own class is checked (its
-        // canaries compare bit for bit), so only there does a same-class replica prove
-        // anything more. For any other class, prefer a peer that claims another (two peers
-        // inventing a class together would otherwise vouch for each other, bit for bit).
-        let own =
-            class.as_deref() == Some(self.remote.local.backend().class().to_string().as_str());
-        let candidates = if own && !same.is_empty() {
-            same
-        } else {
-            let other: Vec<PeerId> = free
-                .iter()
-                .filter(|p| self.peer_class.get(p) != class.as_ref())
-                .copied()
-                .collect();
-            if other.is_empty() { free } else { other }
-        };
+        let class = self.peer_class.get(&primary).map(String::as_str);
+        let candidates = replica_candidates(class, &own, &peers);
         // Chosen at random, never by a rule a peer could predict and game (two colluding
         // peers would otherwise always replicate each other): peers that fail less, and are
         // less loaded, weigh more; peers failing more than they work only when nobody else is
@@ -809,5 +793,65 @@ fn check_in(memory: &Mutex<Memory>, knowledge: Knowledge<PeerId>, since: u64) {
     // Bounded: past this many values, who holds what is learned again.
     if mem.knowledge.held.len() > MAX_TABLE {
         mem.knowledge.held.clear();
+    }
+}
+
+/// Who may replicate a result of a peer of class `primary` (the others: id, claimed class,
+/// whether a replica is in flight there), the requester being of class `own`. Peers with no
+/// replica in flight, so that checks never crowd out work. A class claim is the peer's word:
+/// only the requester's own class is checked (its canaries compare bit for bit), so only there
+/// does a same-class replica (bit for bit) prove more than one of another class (within
+/// tolerance). For any other class the replica claims another, busy or not: two peers
+/// inventing a class together would otherwise vouch for each other.
+fn replica_candidates(
+    primary: Option<&str>,
+    own: &str,
+    peers: &[(PeerId, Option<&str>, bool)],
+) -> Vec<PeerId> {
+    let free = || peers.iter().filter(|p| !p.2);
+    if primary == Some(own) {
+        let same: Vec<PeerId> = free().filter(|p| p.1 == primary).map(|p| p.0).collect();
+        if !same.is_empty() {
+            return same;
+        }
+    } else {
+        let other: Vec<PeerId> = peers
+            .iter()
+            .filter(|p| p.1 != primary)
+            .map(|p| p.0)
+            .collect();
+        if !other.is_empty() {
+            return other;
+        }
+    }
+    free().map(|p| p.0).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invented_class_never_gets_its_own_replica_while_another_exists() {
+        let (honest, partner, busy_honest) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let own = "cpu/x86_64/avx2/abc";
+        let peers = [
+            (honest, Some(own), false),
+            (partner, Some("invented"), false),
+            (busy_honest, Some(own), true),
+        ];
+        // A colluder's result: its partner is free and of its class, yet only peers of
+        // another class replicate it, busy or not.
+        let c = replica_candidates(Some("invented"), own, &peers);
+        assert_eq!(c.len(), 2);
+        assert!(!c.contains(&partner), "{c:?}");
+        // An honest result of the requester's class: a free peer of that class.
+        assert_eq!(replica_candidates(Some(own), own, &peers), vec![honest]);
+        // Nobody of another class: any free peer (nothing better to ask).
+        let alone = [(partner, Some("invented"), false)];
+        assert_eq!(
+            replica_candidates(Some("invented"), own, &alone),
+            vec![partner]
+        );
     }
 }

@@ -37,6 +37,10 @@ pub enum Fault {
     CrashExecutor { every: u32 },
     /// Returns a first output of the wrong shape (one element), signed.
     WrongShape,
+    /// Claims a determinism class of its own invention and moves the last element of every
+    /// result that is not a plain matmul (Freivalds would catch that) by 1.0: colluders
+    /// telling the same lie, who would vouch for each other as same-class replicas.
+    Collude,
     /// Says it is `factor` times faster than it is and refuses every task as busy: a
     /// requester must route around it, not give up on the job.
     Refuse { factor: f32 },
@@ -79,6 +83,24 @@ pub(crate) fn advertised_gflops(measured: f32, fault: Option<Fault>) -> f32 {
     match fault {
         Some(Fault::Inflate { factor, .. } | Fault::Refuse { factor }) => measured * factor,
         _ => measured,
+    }
+}
+
+/// The determinism class a node with `fault` claims: a colluder's is invented.
+pub(crate) fn advertised_class(
+    real: corvid_kernels::DeterminismClass,
+    fault: Option<Fault>,
+) -> corvid_kernels::DeterminismClass {
+    match fault {
+        Some(Fault::Collude) => invented_class(),
+        _ => real,
+    }
+}
+
+fn invented_class() -> corvid_kernels::DeterminismClass {
+    corvid_kernels::DeterminismClass {
+        adapter: "colluder".into(),
+        ..corvid_kernels::CpuBackend::new().class().clone()
     }
 }
 
@@ -187,6 +209,25 @@ impl Injector {
             Fault::WrongShape => {
                 if let Some(o) = outputs.first_mut() {
                     *o = Arc::new(Data::full(vec![1], 0.0));
+                }
+                true
+            }
+            Fault::Collude => {
+                let plain_matmul = program.nodes.len() == 1
+                    && matches!(program.nodes[0].op, corvid_kernels::Op::MatMul);
+                receipt.class = invented_class().id();
+                receipt.class_name = invented_class().to_string();
+                if !plain_matmul
+                    && let Some(out) = outputs.first_mut()
+                    && let Ok(v) = out.as_f32()
+                    && !v.is_empty()
+                {
+                    let mut v = v.to_vec();
+                    let last = v.len() - 1;
+                    v[last] += 1.0;
+                    if let Ok(t) = Data::from_f32(out.shape().to_vec(), v) {
+                        *out = Arc::new(t);
+                    }
                 }
                 true
             }

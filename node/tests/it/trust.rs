@@ -184,6 +184,55 @@ fn a_signed_result_of_the_wrong_shape_is_grounds_for_a_ban() {
     );
 }
 
+/// Two colluders claim a determinism class nobody else has and tell the same lie in row
+/// pipelines (which sampled rows rarely catch). As each other's same-class replicas they
+/// would agree bit for bit; a replica of another class disagrees, the dispute is settled by
+/// a recompute, both are banned, and every answer is right.
+#[test]
+fn colluders_inventing_a_class_cannot_vouch_for_each_other() {
+    // Two honest peers (of the requester's class, so they replicate each other) and two
+    // colluders.
+    let faults = [None, None, Some(Fault::Collude), Some(Fault::Collude)];
+    let client = Client::local_with(4, |i, c| c.fault = faults[i])
+        .unwrap()
+        .with_settings(settings());
+    let ids: Vec<String> = client
+        .workers()
+        .iter()
+        .map(|w| w.peer_id().to_string())
+        .collect();
+    // Row pipelines only: no matmul tile for Freivalds to catch them on, or to earn trust by.
+    let mlp = |g: &Graph, seed: u64| {
+        let x = g.random(&[640, 32], -1.0, 1.0, seed);
+        (x.matmul(&g.random(&[32, 48], -0.5, 0.5, seed + 1)).unwrap()
+            + &g.random(&[48], -0.1, 0.1, seed + 2))
+            .tanh()
+            .unwrap()
+    };
+    let exec =
+        Arc::new(LocalExecutor::new(Backend::Cpu(CpuBackend::new())).with_settings(settings()));
+    for seed in [10, 20, 30] {
+        let want = mlp(&Graph::new("local").with_executor(exec.clone()), seed)
+            .eval_data()
+            .unwrap();
+        let got = mlp(&Graph::new("mlp").with_executor(client.executor()), seed)
+            .eval_data()
+            .unwrap();
+        let s = client.last_summary().unwrap();
+        println!("{s}");
+        assert_eq!(got.words(), want.words(), "job {seed}:\n{s}");
+    }
+    let bans = client.bans();
+    for colluder in &ids[2..] {
+        let reason = ban_reason(&bans, colluder);
+        assert!(reason.contains("wrong result"), "{bans:?}");
+    }
+    assert!(
+        bans.iter().all(|b| b.peer != ids[0] && b.peer != ids[1]),
+        "{bans:?}"
+    );
+}
+
 /// Recipes are inputs like any other: a worker that makes a recipe input from another seed is
 /// caught whether its receipt names the recipe it made (a result for other inputs) or the one
 /// it was sent (a wrong result), and the job's answer is still exact.
