@@ -98,6 +98,7 @@ impl Node {
             } else {
                 crate::net::task::TaskCodec::default()
             };
+            let answers = codec.answers();
             let mut swarm = build_swarm(&key, &config, codec)?;
             let listen_addrs = listen(&mut swarm, &config.listen).await?;
 
@@ -176,6 +177,7 @@ impl Node {
                     limits: config.contribute.then(|| limits.clone()),
                     #[cfg(target_os = "linux")]
                     executor: probe,
+                    answers,
                 },
             );
             let task = tokio::spawn(event_loop.run(cancel.clone()).in_current_span());

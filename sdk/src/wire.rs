@@ -238,6 +238,10 @@ pub trait Framed: Sized {
     fn tensor_metas(head: &[u8]) -> Result<Vec<TensorMeta>, postcard::Error>;
     /// The message from its head and tensors (as many as `tensor_metas` said, in order).
     fn join(head: &[u8], tensors: Vec<Arc<Data>>) -> Result<Self, postcard::Error>;
+    /// The task a response head answers (requests: none), to hold it to what was asked.
+    fn task(_head: &[u8]) -> Option<u64> {
+        None
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -414,6 +418,14 @@ impl Framed for TaskResponse {
         Ok(match postcard::from_bytes(head)? {
             ResponseHead::Done { outputs, .. } => outputs,
             _ => Vec::new(),
+        })
+    }
+
+    fn task(head: &[u8]) -> Option<u64> {
+        Some(match postcard::from_bytes(head).ok()? {
+            ResponseHead::Done { task, .. }
+            | ResponseHead::Missing { task, .. }
+            | ResponseHead::Failed { task, .. } => task,
         })
     }
 

@@ -109,6 +109,8 @@ pub(crate) struct Extras {
     pub limits: Option<crate::limits::Limits>,
     #[cfg(target_os = "linux")]
     pub executor: Option<crate::sandbox::Probe>,
+    /// What answers to this node's tasks may carry (shared with the task codec).
+    pub answers: std::sync::Arc<super::task::Answers>,
 }
 
 /// The swarm's owner.
@@ -129,8 +131,8 @@ pub(crate) struct EventLoop {
     summary_logged: bool,
     /// Where received tasks, and cancels of them, go; `None` on a requester-only node.
     work: Option<WorkQueues>,
-    /// Replies owed for tasks this node sent.
-    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<TaskResponse, String>>>,
+    /// Replies owed for tasks this node sent, with their wire task ids.
+    pending: HashMap<OutboundRequestId, (u64, oneshot::Sender<Result<TaskResponse, String>>)>,
     tasks_answered: u64,
     extras: Extras,
 }
@@ -251,12 +253,25 @@ impl EventLoop {
                 request,
                 reply,
             } => {
+                // The answer may carry the outputs the program makes, and no more bytes (a
+                // program that does not type-check makes none: only a refusal can answer it).
+                let outputs = request.program.infer().map_or(0, |metas| {
+                    request
+                        .program
+                        .outputs
+                        .iter()
+                        .filter_map(|&o| metas.get(o as usize))
+                        .map(corvid_kernels::TensorMeta::bytes)
+                        .sum()
+                });
+                let task = request.task;
+                self.extras.answers.expect(task, outputs);
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .task
                     .send_request(&peer, Request::Run(*request).into());
-                self.pending.insert(id, reply);
+                self.pending.insert(id, (task, reply));
             }
             Command::CancelTask { peer, task } => {
                 // The acknowledgement arrives as a response nobody waits for.
@@ -344,7 +359,8 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
-                    if let Some(reply) = self.pending.remove(&request_id) {
+                    if let Some((task, reply)) = self.pending.remove(&request_id) {
+                        self.extras.answers.forget(task);
                         let _ = reply.send(Ok(response));
                     }
                 }
@@ -355,7 +371,8 @@ impl EventLoop {
                 error,
                 ..
             } => {
-                if let Some(reply) = self.pending.remove(&request_id) {
+                if let Some((task, reply)) = self.pending.remove(&request_id) {
+                    self.extras.answers.forget(task);
                     tracing::debug!(%peer, %error, "task request failed");
                     let _ = reply.send(Err(error.to_string()));
                 }

@@ -35,6 +35,33 @@ const MAX_HEAD_BYTES: u64 = 4 << 20;
 const MAX_TENSORS: usize = 4096;
 const TENSOR_OVERHEAD: u64 = 256;
 
+/// What each task this node sent may answer with: the bytes of the outputs its program makes,
+/// by wire task id. The event loop records a task before sending it and forgets it once
+/// answered; the codec reads no more of a response than its task's entry allows (a response
+/// with tensors for a task not recorded is refused unread).
+#[derive(Debug, Default)]
+pub struct Answers(std::sync::Mutex<std::collections::HashMap<u64, u64>>);
+
+impl Answers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Task `task` answers with at most `bytes` of tensors.
+    pub fn expect(&self, task: u64, bytes: u64) {
+        self.lock().insert(task, bytes);
+    }
+
+    /// Task `task` was answered (or will not be).
+    pub fn forget(&self, task: u64) {
+        self.lock().remove(&task);
+    }
+
+    fn allowed(&self, task: Option<u64>) -> u64 {
+        task.and_then(|t| self.lock().get(&t).copied()).unwrap_or(0)
+    }
+}
+
 /// A request as it travels through the node: the message, and on a worker the lease on the
 /// inbound budget that its bytes hold until the task is answered.
 #[derive(Debug)]
@@ -62,6 +89,8 @@ pub struct TaskCodec {
     inbound: Option<Arc<Semaphore>>,
     /// Read large request tensors into shared memory (for an executor process).
     shared_memory: bool,
+    /// What answers to this node's tasks may carry.
+    answers: Arc<Answers>,
 }
 
 impl Default for TaskCodec {
@@ -71,12 +100,18 @@ impl Default for TaskCodec {
             max_response_bytes: MAX_TASK_BYTES,
             inbound: None,
             shared_memory: false,
+            answers: Arc::default(),
         }
     }
 }
 
 impl TaskCodec {
     /// A worker's codec: requests lease `inbound_bytes` in all, each at most that much.
+    /// Where the event loop records what answers may carry.
+    pub fn answers(&self) -> Arc<Answers> {
+        self.answers.clone()
+    }
+
     pub fn worker(inbound_bytes: u64, shared_memory: bool) -> TaskCodec {
         let units = (inbound_bytes / LEASE_UNIT).clamp(1, u64::from(u32::MAX));
         TaskCodec {
@@ -93,6 +128,8 @@ impl TaskCodec {
 struct Reading<'a> {
     inbound: Option<&'a Arc<Semaphore>>,
     shared_memory: bool,
+    /// For responses: what each task may answer with.
+    answers: Option<&'a Answers>,
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -146,6 +183,18 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
         return Err(invalid(format!(
             "task message of {total} bytes is over the limit of {max} bytes"
         )));
+    }
+    if let Some(answers) = how.answers {
+        let task = M::task(&head);
+        let tensors: u64 = sizes.iter().map(|&n| 4 * n as u64).sum();
+        let allowed = answers.allowed(task);
+        if tensors > allowed {
+            return Err(invalid(format!(
+                "the answer to task {} announces {tensors} bytes of outputs; the task makes \
+                 {allowed} (not read)",
+                task.map_or_else(|| "?".into(), |t| format!("{t:016x}"))
+            )));
+        }
     }
     // Wait for room in the inbound budget before allocating any of it.
     let lease = match how.inbound {
@@ -281,6 +330,7 @@ impl libp2p::request_response::Codec for TaskCodec {
         let how = Reading {
             inbound: self.inbound.as_ref(),
             shared_memory: self.shared_memory,
+            answers: None,
         };
         let (request, lease) = read_message(io, self.max_request_bytes, how).await?;
         Ok(Envelope { request, lease })
@@ -290,7 +340,11 @@ impl libp2p::request_response::Codec for TaskCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let (r, _) = read_message(io, self.max_response_bytes, Reading::default()).await?;
+        let how = Reading {
+            answers: Some(&self.answers),
+            ..Reading::default()
+        };
+        let (r, _) = read_message(io, self.max_response_bytes, how).await?;
         Ok(r)
     }
 
@@ -383,6 +437,31 @@ mod tests {
                     .await
                     .unwrap();
             assert_eq!(back, res);
+            // An answer is read only as far as its task's outputs go: 8 bytes expected reads,
+            // 4 does not (and nothing of the tensor is consumed); an unknown task's tensors
+            // are refused.
+            let answers = Answers::default();
+            let reading = |a| Reading {
+                answers: Some(a),
+                ..Reading::default()
+            };
+            answers.expect(7, 8);
+            read_message::<_, TaskResponse>(&mut rbuf.as_slice(), 1 << 20, reading(&answers))
+                .await
+                .unwrap();
+            answers.expect(7, 4);
+            let mut rest = rbuf.as_slice();
+            let e = read_message::<_, TaskResponse>(&mut rest, 1 << 20, reading(&answers))
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("announces 8 bytes"), "{e}");
+            assert_eq!(rest.len(), 8, "the tensor was left unread");
+            answers.forget(7);
+            assert!(
+                read_message::<_, TaskResponse>(&mut rbuf.as_slice(), 1 << 20, reading(&answers))
+                    .await
+                    .is_err()
+            );
             // A head claiming 2^40 bytes is refused on the length alone.
             let mut lying = (1u64 << 40).to_le_bytes().to_vec();
             lying.extend([0u8; 16]);
@@ -437,6 +516,7 @@ mod tests {
         let how = || Reading {
             inbound: codec.inbound.as_ref(),
             shared_memory: true,
+            answers: None,
         };
         futures::executor::block_on(async {
             let (first, lease): (Request, _) =
@@ -474,6 +554,7 @@ mod tests {
             Reading {
                 inbound: small.inbound.as_ref(),
                 shared_memory: false,
+                answers: None,
             },
         ))
         .unwrap_err();

@@ -37,6 +37,8 @@ pub enum Fault {
     CrashExecutor { every: u32 },
     /// Returns a first output of the wrong shape (one element), signed.
     WrongShape,
+    /// Answers with a first output four times larger than the program makes, signed.
+    Oversize,
     /// Claims a determinism class of its own invention and moves the last element of every
     /// result that is not a plain matmul (Freivalds would catch that) by 1.0: colluders
     /// telling the same lie, who would vouch for each other as same-class replicas.
@@ -209,6 +211,15 @@ impl Injector {
             Fault::WrongShape => {
                 if let Some(o) = outputs.first_mut() {
                     *o = Arc::new(Data::full(vec![1], 0.0));
+                }
+                true
+            }
+            Fault::Oversize => {
+                if let Some(o) = outputs.first_mut() {
+                    *o = Arc::new(Data::full(
+                        vec![4 * o.shape().iter().product::<usize>()],
+                        0.0,
+                    ));
                 }
                 true
             }

@@ -184,6 +184,23 @@ fn a_signed_result_of_the_wrong_shape_is_grounds_for_a_ban() {
     );
 }
 
+/// An answer larger than the task's outputs is not even read: the requester refuses it at
+/// its head (so a peer cannot make it hold gigabytes), the task goes elsewhere, and nothing
+/// proves a lie (it was never opened), so nobody is banned for it.
+#[test]
+fn an_answer_larger_than_its_task_makes_is_refused_unread() {
+    let faults = [None, Some(Fault::Oversize)];
+    let client = Client::local_with(2, |i, c| c.fault = faults[i])
+        .unwrap()
+        .with_settings(settings());
+    let big = client.workers()[1].peer_id().to_string();
+    let s = run(&client, 1, true);
+    println!("{s}");
+    let failures = s.places.get(&Place::Peer(big)).map_or(0, |p| p.failures);
+    assert!(failures > 0, "{s}");
+    assert!(client.bans().is_empty(), "{:?}", client.bans());
+}
+
 /// Two colluders claim a determinism class nobody else has and tell the same lie in row
 /// pipelines (which sampled rows rarely catch). As each other's same-class replicas they
 /// would agree bit for bit; a replica of another class disagrees, the dispute is settled by
