@@ -91,10 +91,12 @@ impl Node {
                 ..advert
             };
             let codec = if config.contribute {
+                // A peer's request that stops arriving gives its room back.
                 crate::net::task::TaskCodec::worker(
                     limits.inbound_bytes,
                     matches!(config.executor, crate::config::ExecutorMode::Process { .. }),
                 )
+                .with_stall(config.timing.dial_timeout)
             } else {
                 crate::net::task::TaskCodec::default()
             };

@@ -31,6 +31,10 @@ pub const MAX_TASK_BYTES: u64 = 1 << 30;
 /// most [`corvid_kernels::Budget::MAX_PROGRAM_BYTES`]; the rest is ids and metas. Kept small
 /// because decoding a head builds structures some times its size.
 const MAX_HEAD_BYTES: u64 = 4 << 20;
+/// A request's tensors must arrive at least this fast (on top of the stall allowance), or the
+/// stream is dropped and its lease on the inbound budget freed: a peer cannot hold the budget
+/// by sending slowly.
+const MIN_INBOUND_RATE: u64 = 1 << 20;
 /// Most tensors one message carries, and the bookkeeping each is charged.
 const MAX_TENSORS: usize = 4096;
 const TENSOR_OVERHEAD: u64 = 256;
@@ -91,6 +95,9 @@ pub struct TaskCodec {
     shared_memory: bool,
     /// What answers to this node's tasks may carry.
     answers: Arc<Answers>,
+    /// How long a request may go without arriving: its head within this, its tensors within
+    /// this plus their bytes at [`MIN_INBOUND_RATE`]. `None`: no limit.
+    stall: Option<std::time::Duration>,
 }
 
 impl Default for TaskCodec {
@@ -101,17 +108,24 @@ impl Default for TaskCodec {
             inbound: None,
             shared_memory: false,
             answers: Arc::default(),
+            stall: None,
         }
     }
 }
 
 impl TaskCodec {
-    /// A worker's codec: requests lease `inbound_bytes` in all, each at most that much.
     /// Where the event loop records what answers may carry.
     pub fn answers(&self) -> Arc<Answers> {
         self.answers.clone()
     }
 
+    /// Requests that stop arriving for `stall` (see [`MIN_INBOUND_RATE`]) are dropped.
+    pub fn with_stall(mut self, stall: std::time::Duration) -> TaskCodec {
+        self.stall = Some(stall);
+        self
+    }
+
+    /// A worker's codec: requests lease `inbound_bytes` in all, each at most that much.
     pub fn worker(inbound_bytes: u64, shared_memory: bool) -> TaskCodec {
         let units = (inbound_bytes / LEASE_UNIT).clamp(1, u64::from(u32::MAX));
         TaskCodec {
@@ -130,6 +144,26 @@ struct Reading<'a> {
     shared_memory: bool,
     /// For responses: what each task may answer with.
     answers: Option<&'a Answers>,
+    /// See [`TaskCodec::with_stall`].
+    stall: Option<std::time::Duration>,
+}
+
+/// `f`, failing with a timeout after `limit` (if any): a sender that stalls gets its stream
+/// dropped.
+async fn within<T>(
+    limit: Option<std::time::Duration>,
+    what: &str,
+    f: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match limit {
+        None => f.await,
+        Some(d) => tokio::time::timeout(d, f).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the sender stalled: the task's {what} did not arrive within {d:?}"),
+            )
+        })?,
+    }
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -152,10 +186,13 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
     // Grown as bytes arrive: a peer that announces a large head and sends nothing holds
     // nothing.
     let mut head = Vec::new();
-    AsyncReadExt::take(&mut *io, len)
-        .read_to_end(&mut head)
-        .await
-        .map_err(|e| eof(e, "head"))?;
+    within(
+        how.stall,
+        "head",
+        AsyncReadExt::take(&mut *io, len).read_to_end(&mut head),
+    )
+    .await
+    .map_err(|e| eof(e, "head"))?;
     if head.len() as u64 != len {
         return Err(eof(io::ErrorKind::UnexpectedEof.into(), "head"));
     }
@@ -210,54 +247,62 @@ async fn read_message<T: AsyncRead + Unpin + Send, M: Framed>(
         }
         None => None,
     };
-    let mut tensors = Vec::with_capacity(metas.len());
-    for (m, n) in metas.into_iter().zip(sizes) {
-        #[cfg(target_os = "linux")]
-        if how.shared_memory
-            && cfg!(target_endian = "little")
-            && crate::sandbox::shm::worth_sharing(&m)
-        {
-            // Out of descriptors or memory maps: the heap will do (the executor then gets a
-            // copy).
-            match crate::sandbox::shm::ShmMut::new(4 * n) {
-                Ok(mut w) => {
-                    io.read_exact(w.bytes_mut())
+    // The tensors arrive at a minimum rate, or the stream is dropped (and the lease freed).
+    let limit = how
+        .stall
+        .map(|d| d + std::time::Duration::from_secs(total / MIN_INBOUND_RATE));
+    let tensors = within(limit, "tensors", async {
+        let mut tensors = Vec::with_capacity(metas.len());
+        for (m, n) in metas.into_iter().zip(sizes) {
+            #[cfg(target_os = "linux")]
+            if how.shared_memory
+                && cfg!(target_endian = "little")
+                && crate::sandbox::shm::worth_sharing(&m)
+            {
+                // Out of descriptors or memory maps: the heap will do (the executor then gets a
+                // copy).
+                match crate::sandbox::shm::ShmMut::new(4 * n) {
+                    Ok(mut w) => {
+                        io.read_exact(w.bytes_mut())
+                            .await
+                            .map_err(|e| eof(e, "tensor"))?;
+                        tensors.push(Arc::new(
+                            crate::sandbox::shm::tensor(&m, w.freeze()).map_err(invalid)?,
+                        ));
+                        continue;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "no shared memory for a received tensor"),
+                }
+            }
+            let t = match m.dtype {
+                DType::F32 => {
+                    let mut v = corvid_kernels::tensor::zeroed::<f32>(n);
+                    io.read_exact(bytemuck::cast_slice_mut(&mut v))
                         .await
                         .map_err(|e| eof(e, "tensor"))?;
-                    tensors.push(Arc::new(
-                        crate::sandbox::shm::tensor(&m, w.freeze()).map_err(invalid)?,
-                    ));
-                    continue;
+                    if cfg!(target_endian = "big") {
+                        v.iter_mut()
+                            .for_each(|x| *x = f32::from_bits(u32::from_le(x.to_bits())));
+                    }
+                    Tensor::from_f32(m.shape, v)
                 }
-                Err(e) => tracing::debug!(error = %e, "no shared memory for a received tensor"),
+                DType::I32 => {
+                    let mut v = corvid_kernels::tensor::zeroed::<i32>(n);
+                    io.read_exact(bytemuck::cast_slice_mut(&mut v))
+                        .await
+                        .map_err(|e| eof(e, "tensor"))?;
+                    if cfg!(target_endian = "big") {
+                        v.iter_mut().for_each(|x| *x = i32::from_le(*x));
+                    }
+                    Tensor::from_i32(m.shape, v)
+                }
             }
+            .map_err(|e| invalid(e.to_string()))?;
+            tensors.push(Arc::new(t));
         }
-        let t = match m.dtype {
-            DType::F32 => {
-                let mut v = corvid_kernels::tensor::zeroed::<f32>(n);
-                io.read_exact(bytemuck::cast_slice_mut(&mut v))
-                    .await
-                    .map_err(|e| eof(e, "tensor"))?;
-                if cfg!(target_endian = "big") {
-                    v.iter_mut()
-                        .for_each(|x| *x = f32::from_bits(u32::from_le(x.to_bits())));
-                }
-                Tensor::from_f32(m.shape, v)
-            }
-            DType::I32 => {
-                let mut v = corvid_kernels::tensor::zeroed::<i32>(n);
-                io.read_exact(bytemuck::cast_slice_mut(&mut v))
-                    .await
-                    .map_err(|e| eof(e, "tensor"))?;
-                if cfg!(target_endian = "big") {
-                    v.iter_mut().for_each(|x| *x = i32::from_le(*x));
-                }
-                Tensor::from_i32(m.shape, v)
-            }
-        }
-        .map_err(|e| invalid(e.to_string()))?;
-        tensors.push(Arc::new(t));
-    }
+        Ok(tensors)
+    })
+    .await?;
     let msg = M::join(&head, tensors).map_err(|e| invalid(e.to_string()))?;
     Ok((msg, lease))
 }
@@ -331,6 +376,7 @@ impl libp2p::request_response::Codec for TaskCodec {
             inbound: self.inbound.as_ref(),
             shared_memory: self.shared_memory,
             answers: None,
+            stall: self.stall,
         };
         let (request, lease) = read_message(io, self.max_request_bytes, how).await?;
         Ok(Envelope { request, lease })
@@ -517,6 +563,7 @@ mod tests {
             inbound: codec.inbound.as_ref(),
             shared_memory: true,
             answers: None,
+            stall: None,
         };
         futures::executor::block_on(async {
             let (first, lease): (Request, _) =
@@ -555,9 +602,55 @@ mod tests {
                 inbound: small.inbound.as_ref(),
                 shared_memory: false,
                 answers: None,
+                stall: None,
             },
         ))
         .unwrap_err();
         assert!(e.to_string().contains("over the limit"), "{e}");
+    }
+
+    /// Never sends another byte.
+    struct Silent;
+
+    impl AsyncRead for Silent {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_that_stops_arriving_is_dropped_and_frees_its_lease() {
+        let buf = big_request(256); // 256 KiB of tensor; the budget holds one such request
+        let codec =
+            TaskCodec::worker(400 << 10, false).with_stall(std::time::Duration::from_millis(200));
+        let how = || Reading {
+            inbound: codec.inbound.as_ref(),
+            shared_memory: false,
+            answers: None,
+            stall: codec.stall,
+        };
+        // A sender that takes the lease with its head and half the tensor, then goes silent.
+        let mut stalled = AsyncReadExt::chain(&buf[..buf.len() - (128 << 10)], Silent);
+        let honest = async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            read_message::<_, Request>(&mut buf.as_slice(), codec.max_request_bytes, how()).await
+        };
+        let both = async {
+            tokio::join!(
+                read_message::<_, Request>(&mut stalled, codec.max_request_bytes, how()),
+                honest
+            )
+        };
+        let (stalled, honest) = tokio::time::timeout(std::time::Duration::from_secs(30), both)
+            .await
+            .expect("the silent sender held the budget");
+        let e = stalled.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("stalled"), "{e}");
+        honest.expect("the honest request got the budget once the silent one was dropped");
     }
 }
