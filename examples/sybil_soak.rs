@@ -33,23 +33,19 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn workload(g: &Graph, seed: u64) -> Vec<Tensor> {
+fn workload(g: &Graph, seed: u64) -> anyhow::Result<Vec<Tensor>> {
     let s = seed * 10;
-    let c = g
-        .random(&[256, 96], -1.0, 1.0, s + 1)
-        .matmul(&g.random(&[96, 256], -1.0, 1.0, s + 2))
-        .unwrap();
+    let c =
+        g.random(&[256, 96], -1.0, 1.0, s + 1)
+            .matmul(&g.random(&[96, 256], -1.0, 1.0, s + 2))?;
     let x = g.random(&[100, 32], -1.0, 1.0, s + 3);
-    let h = (x.matmul(&g.random(&[32, 48], -0.5, 0.5, s + 4)).unwrap()
+    let h = (x.matmul(&g.random(&[32, 48], -0.5, 0.5, s + 4))?
         + &g.random(&[48], -0.1, 0.1, s + 5))
-        .relu()
-        .unwrap();
+        .relu()?;
     let y = h
-        .matmul(&g.random(&[48, 10], -0.5, 0.5, s + 6))
-        .unwrap()
-        .softmax(1)
-        .unwrap();
-    vec![c, y]
+        .matmul(&g.random(&[48, 10], -0.5, 0.5, s + 6))?
+        .softmax(1)?;
+    Ok(vec![c, y])
 }
 
 fn settings() -> Settings {
@@ -103,10 +99,10 @@ fn main() -> anyhow::Result<()> {
     let local = std::sync::Arc::new(local);
     let check = |seed: u64, client: &Client| -> anyhow::Result<bool> {
         let g = Graph::new("job").with_executor(client.executor());
-        let outs = workload(&g, seed);
+        let outs = workload(&g, seed)?;
         let got = g.eval(&outs.iter().collect::<Vec<_>>())?;
         let lg = Graph::new("local").with_executor(local.clone());
-        let louts = workload(&lg, seed);
+        let louts = workload(&lg, seed)?;
         let want = lg.eval(&louts.iter().collect::<Vec<_>>())?;
         Ok(got.iter().zip(&want).all(|(a, b)| a.words() == b.words()))
     };

@@ -101,6 +101,16 @@ pub fn advert_topic() -> IdentTopic {
     IdentTopic::new(ADVERT_TOPIC)
 }
 
+/// A gossip message's id: its author and its bytes, so that a peer re-publishing someone
+/// else's advert first makes another message and cannot suppress the real one as a duplicate.
+fn message_id(m: &gossipsub::Message) -> MessageId {
+    let mut h = blake3::Hasher::new();
+    h.update(b"corvid-gossip-id-v1");
+    h.update(&m.source.map(|p| p.to_bytes()).unwrap_or_default());
+    h.update(&m.data);
+    MessageId::from(h.finalize().as_bytes().to_vec())
+}
+
 /// Gossipsub peer scoring (v1.1) for a swarm whose one topic carries a signed advert per peer
 /// every half minute. Invalid adverts (forged, malformed, insane) weigh heavily and decay
 /// slowly: three or four put a peer below the graylist, and its messages are then dropped
@@ -212,13 +222,7 @@ fn behaviour(
         .max_transmit_size(MAX_GOSSIP_BYTES)
         // Bound to its author: a peer re-publishing someone else's advert first makes another
         // message, and cannot suppress the real one as a duplicate.
-        .message_id_fn(|m: &gossipsub::Message| {
-            let mut h = blake3::Hasher::new();
-            h.update(b"corvid-gossip-id-v1");
-            h.update(&m.source.map(|p| p.to_bytes()).unwrap_or_default());
-            h.update(&m.data);
-            MessageId::from(h.finalize().as_bytes().to_vec())
-        })
+        .message_id_fn(message_id)
         // Small swarms: a mesh of two is enough; flood publishing reaches everyone subscribed.
         .mesh_n_low(2)
         .mesh_outbound_min(1)
@@ -272,4 +276,33 @@ fn behaviour(
                 .with_max_concurrent_streams(MAX_TASK_STREAMS),
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_bytes_from_another_author_are_another_message() {
+        let advert = vec![1, 2, 3];
+        let message = |source: Option<libp2p::PeerId>| gossipsub::Message {
+            source,
+            data: advert.clone(),
+            sequence_number: Some(1),
+            topic: advert_topic().hash(),
+        };
+        let (honest, thief) = (libp2p::PeerId::random(), libp2p::PeerId::random());
+        assert_eq!(
+            message_id(&message(Some(honest))),
+            message_id(&message(Some(honest)))
+        );
+        assert_ne!(
+            message_id(&message(Some(honest))),
+            message_id(&message(Some(thief)))
+        );
+        assert_ne!(
+            message_id(&message(Some(honest))),
+            message_id(&message(None))
+        );
+    }
 }
