@@ -203,17 +203,26 @@ fn main() -> anyhow::Result<()> {
             j1 - j0
         );
     }
+    let honest: Vec<String> = nodes.iter().map(|n| n.peer_id().to_string()).collect();
     for (i, n) in nodes.iter().enumerate() {
         let s = rt.block_on(n.status())?;
-        let lowest = s.gossip_scores.first().map_or(0.0, |(_, score)| *score);
-        let graylisted = s
-            .gossip_scores
-            .iter()
-            .filter(|(_, score)| *score <= corvid::node::net::GRAYLIST_SCORE)
-            .count();
+        let peers = rt.block_on(n.peers())?;
+        // Sybil adverts say so in their adapter name.
+        let sybils = peers.iter().filter(|p| p.adapter.contains("sybil")).count();
+        let (mut graylisted, mut negative, mut honest_low) = (0, 0, f64::INFINITY);
+        for (peer, score) in &s.gossip_scores {
+            if honest.contains(peer) {
+                honest_low = honest_low.min(*score);
+            } else if *score <= corvid::node::net::GRAYLIST_SCORE {
+                graylisted += 1;
+            } else if *score < 0.0 {
+                negative += 1;
+            }
+        }
         println!(
-            "  node {i}: {} peers in its table, {} connected; adverts refused {:?}; \
-             {graylisted} of the {} lowest-scored peers graylisted (lowest {lowest:.0})",
+            "  node {i}: table {} peers ({sybils} sybils), {} connected; adverts refused \
+             {:?}; of the {} lowest gossip scores, {graylisted} sybils graylisted, {negative} \
+             more negative, the honest peers' lowest {honest_low:.1}",
             s.known_peers,
             s.connected_peers,
             s.rejections,

@@ -12,6 +12,17 @@ if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || ! ldconfig -p |
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
 fi
 
+# The NAT test builds network namespaces with NAT routers: `ip` (iproute2) and `nft`
+# (nftables). As root it must run, not skip.
+if [ "$(id -u)" -eq 0 ]; then
+    if ! command -v nft >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
+        echo "installing iproute2 and nftables (the NAT test's routers)" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables >/dev/null
+    fi
+    export CORVID_REQUIRE_NETNS=1
+fi
+
 # Kernel tests fail, rather than skip, when no Vulkan adapter is found.
 export CORVID_REQUIRE_GPU=1
 # Mesa's WSI warns on every device open without it.

@@ -91,7 +91,7 @@ pub(crate) type Gossip =
     gossipsub::Behaviour<gossipsub::IdentityTransform, gossipsub::WhitelistSubscriptionFilter>;
 
 /// Gossip scores at or below this stop a peer's messages from being processed at all
-/// (gossipsub's graylist); an invalid advert costs [`INVALID_ADVERT_WEIGHT`] × the square of
+/// (gossipsub's graylist); an invalid advert costs 10 × the square of
 /// the invalid adverts it has sent, decaying slowly.
 pub const GRAYLIST_SCORE: f64 = -80.0;
 const INVALID_ADVERT_WEIGHT: f64 = -10.0;

@@ -119,7 +119,8 @@ impl TaskCodec {
         self.answers.clone()
     }
 
-    /// Requests that stop arriving for `stall` (see [`MIN_INBOUND_RATE`]) are dropped.
+    /// Requests that stop arriving are dropped: the head must arrive within `stall`, the
+    /// tensors within `stall` plus their size at 1 MiB/s.
     pub fn with_stall(mut self, stall: std::time::Duration) -> TaskCodec {
         self.stall = Some(stall);
         self
