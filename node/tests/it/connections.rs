@@ -112,3 +112,64 @@ async fn idle_sockets_from_one_host_do_not_block_other_peers() {
         n.join().await;
     }
 }
+
+/// 40 sybil identities from one host (a home behind its NAT router, so one address to the
+/// node) get at most [`MAX_CONNECTIONS_PER_IP`] connections to a node in the "public"
+/// namespace, and an honest peer from another address still joins.
+#[test]
+fn sybils_from_one_address_cannot_fill_a_node() {
+    use common::netns::{Net, available, node_in, peer_id, spawn_in_ns, status_in};
+    use corvid_node::net::MAX_CONNECTIONS_PER_IP;
+    use corvid_node::sybil;
+
+    if !available("connections::sybils_from_one_address_cannot_fill_a_node") {
+        return;
+    }
+    let (_net, [public, home1, home2]) = Net::build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (d0, d2) = (dir.path().join("victim"), dir.path().join("honest"));
+    let id0 = peer_id(&d0);
+    let _victim = node_in(&public, &d0, 4001, None);
+    let victim_from = |i: u8| format!("/ip4/10.77.{i}.1/tcp/4001/p2p/{id0}");
+    let wait_status = |what: &str, ok: &dyn Fn(&corvid_node::Status) -> bool| {
+        common::wait_until(what, Duration::from_secs(20), || {
+            status_in(&public, &d0).filter(|s| ok(s))
+        })
+    };
+    wait_status("the victim to start", &|_| true);
+
+    // The attacker, in home1: 40 identities, each dialling the victim.
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let target = victim_from(1).parse().unwrap();
+    let attacker = spawn_in_ns(&home1, move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let sybils = rt
+            .block_on(sybil::direct(&[target], 40, Duration::from_millis(500)))
+            .unwrap();
+        let _ = stopped.recv_timeout(Duration::from_secs(60));
+        drop(sybils);
+    });
+    // Let every dial land (each is refused or kept at once), then an honest peer joins from
+    // home2.
+    let full = wait_status("the attacker's connections", &|s| {
+        s.connected_peers >= MAX_CONNECTIONS_PER_IP as usize
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let _honest = node_in(&home2, &d2, 4001, Some(&victim_from(2)));
+    let id2 = peer_id(&d2);
+    wait_status("the honest peer to connect", &|s| {
+        s.connected_peers > MAX_CONNECTIONS_PER_IP as usize
+    });
+    let after = status_in(&public, &d0).unwrap();
+    println!(
+        "victim: {} connected while the attacker held {}; then {} with the honest peer {id2}",
+        full.connected_peers, full.connected_peers, after.connected_peers
+    );
+    assert!(
+        after.connected_peers <= MAX_CONNECTIONS_PER_IP as usize + 1,
+        "{} connections",
+        after.connected_peers
+    );
+    let _ = stop.send(());
+    attacker.join().unwrap();
+}

@@ -1,6 +1,8 @@
 //! Helpers shared by the multi-node tests: predicates with deadlines, never sleeps.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod netns;
+
 use std::future::Future;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
