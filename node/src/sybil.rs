@@ -108,14 +108,19 @@ pub fn fast_advert(key: &Keypair, seq: u64) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// Drives `swarm` until `cancel`, publishing `next()` every `every` (once it has a peer).
+/// Drives `swarm` until `cancel`, publishing `next()` every `every` (once it has a peer), and
+/// dialling `target` again whenever it has no connection (a refused sybil keeps trying).
 async fn run(
     mut swarm: Swarm<gossipsub::Behaviour>,
     every: Duration,
     mut next: impl FnMut() -> Vec<u8> + Send,
+    target: Option<Multiaddr>,
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) {
+    if let Some(t) = &target {
+        let _ = swarm.dial(t.clone());
+    }
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -128,6 +133,11 @@ async fn run(
                 }
             }
             _ = tick.tick() => {
+                if let Some(t) = &target
+                    && swarm.connected_peers().next().is_none()
+                {
+                    let _ = swarm.dial(t.clone());
+                }
                 if swarm.behaviour_mut().publish(advert_topic(), next()).is_ok() {
                     counters.published.fetch_add(1, Ordering::Relaxed);
                 }
@@ -145,7 +155,7 @@ pub async fn relay(target: Multiaddr, n: usize, every: Duration) -> Result<Sybil
     relay
         .listen_on("/ip4/127.0.0.1/tcp/0".parse().map_err(|e| format!("{e}"))?)
         .map_err(|e| e.to_string())?;
-    relay.dial(target).map_err(|e| e.to_string())?;
+    let relay_target = target;
     let addr = loop {
         if let libp2p::swarm::SwarmEvent::NewListenAddr { address, .. } =
             relay.select_next_some().await
@@ -158,6 +168,7 @@ pub async fn relay(target: Multiaddr, n: usize, every: Duration) -> Result<Sybil
         relay,
         Duration::from_secs(3600),
         Vec::new,
+        Some(relay_target),
         counters.clone(),
         cancel.clone(),
     ));
@@ -165,8 +176,7 @@ pub async fn relay(target: Multiaddr, n: usize, every: Duration) -> Result<Sybil
     for _ in 0..n {
         let key = Keypair::generate_ed25519();
         ids.push(key.public().to_peer_id());
-        let mut s = gossip_peer(key.clone())?;
-        s.dial(addr.clone()).map_err(|e| e.to_string())?;
+        let s = gossip_peer(key.clone())?;
         let mut seq = 0;
         tokio::spawn(run(
             s,
@@ -175,6 +185,7 @@ pub async fn relay(target: Multiaddr, n: usize, every: Duration) -> Result<Sybil
                 seq += 1;
                 fast_advert(&key, seq)
             },
+            Some(addr.clone()),
             counters.clone(),
             cancel.clone(),
         ));
@@ -195,10 +206,8 @@ pub async fn direct(targets: &[Multiaddr], n: usize, every: Duration) -> Result<
     for i in 0..n {
         let key = Keypair::generate_ed25519();
         ids.push(key.public().to_peer_id());
-        let mut s = gossip_peer(key.clone())?;
-        if let Some(t) = targets.get(i % targets.len().max(1)) {
-            s.dial(t.clone()).map_err(|e| e.to_string())?;
-        }
+        let s = gossip_peer(key.clone())?;
+        let target = targets.get(i % targets.len().max(1)).cloned();
         let mut seq = 0u64;
         tokio::spawn(run(
             s,
@@ -211,6 +220,7 @@ pub async fn direct(targets: &[Multiaddr], n: usize, every: Duration) -> Result<
                     format!("garbage {seq} from a sybil").into_bytes()
                 }
             },
+            target,
             counters.clone(),
             cancel.clone(),
         ));

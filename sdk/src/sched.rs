@@ -35,6 +35,9 @@ use crate::plan::{Plan, Source};
 /// best free peer would take.
 const WAIT_FOR_BUSY: f64 = 0.5;
 
+/// A peer that says it is busy is tried again for the same subgraph, up to this many times.
+const BUSY_TRIES: usize = 3;
+
 /// Transfers at least this large measure a peer's link.
 const LINK_SAMPLE_BYTES: u64 = 1 << 20;
 
@@ -619,8 +622,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         }
         let mut skipped = Vec::new();
         while let Some(sg) = self.ready.pop_first() {
-            let tried: BTreeSet<Place<P>> =
-                self.errors[sg].iter().map(|e| e.place.clone()).collect();
+            let tried = self.tried(sg);
             match self.best_place(sg, now, &tried, self.depth(sg)) {
                 Some(place) => out.push(self.dispatch(sg, place, now)),
                 None => {
@@ -649,6 +651,30 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         }
         self.ready.extend(skipped);
         out
+    }
+
+    /// Places `sg` is not sent to again: those where it failed, except a peer that only said
+    /// it was busy (fewer than [`BUSY_TRIES`] times): busy passes.
+    fn tried(&self, sg: usize) -> BTreeSet<Place<P>> {
+        let busy = |e: &AttemptError<P>| {
+            matches!(e.error, TaskFailure::Worker(crate::wire::TaskError::Busy))
+        };
+        let mut busy_at: BTreeMap<&Place<P>, usize> = BTreeMap::new();
+        let mut tried = BTreeSet::new();
+        for e in &self.errors[sg] {
+            if busy(e) {
+                *busy_at.entry(&e.place).or_default() += 1;
+            } else {
+                tried.insert(e.place.clone());
+            }
+        }
+        tried.extend(
+            busy_at
+                .into_iter()
+                .filter(|(_, n)| *n >= BUSY_TRIES)
+                .map(|(p, _)| p.clone()),
+        );
+        tried
     }
 
     /// Failed attempts at `sg` that count against `max_attempts`: a task lost because its
@@ -963,7 +989,10 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             Place::Peer(p) => self.peers.get(p).is_some_and(PeerInfo::in_good_standing),
             Place::Local => true,
         };
-        if !counts && !matches!(error, TaskFailure::Banned { .. }) {
+        // Busy says nothing about the subgraph either (see `tried` for how often it is
+        // asked again).
+        let busy = matches!(error, TaskFailure::Worker(crate::wire::TaskError::Busy));
+        if (!counts || busy) && !matches!(error, TaskFailure::Banned { .. }) {
             self.uncounted[sg] += 1;
         }
         if let Place::Peer(p) = &t.place

@@ -133,6 +133,9 @@ pub(crate) struct EventLoop {
     work: Option<WorkQueues>,
     /// Replies owed for tasks this node sent, with their wire task ids.
     pending: HashMap<OutboundRequestId, (u64, oneshot::Sender<Result<TaskResponse, String>>)>,
+    /// Tasks each requester has with the worker (queued or running): at most three quarters
+    /// of the worker's queue, so one requester cannot keep everyone else's tasks out.
+    queued: HashMap<PeerId, usize>,
     tasks_answered: u64,
     extras: Extras,
 }
@@ -182,6 +185,7 @@ impl EventLoop {
             summary_logged: false,
             work,
             pending: HashMap::new(),
+            queued: HashMap::new(),
             tasks_answered: 0,
             extras,
         }
@@ -285,6 +289,12 @@ impl EventLoop {
 
     /// Sends the worker's answer to the peer that asked.
     fn respond(&mut self, done: Finished) {
+        if let Some(n) = self.queued.get_mut(&done.peer) {
+            *n -= 1;
+            if *n == 0 {
+                self.queued.remove(&done.peer);
+            }
+        }
         // Fails only if the requester has gone; nothing to do then.
         let _ = self
             .swarm
@@ -333,13 +343,22 @@ impl EventLoop {
                                 "this node does not contribute (--no-contribute)".into(),
                             ),
                         )),
+                        Some(queues)
+                            if self.queued.get(&peer).copied().unwrap_or(0)
+                                >= queues.tasks.max_capacity() * 3 / 4 =>
+                        {
+                            Some((channel, TaskError::Busy))
+                        }
                         Some(queues) => match queues.tasks.try_send(Work {
                             peer,
                             request,
                             channel,
                             lease,
                         }) {
-                            Ok(()) => None,
+                            Ok(()) => {
+                                *self.queued.entry(peer).or_default() += 1;
+                                None
+                            }
                             Err(mpsc::error::TrySendError::Full(w)) => {
                                 Some((w.channel, TaskError::Busy))
                             }

@@ -59,6 +59,8 @@ pub(crate) struct Work {
 /// The worker's answer to a [`Work`], for the event loop to send back on its channel.
 #[derive(Debug)]
 pub(crate) struct Finished {
+    /// The requester (its share of the queue is freed).
+    pub peer: PeerId,
     pub channel: ResponseChannel<TaskResponse>,
     pub response: TaskResponse,
 }
@@ -212,14 +214,14 @@ pub(crate) async fn run(worker: Worker, cancel: CancellationToken) {
                     }
                     if f.refuses() {
                         let response = TaskResponse::Failed { task: work.request.task, error: TaskError::Busy };
-                        let _ = finished.send(Finished { channel: work.channel, response }).await;
+                        let _ = finished.send(Finished { peer: work.peer, channel: work.channel, response }).await;
                         continue;
                     }
                 }
                 let key = (work.peer, work.request.task);
                 if early.remove(&key) {
                     let response = TaskResponse::Failed { task: key.1, error: TaskError::Cancelled };
-                    let _ = finished.send(Finished { channel: work.channel, response }).await;
+                    let _ = finished.send(Finished { peer: key.0, channel: work.channel, response }).await;
                     continue;
                 }
                 let flag = Cancel::none();
@@ -244,7 +246,7 @@ pub(crate) async fn run(worker: Worker, cancel: CancellationToken) {
                     if let TaskResponse::Failed { error, .. } = &response {
                         tracing::warn!(%peer, task, %error, "task failed");
                     }
-                    let _ = finished.send(Finished { channel, response }).await;
+                    let _ = finished.send(Finished { peer, channel, response }).await;
                     drop(lease);
                     (peer, task)
                 });

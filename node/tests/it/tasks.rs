@@ -288,3 +288,96 @@ async fn a_worker_runs_subgraphs_and_refuses_bad_tasks() {
     worker.join().await;
     requester.join().await;
 }
+
+/// One requester sending more tasks than the worker queues gets `Busy` for those beyond half
+/// of the queue: another requester's task still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_requester_cannot_take_the_whole_queue() {
+    init_logs();
+    let shutdown = CancellationToken::new();
+    let worker = spawn(10, None, &shutdown).await;
+    let mut requesters = Vec::new();
+    for i in [11, 12] {
+        let mut config = NodeConfig::for_test(i);
+        config.bootstrap = vec![worker.bootstrap_addr()];
+        config.contribute = false;
+        requesters.push(Node::spawn(config, shutdown.clone()).await.unwrap());
+    }
+    let worker_id = worker.peer_id();
+    for r in &requesters {
+        wait_for(
+            "the worker in the table",
+            Duration::from_secs(10),
+            || async move {
+                r.peers()
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|p| p.peer_id == worker_id.to_string())
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    // A 1024³ product of two recipes: tens of milliseconds of work, a few bytes on the wire.
+    let local = Arc::new(
+        LocalExecutor::new(Backend::Cpu(CpuBackend::new())).with_settings(Settings {
+            block: 4096,
+            ..Settings::default()
+        }),
+    );
+    let g = Graph::new("queue").with_executor(local);
+    let c = g
+        .random(&[1024, 1024], -1.0, 1.0, 1)
+        .matmul(&g.random(&[1024, 1024], -1.0, 1.0, 2))
+        .unwrap();
+    let plan = g.plan(&[&c]).unwrap();
+    let sg = &plan.subgraphs[0];
+    let inputs: Vec<Input> = sg
+        .inputs
+        .iter()
+        .map(|s| match s {
+            Source::Leaf(l) => Input::Recipe(plan.leaves[*l].how().unwrap().clone()),
+            Source::Output { .. } => unreachable!(),
+        })
+        .collect();
+    let request = |task| TaskRequest::new(task, [1; 16], sg, inputs.clone());
+    // The greedy requester: 30 tasks at once (more than the worker's queue of 20, fewer than
+    // the 32 streams a connection carries), 1024³ each: a few hundred ms of work on the
+    // worker's 2 slots for what it queues.
+    let greedy = requesters[0].client();
+    let mut sends: futures::stream::FuturesUnordered<_> = (0..30)
+        .map(|t| {
+            let (c, r) = (greedy.clone(), request(1000 + t));
+            tokio::spawn(async move { c.run_task(worker_id, r).await })
+        })
+        .collect();
+    // As soon as it is told "busy" (the worker holds what it may take from it), the other
+    // requester asks.
+    use futures::StreamExt;
+    while let Some(r) = sends.next().await {
+        if matches!(
+            r.unwrap(),
+            Ok(TaskResponse::Failed {
+                error: TaskError::Busy,
+                ..
+            })
+        ) {
+            break;
+        }
+    }
+    let other = requesters[1]
+        .client()
+        .run_task(worker_id, request(1))
+        .await
+        .unwrap();
+    assert!(
+        matches!(other, TaskResponse::Done { .. }),
+        "the second requester was refused: {other:?}"
+    );
+    shutdown.cancel();
+    worker.join().await;
+    for r in requesters {
+        r.join().await;
+    }
+}
