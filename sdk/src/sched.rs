@@ -1433,6 +1433,36 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_peer_is_asked_again_and_busy_uses_up_no_attempt() {
+        let p = plan();
+        let mut s = Scheduler::resume(&p, unqueued(), proven(&["only"]));
+        s.peer("only", 1e9, 1e9, 1);
+        let busy = || TaskFailure::Worker(crate::wire::TaskError::Busy);
+        // Busy twice, then it takes the subgraph: the job goes on on its only peer.
+        let (t, sg, _) = dispatched(&s.schedule(0.0))[0].clone();
+        s.on_failed(t, busy()).unwrap();
+        let (t, again, _) = dispatched(&s.schedule(0.1))[0].clone();
+        assert_eq!(again, sg);
+        s.on_failed(t, busy()).unwrap();
+        let (t, again, _) = dispatched(&s.schedule(0.2))[0].clone();
+        assert_eq!(again, sg);
+        assert!(s.stuck().is_none());
+        s.on_done(t, 0.3, &[], None);
+        // A third busy for one subgraph, and it looks elsewhere (here: nowhere, and says so).
+        let (t, sg2, _) = dispatched(&s.schedule(0.4))[0].clone();
+        for k in 0..3 {
+            s.on_failed(t + k, busy()).unwrap();
+            let d = dispatched(&s.schedule(0.5 + k as f64));
+            if k < 2 {
+                assert_eq!(d[0].1, sg2);
+            } else {
+                assert!(d.iter().all(|x| x.1 != sg2), "{d:?}");
+            }
+        }
+        assert!(s.stuck().is_some_and(|f| f.subgraph == sg2));
+    }
+
+    #[test]
     fn tasks_lost_to_banned_peers_do_not_use_up_attempts() {
         let p = plan();
         let mut s = Scheduler::new(&p, no_local());
