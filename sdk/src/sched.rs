@@ -1364,6 +1364,7 @@ mod tests {
     #[test]
     fn peers_that_only_fail_lose_placement_and_use_up_no_attempts() {
         let p = plan();
+        let refused = || TaskFailure::Worker(crate::wire::TaskError::Failed("refused".into()));
         let mut s = Scheduler::new(&p, no_local());
         // Three fake peers, a million times faster than the honest one by their adverts.
         let fakes = ["fake1", "fake2", "fake3"];
@@ -1385,7 +1386,7 @@ mod tests {
                     s.on_done(task, now, &[], None);
                 } else {
                     failures += 1;
-                    s.on_failed(task, TaskFailure::Worker(crate::wire::TaskError::Busy))
+                    s.on_failed(task, refused())
                         .expect("a fake peer's failure uses up no attempt");
                 }
             }
@@ -1419,7 +1420,7 @@ mod tests {
         let stuck = loop {
             assert!(now < 100.0, "never gave up");
             for (task, _, _) in dispatched(&s.schedule(now)) {
-                let _ = s.on_failed(task, TaskFailure::Worker(crate::wire::TaskError::Busy));
+                let _ = s.on_failed(task, refused());
             }
             if let Some(stuck) = s.stuck() {
                 break stuck.to_string();

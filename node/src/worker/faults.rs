@@ -43,8 +43,8 @@ pub enum Fault {
     /// result that is not a plain matmul (Freivalds would catch that) by 1.0: colluders
     /// telling the same lie, who would vouch for each other as same-class replicas.
     Collude,
-    /// Says it is `factor` times faster than it is and refuses every task as busy: a
-    /// requester must route around it, not give up on the job.
+    /// Says it is `factor` times faster than it is and fails every task at once: a requester
+    /// must route around it, not give up on the job.
     Refuse { factor: f32 },
     /// Makes a recipe input from another seed (cheaper inputs it had lying around, say) and
     /// signs the receipt naming that recipe, or, with `claim_asked`, the recipe it was sent.
@@ -152,7 +152,7 @@ impl Injector {
         self.fault == Fault::Hang
     }
 
-    /// Whether this worker refuses every task as busy.
+    /// Whether this worker fails every task at once.
     pub(crate) fn refuses(&self) -> bool {
         matches!(self.fault, Fault::Refuse { .. })
     }

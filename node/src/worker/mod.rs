@@ -213,7 +213,8 @@ pub(crate) async fn run(worker: Worker, cancel: CancellationToken) {
                         continue;
                     }
                     if f.refuses() {
-                        let response = TaskResponse::Failed { task: work.request.task, error: TaskError::Busy };
+                        let error = TaskError::Failed("refused (a test fault)".into());
+                        let response = TaskResponse::Failed { task: work.request.task, error };
                         let _ = finished.send(Finished { peer: work.peer, channel: work.channel, response }).await;
                         continue;
                     }
