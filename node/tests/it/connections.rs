@@ -132,7 +132,7 @@ fn sybils_from_one_address_cannot_fill_a_node() {
     let _victim = node_in(&public, &d0, 4001, None);
     let victim_from = |i: u8| format!("/ip4/10.77.{i}.1/tcp/4001/p2p/{id0}");
     let wait_status = |what: &str, ok: &dyn Fn(&corvid_node::Status) -> bool| {
-        common::wait_until(what, Duration::from_secs(20), || {
+        common::wait_until(what, Duration::from_secs(60), || {
             status_in(&public, &d0).filter(|s| ok(s))
         })
     };
