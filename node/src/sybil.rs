@@ -146,6 +146,29 @@ async fn run(
     }
 }
 
+/// Starts a peer with `key` publishing `next()` every `every`, connected to `target`;
+/// returns its id.
+fn spawn_identity(
+    key: Keypair,
+    every: Duration,
+    next: impl FnMut() -> Vec<u8> + Send + 'static,
+    target: Option<Multiaddr>,
+    counters: &Arc<Counters>,
+    cancel: &CancellationToken,
+) -> Result<PeerId, String> {
+    let id = key.public().to_peer_id();
+    let swarm = gossip_peer(key)?;
+    tokio::spawn(run(
+        swarm,
+        every,
+        next,
+        target,
+        counters.clone(),
+        cancel.clone(),
+    ));
+    Ok(id)
+}
+
 /// One relay connected to `target`, and `n` identities behind it (connected only to the
 /// relay) publishing fast adverts every `every`.
 pub async fn relay(target: Multiaddr, n: usize, every: Duration) -> Result<Sybils, String> {
@@ -175,20 +198,22 @@ pub async fn relay(target: Multiaddr, n: usize, every: Duration) -> Result<Sybil
     let mut ids = Vec::with_capacity(n);
     for _ in 0..n {
         let key = Keypair::generate_ed25519();
-        ids.push(key.public().to_peer_id());
-        let s = gossip_peer(key.clone())?;
         let mut seq = 0;
-        tokio::spawn(run(
-            s,
-            every,
+        let next = {
+            let key = key.clone();
             move || {
                 seq += 1;
                 fast_advert(&key, seq)
-            },
+            }
+        };
+        ids.push(spawn_identity(
+            key,
+            every,
+            next,
             Some(addr.clone()),
-            counters.clone(),
-            cancel.clone(),
-        ));
+            &counters,
+            &cancel,
+        )?);
     }
     Ok(Sybils {
         ids,
@@ -205,13 +230,10 @@ pub async fn direct(targets: &[Multiaddr], n: usize, every: Duration) -> Result<
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let key = Keypair::generate_ed25519();
-        ids.push(key.public().to_peer_id());
-        let s = gossip_peer(key.clone())?;
         let target = targets.get(i % targets.len().max(1)).cloned();
         let mut seq = 0u64;
-        tokio::spawn(run(
-            s,
-            every,
+        let next = {
+            let key = key.clone();
             move || {
                 seq += 1;
                 if seq % 2 == 1 {
@@ -219,11 +241,11 @@ pub async fn direct(targets: &[Multiaddr], n: usize, every: Duration) -> Result<
                 } else {
                     format!("garbage {seq} from a sybil").into_bytes()
                 }
-            },
-            target,
-            counters.clone(),
-            cancel.clone(),
-        ));
+            }
+        };
+        ids.push(spawn_identity(
+            key, every, next, target, &counters, &cancel,
+        )?);
     }
     Ok(Sybils {
         ids,

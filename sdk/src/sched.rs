@@ -176,6 +176,18 @@ impl PeerInfo {
     pub fn in_good_standing(&self) -> bool {
         self.done > 0 && !self.failing()
     }
+
+    /// Writes what this job measured and counted of the peer into `m`, for the next job.
+    fn record(&self, m: &mut Measured) {
+        m.done = self.done;
+        m.failed = self.failed;
+        if self.measured {
+            m.flops = Some(self.flops);
+        }
+        if self.link_measured {
+            m.link = Some(self.link);
+        }
+    }
 }
 
 /// A decision for the caller to carry out.
@@ -408,15 +420,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             if !info.measured && !info.link_measured && info.done == 0 && info.failed == 0 {
                 continue;
             }
-            let m = measured.entry(p.clone()).or_default();
-            m.done = info.done;
-            m.failed = info.failed;
-            if info.measured {
-                m.flops = Some(info.flops);
-            }
-            if info.link_measured {
-                m.link = Some(info.link);
-            }
+            info.record(measured.entry(p.clone()).or_default());
         }
         Knowledge {
             held: self.held.clone(),
@@ -540,15 +544,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
     /// the next. Its running tasks must be reported as failed.
     pub fn remove_peer(&mut self, p: &P) {
         if let Some(info) = self.peers.remove(p) {
-            let m = self.measured_before.entry(p.clone()).or_default();
-            m.done = info.done;
-            m.failed = info.failed;
-            if info.measured {
-                m.flops = Some(info.flops);
-            }
-            if info.link_measured {
-                m.link = Some(info.link);
-            }
+            info.record(self.measured_before.entry(p.clone()).or_default());
         }
         for holders in self.held.values_mut() {
             holders.remove(p);

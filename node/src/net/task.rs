@@ -636,8 +636,13 @@ mod tests {
         };
         // A sender that takes the lease with its head and half the tensor, then goes silent.
         let mut stalled = AsyncReadExt::chain(&buf[..buf.len() - (128 << 10)], Silent);
+        let budget = codec.inbound.clone().unwrap();
+        let all = budget.available_permits();
         let honest = async {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            // Once the silent sender holds its lease.
+            while budget.available_permits() == all {
+                tokio::task::yield_now().await;
+            }
             read_message::<_, Request>(&mut buf.as_slice(), codec.max_request_bytes, how()).await
         };
         let both = async {
