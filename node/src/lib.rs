@@ -47,7 +47,7 @@ pub use config::{NodeArgs, NodeConfig};
 /// Peer addresses, as `corvid node` prints them (`/ip4/…/tcp/…/p2p/<peer id>`).
 pub use libp2p::Multiaddr;
 pub use limits::Limits;
-pub use node::{BootstrapStatus, Node, NodeClient, NodeError, NodeHandle, Status};
+pub use node::{BootstrapStatus, Node, NodeClient, NodeError, NodeHandle, Reachability, Status};
 pub use peers::PeerInfo;
 pub use requester::{Client, ClientBuilder, ClientError, JobSummary, SwarmExecutor};
 #[cfg(feature = "fault-injection")]

@@ -28,7 +28,7 @@ use crate::peers::PeerInfo;
 // `crate::node::…` keep working.
 pub use crate::error::NodeError;
 pub use crate::node_client::NodeClient;
-pub use crate::status::{BootstrapStatus, ExecutorStatus, Status, bootstrap_line};
+pub use crate::status::{BootstrapStatus, ExecutorStatus, Reachability, Status, bootstrap_line};
 
 /// Commands queued for the event loop at most.
 const COMMAND_QUEUE: usize = 64;

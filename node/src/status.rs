@@ -32,6 +32,9 @@ pub struct Status {
     /// Tasks from peers this node has answered (done or failed).
     #[serde(default)]
     pub tasks_answered: u64,
+    /// Whether peers outside this node's network can dial it (AutoNAT v2).
+    #[serde(default)]
+    pub reachability: Reachability,
     /// Gossip scores (gossipsub v1.1) of the connected peers with the lowest ones, lowest
     /// first: below [`crate::net::GRAYLIST_SCORE`] a peer's messages are dropped unread.
     #[serde(default)]
@@ -43,6 +46,20 @@ pub struct Status {
     /// process, or not contributing).
     #[serde(default)]
     pub executor: Option<ExecutorStatus>,
+}
+
+/// Whether other peers can dial this node, as AutoNAT v2 probes by other peers found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "verdict")]
+pub enum Reachability {
+    /// No peer has tested an address of this node yet.
+    #[default]
+    Checking,
+    /// Peers dialled back these addresses.
+    Reachable { addrs: Vec<String> },
+    /// A peer could not dial back the address it saw this node at (behind NAT or a
+    /// firewall): others cannot connect to it, it connects out.
+    Unreachable { tested: String, error: String },
 }
 
 /// The executor process as the status shows it.

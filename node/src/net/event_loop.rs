@@ -21,7 +21,7 @@ use super::{Behaviour, BehaviourEvent, advert_topic};
 use crate::advert::{self, Advert};
 use crate::config::Timing;
 use crate::peers::{Accepted, PeerInfo, PeerTable};
-use crate::status::{BootstrapStatus, Status, bootstrap_line};
+use crate::status::{BootstrapStatus, Reachability, Status, bootstrap_line};
 use crate::worker::{Finished, Work};
 use corvid_sdk::wire::{Request, TaskError, TaskRequest, TaskResponse};
 use libp2p::request_response::{self, OutboundRequestId};
@@ -36,6 +36,9 @@ const MAX_PEERS: usize = 10_000;
 /// An author not reached within the dial timeout is given up on.
 const MAX_UNCONFIRMED: usize = 256;
 const MAX_UNCONFIRMED_PER_RELAY: usize = 8;
+/// The protocol AutoNAT v2 servers answer on.
+const AUTONAT_DIAL_REQUEST: libp2p::StreamProtocol =
+    libp2p::StreamProtocol::new("/libp2p/autonat/2/dial-request");
 /// Most peers listed with their gossip score in the status (the lowest scores).
 const MAX_SCORES_SHOWN: usize = 32;
 /// Publishing waits this long after a peer subscribes, so several arrivals share one advert.
@@ -137,6 +140,12 @@ pub(crate) struct EventLoop {
     /// of the worker's queue, so one requester cannot keep everyone else's tasks out.
     queued: HashMap<PeerId, usize>,
     tasks_answered: u64,
+    /// What AutoNAT probes by peers found.
+    reachability: Reachability,
+    /// Peers we have a connection to that we dialled; peers dialled to be asked about our
+    /// reachability (once each).
+    dialled_out: std::collections::HashSet<PeerId>,
+    autonat_dials: std::collections::HashSet<PeerId>,
     extras: Extras,
 }
 
@@ -187,6 +196,9 @@ impl EventLoop {
             pending: HashMap::new(),
             queued: HashMap::new(),
             tasks_answered: 0,
+            reachability: Reachability::Checking,
+            dialled_out: Default::default(),
+            autonat_dials: Default::default(),
             extras,
         }
     }
@@ -411,15 +423,42 @@ impl EventLoop {
                 peer_id,
                 info,
                 ..
-            })) if info.protocols.contains(&super::KAD_PROTOCOL) => {
-                for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+            })) => {
+                // AutoNAT v2 servers answer only on connections the asking peer dialled: while
+                // our verdict is pending, dial (once) each peer that serves it and that only
+                // dialled us, so that a node others dial also gets asked about.
+                if self.reachability == Reachability::Checking
+                    && info.protocols.contains(&AUTONAT_DIAL_REQUEST)
+                    && !self.dialled_out.contains(&peer_id)
+                    && self.autonat_dials.insert(peer_id)
+                {
+                    let _ = self.swarm.dial(
+                        DialOpts::peer_id(peer_id)
+                            .addresses(info.listen_addrs.clone())
+                            .condition(PeerCondition::Always)
+                            .build(),
+                    );
+                }
+                if info.protocols.contains(&super::KAD_PROTOCOL) {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 result: kad::QueryResult::Bootstrap(Err(e)),
                 ..
             })) => tracing::debug!(error = %e, "kademlia bootstrap"),
+            SwarmEvent::ExternalAddrConfirmed { address } => self.reachable(address),
+            SwarmEvent::ExternalAddrExpired { address } => {
+                if let Reachability::Reachable { addrs } = &mut self.reachability {
+                    addrs.retain(|a| *a != address.to_string());
+                    if addrs.is_empty() {
+                        self.reachability = Reachability::Checking;
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => self.probed(e),
             SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
                 tracing::info!(%address, "listening");
                 self.listen_addrs.push(address);
@@ -434,6 +473,9 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if endpoint.is_dialer() {
+                    self.dialled_out.insert(peer_id);
+                }
                 let mut was_bootstrap = false;
                 for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
                     if !b.connected {
@@ -458,6 +500,8 @@ impl EventLoop {
                 num_established: 0,
                 ..
             } => {
+                self.dialled_out.remove(&peer_id);
+                self.autonat_dials.remove(&peer_id);
                 for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
                     b.connected = false;
                 }
@@ -698,10 +742,13 @@ impl EventLoop {
     ) {
         let psk = self.psk_path.is_some();
         let timeout = self.timing.dial_timeout;
+        // A failed dial to a bootstrap peer we are connected to anyway (another address, a
+        // second connection) says nothing about reaching it.
+        let connected = |p: &PeerId| self.swarm.is_connected(p);
         for b in self
             .bootstrap
             .iter_mut()
-            .filter(|b| b.dial == Some(id) || Some(b.peer) == peer)
+            .filter(|b| b.dial == Some(id) || (Some(b.peer) == peer && !connected(&b.peer)))
         {
             let failure = dial::classify(error, Some(&b.peer), psk, timeout);
             if b.last_error.as_ref() != Some(&failure) {
@@ -714,6 +761,11 @@ impl EventLoop {
 
     fn log_summary(&mut self) {
         self.summary_logged = true;
+        if self.reachability == Reachability::Checking {
+            tracing::info!(
+                "reachability: still checking (no peer has tried to dial this node back yet)"
+            );
+        }
         let peers = self.table.list(Instant::now());
         let connected = self.swarm.connected_peers().count();
         if peers.is_empty() && !self.bootstrap.is_empty() && connected == 0 {
@@ -729,6 +781,60 @@ impl EventLoop {
         tracing::info!(peers = peers.len(), connected, "part of the swarm");
         for p in &peers {
             tracing::info!(peer = %p.peer_id, backend = %p.backend, gflops = p.matmul_gflops, gbps = p.elementwise_gbps, slots = p.slots_free, "peer");
+        }
+    }
+
+    /// A peer dialled us back at `address`: others can reach us there.
+    fn reachable(&mut self, address: Multiaddr) {
+        let address = address.to_string();
+        match &mut self.reachability {
+            Reachability::Reachable { addrs } => {
+                if !addrs.contains(&address) {
+                    addrs.push(address.clone());
+                }
+            }
+            other => {
+                tracing::info!(%address, "reachable: peers can dial this node at {address}");
+                *other = Reachability::Reachable {
+                    addrs: vec![address.clone()],
+                };
+                // Others can reach us: answer DHT queries.
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .set_mode(Some(kad::Mode::Server));
+            }
+        }
+    }
+
+    /// An AutoNAT probe: a peer tried to dial us back at an address it saw us at.
+    fn probed(&mut self, e: libp2p::autonat::v2::client::Event) {
+        let Err(error) = e.result else {
+            return; // a success also confirms the address (`ExternalAddrConfirmed`)
+        };
+        tracing::debug!(tested = %e.tested_addr, server = %e.server, %error, "reachability probe failed");
+        if matches!(self.reachability, Reachability::Reachable { .. }) {
+            return;
+        }
+        let first = self.reachability == Reachability::Checking;
+        let port = e.tested_addr.iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        });
+        self.reachability = Reachability::Unreachable {
+            tested: e.tested_addr.to_string(),
+            error: error.to_string(),
+        };
+        if first {
+            // Nobody can dial us to ask: stop answering DHT queries (peers would add an
+            // address they cannot reach to their routing tables).
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .set_mode(Some(kad::Mode::Client));
+            tracing::warn!(tested = %e.tested_addr, "not reachable from outside: {} could not dial this node back at {} (behind NAT or a firewall); this node connects out, but peers behind other NATs cannot reach it{}",
+                e.server, e.tested_addr,
+                port.map(|p| format!(". To accept connections, forward TCP port {p} to this machine")).unwrap_or_default());
         }
     }
 
@@ -770,6 +876,7 @@ impl EventLoop {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             tasks_answered: self.tasks_answered,
             gossip_scores: self.low_scores(),
+            reachability: self.reachability.clone(),
             limits: self.extras.limits.clone(),
             #[cfg(target_os = "linux")]
             executor: self.extras.executor.as_ref().and_then(|p| p.status()),

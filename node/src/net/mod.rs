@@ -23,8 +23,8 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    StreamProtocol, Swarm, connection_limits, identify, memory_connection_limits, noise, ping, tcp,
-    yamux,
+    StreamProtocol, Swarm, autonat, connection_limits, identify, memory_connection_limits, noise,
+    ping, tcp, yamux,
 };
 
 use crate::advert::{ADVERT_TOPIC, MAX_ADVERT_BYTES};
@@ -39,8 +39,9 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corvid/kad/1.0.0"
 pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 const _: () = assert!(MAX_ADVERT_BYTES < MAX_GOSSIP_BYTES);
 
-/// Established connections per peer.
-const MAX_CONNECTIONS_PER_PEER: u32 = 2;
+/// Established connections per peer: one dialled each way, and AutoNAT v2's dial-backs
+/// (a new connection to test an address while the others stay up).
+const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 /// Connections being set up at once, each way.
 const MAX_PENDING: u32 = 64;
 /// Inbound connections from one IP address being set up, and open (see [`ip_limits`]): one
@@ -83,6 +84,9 @@ pub(crate) struct Behaviour {
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<MemoryStore>,
     pub gossipsub: Gossip,
+    /// Whether peers can dial us (we ask them), and dialling back for them.
+    pub autonat: autonat::v2::client::Behaviour,
+    pub autonat_server: autonat::v2::server::Behaviour,
     pub task: request_response::Behaviour<task::TaskCodec>,
 }
 
@@ -261,6 +265,8 @@ fn behaviour(
         ping: ping::Behaviour::default(),
         kad,
         gossipsub,
+        autonat: autonat::v2::client::Behaviour::default(),
+        autonat_server: autonat::v2::server::Behaviour::default(),
         task: request_response::Behaviour::with_codec(
             codec,
             [(

@@ -1,21 +1,13 @@
-//! Real network stacks: Linux network namespaces made by this test, removed even when it
-//! fails. A "public" namespace (the internet, with a bootstrap worker) and two "homes", each
-//! behind its own NAT router (nftables masquerade):
-//!
-//! ```text
-//!  home1 192.168.71.2 ─ 192.168.71.1 router1 10.77.1.2 ─ 10.77.1.1 ┐
-//!                                                                  public (a worker)
-//!  home2 192.168.72.2 ─ 192.168.72.1 router2 10.77.2.2 ─ 10.77.2.1 ┘
-//! ```
-//!
-//! A requester in home1 (behind NAT) joins through the public worker and runs a job; a worker
-//! in home2 (behind another NAT) joins too. The public namespace has no route to either home:
-//! its answers reach the requester only because the router rewrote the requester's address to
-//! its own, so a job that completes has crossed a real NAT. The worker behind NAT cannot be
-//! dialled (no relay or hole punching yet: issue 12), so its tasks count is reported, not
-//! asserted. Without root (or `ip`/`nft`) the test says why it
-//! was skipped; with `CORVID_REQUIRE_NETNS=1` (the test script sets it when it runs as root)
-//! that is a failure.
+//! Real network stacks (`common::netns`: an internet namespace, two public hosts, two homes
+//! each behind its own NAT router). A worker on public host A is the bootstrap node, another
+//! on public host B, one in home2 behind NAT; a requester in home1, behind the other NAT,
+//! joins through A and runs a job. The internet has no route to either home: answers reach
+//! the requester only because its router rewrote its address, so a job that completes has
+//! crossed a real NAT. Each node's AutoNAT verdict is checked: the public ones reachable at
+//! their public addresses, the one behind NAT not. The worker behind NAT cannot be dialled
+//! (no relay or hole punching yet: issue 12), so its task count is reported, not asserted.
+//! Without root (or `ip`/`nft`) the test says why it was skipped; with
+//! `CORVID_REQUIRE_NETNS=1` (the test script sets it when it runs as root) that is a failure.
 #![allow(clippy::unwrap_used)]
 
 use crate::common;
@@ -41,17 +33,20 @@ fn a_requester_behind_nat_runs_jobs_on_the_swarm() {
     if !available("nat::a_requester_behind_nat_runs_jobs_on_the_swarm") {
         return;
     }
-    let (_net, [public, home1, home2]) = Net::build().unwrap();
+    let (_net, [public, home1, home2, public2]) = Net::build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (d0, d2) = (dir.path().join("public"), dir.path().join("home2"));
     let id0 = peer_id(&d0);
     let _public = node_in(&public, &d0, 4001, None);
-    let boot = |i: u8| format!("/ip4/10.77.{i}.1/tcp/4001/p2p/{id0}");
-    let _behind_nat = node_in(&home2, &d2, 4001, Some(&boot(2)));
+    let boot = format!("/ip4/10.77.3.2/tcp/4001/p2p/{id0}");
+    // A second public node, so that each public one has a public peer to ask whether it is
+    // reachable.
+    let _public2 = node_in(&public2, &dir.path().join("public2"), 4001, Some(&boot));
     let id2 = peer_id(&d2);
+    let _behind_nat = node_in(&home2, &d2, 4001, Some(&boot));
 
     // The requester, in home1: the SDK's client, joined through the public worker.
-    let boot1 = boot(1);
+    let boot1 = boot.clone();
     let (id0c, id2c) = (id0.clone(), id2.clone());
     let report = in_ns(&home1, move || {
         let started = Instant::now();
@@ -91,6 +86,30 @@ fn a_requester_behind_nat_runs_jobs_on_the_swarm() {
         )
     });
     println!("{report}");
+    // Each node's reachability verdict, from AutoNAT probes by its peers: the public worker
+    // is dialled back, the one behind NAT is not.
+    use common::netns::status_in;
+    use corvid_node::Reachability;
+    let verdict = |ns: &str, dir: &std::path::Path, want: fn(&Reachability) -> bool| {
+        common::wait_until("a reachability verdict", Duration::from_secs(30), || {
+            let r = status_in(ns, dir)?.reachability;
+            want(&r).then_some(r)
+        })
+    };
+    let public_verdict = verdict(&public, &d0, |r| {
+        matches!(r, Reachability::Reachable { .. })
+    });
+    let nat_verdict = verdict(&home2, &d2, |r| {
+        matches!(r, Reachability::Unreachable { .. })
+    });
+    println!("public worker: {public_verdict:?}; worker behind NAT: {nat_verdict:?}");
+    let Reachability::Reachable { addrs } = &public_verdict else {
+        unreachable!()
+    };
+    assert!(
+        addrs.iter().any(|a| a.starts_with("/ip4/10.77.")),
+        "{public_verdict:?}"
+    );
     assert!(
         !report.contains("public worker 0,"),
         "the public worker did no task: {report}"

@@ -1,11 +1,12 @@
-//! Linux network namespaces for tests of real network stacks: a "public" namespace (the
-//! internet) and two "homes", each behind its own NAT router (nftables masquerade), removed
-//! even when the test fails:
+//! Linux network namespaces for tests of real network stacks: an "internet" namespace that
+//! routes between two public hosts and two homes, each home behind its own NAT router
+//! (nftables masquerade); all removed even when the test fails:
 //!
 //! ```text
 //!  home1 192.168.71.2 ─ 192.168.71.1 router1 10.77.1.2 ─ 10.77.1.1 ┐
-//!                                                                  public
-//!  home2 192.168.72.2 ─ 192.168.72.1 router2 10.77.2.2 ─ 10.77.2.1 ┘
+//!  home2 192.168.72.2 ─ 192.168.72.1 router2 10.77.2.2 ─ 10.77.2.1 ┤ internet
+//!  host A 10.77.3.2 ─────────────────────────────────── 10.77.3.1 ┤
+//!  host B 10.77.4.2 ─────────────────────────────────── 10.77.4.1 ┘
 //! ```
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -106,8 +107,8 @@ impl Net {
         Ok(())
     }
 
-    /// The topology above. Returns (public, home1, home2).
-    pub fn build() -> Result<(Net, [String; 3]), String> {
+    /// The topology above. Returns (public host A, home1, home2, public host B).
+    pub fn build() -> Result<(Net, [String; 4]), String> {
         let mut net = Net {
             // Unique per topology: tests in one process build theirs at the same time (veth
             // names are made in the root namespace; 15 characters at most).
@@ -118,7 +119,7 @@ impl Net {
             },
             made: Vec::new(),
         };
-        let public = net.add("p")?;
+        let internet = net.add("p")?;
         let mut homes = Vec::new();
         for i in 1..=2 {
             let router = net.add(&format!("r{i}"))?;
@@ -126,7 +127,7 @@ impl Net {
             let (wan_pub, wan_router) = (format!("10.77.{i}.1"), format!("10.77.{i}.2"));
             let (lan_router, lan_home) = (format!("192.168.7{i}.1"), format!("192.168.7{i}.2"));
             net.link(
-                (&public, &wan_pub),
+                (&internet, &wan_pub),
                 (&router, &wan_router),
                 &format!("w{i}"),
             )?;
@@ -161,20 +162,33 @@ impl Net {
             )?;
             homes.push(home);
         }
-        // The public namespace routes between the two routers' public sides.
+        // Two public hosts with an address each (10.77.3.2, 10.77.4.2), behind the internet
+        // namespace, which routes between everyone's public addresses.
+        let mut hosts = Vec::new();
+        for (i, name) in [(3, "a"), (4, "b")] {
+            let host = net.add(name)?;
+            let (gateway, addr) = (format!("10.77.{i}.1"), format!("10.77.{i}.2"));
+            net.link((&internet, &gateway), (&host, &addr), &format!("w{i}"))?;
+            run(
+                "ip",
+                &["-n", &host, "route", "add", "default", "via", &gateway],
+            )?;
+            hosts.push(host);
+        }
         run(
             "ip",
             &[
                 "netns",
                 "exec",
-                &public,
+                &internet,
                 "sysctl",
                 "-qw",
                 "net.ipv4.ip_forward=1",
             ],
         )?;
         let [h1, h2] = <[String; 2]>::try_from(homes).unwrap();
-        Ok((net, [public, h1, h2]))
+        let [a, b] = <[String; 2]>::try_from(hosts).unwrap();
+        Ok((net, [a, h1, h2, b]))
     }
 }
 
@@ -211,7 +225,15 @@ pub fn node_in(ns: &str, dir: &Path, port: u16, boot: Option<&str>) -> Proc {
     std::fs::write(dir.join("config.toml"), "bench_budget = \"300ms\"\n").unwrap();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_corvid")])
-        .args(["--log", "warn", "node", "--backend", "cpu", "--slots", "1"])
+        .args([
+            "--log",
+            &std::env::var("CORVID_NETNS_LOG").unwrap_or("warn".into()),
+            "node",
+            "--backend",
+            "cpu",
+            "--slots",
+            "1",
+        ])
         .args(["--listen", &format!("/ip4/0.0.0.0/tcp/{port}")])
         .arg("--data-dir")
         .arg(dir)
