@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 /// Gossipsub topic of version-1 adverts.
 pub const ADVERT_TOPIC: &str = "corvid/adverts/v1";
 /// Version of the envelope and of the advert inside it.
-pub const ADVERT_VERSION: u16 = 2;
+pub const ADVERT_VERSION: u16 = 3;
 /// Largest encoded envelope accepted; checked before decoding.
 pub const MAX_ADVERT_BYTES: usize = 4096;
 /// Longest text field (adapter name, determinism class parts).
@@ -55,6 +55,22 @@ pub struct Advert {
     pub contributes: bool,
     /// What one task may use on this node: requesters cut and place work to fit it.
     pub task_budget: Budget,
+    /// Where peers can dial this node (multiaddrs without its `/p2p/` id): addresses peers
+    /// dialled back (AutoNAT), given with `--external-addr`, and relay circuits
+    /// (`…/p2p/RELAY/p2p-circuit`) while it cannot be dialled. At most [`MAX_ADDRS`].
+    pub addrs: Vec<String>,
+}
+
+/// Addresses one advert lists at most, and the longest one.
+pub const MAX_ADDRS: usize = 8;
+const MAX_ADDR_LEN: usize = 256;
+
+impl Advert {
+    /// The advertised addresses that parse (all of them, in an advert that passed
+    /// [`verify`]).
+    pub fn multiaddrs(&self) -> Vec<libp2p::Multiaddr> {
+        self.addrs.iter().filter_map(|a| a.parse().ok()).collect()
+    }
 }
 
 /// The signed wire envelope. `signature` covers [`SIGNING_CONTEXT`] followed by `advert`.
@@ -228,6 +244,13 @@ fn sane(a: &Advert) -> bool {
         && text.iter().all(|t| t.len() <= MAX_TEXT)
         && a.task_budget.max_tensor_bytes <= a.task_budget.max_peak_bytes
         && a.task_budget.max_peak_bytes <= a.memory_bytes
+        && a.addrs.len() <= MAX_ADDRS && a.addrs.iter().all(|t| {
+        t.len() <= MAX_ADDR_LEN && t.parse::<libp2p::Multiaddr>().is_ok_and(|m| {
+            !m.iter().any(
+                |p| matches!(p, libp2p::multiaddr::Protocol::P2p(id) if id.to_bytes() == a.peer_id),
+            )
+        })
+    })
 }
 
 /// Unix time now, in milliseconds.
@@ -259,6 +282,7 @@ pub(crate) mod tests {
             slots_free: 2,
             contributes: true,
             task_budget: Budget::new(256 << 20, 256 << 20, 1 << 40),
+            addrs: Vec::new(),
         }
     }
 

@@ -126,11 +126,62 @@ pub struct NodeConfig {
     pub timing: Timing,
     /// Where tasks from peers run.
     pub executor: ExecutorMode,
+    /// Relaying for peers behind NAT, port mapping, addresses others dial.
+    pub nat: NatConfig,
     /// Misbehaviour for tests and demos of requesters' defences (the `fault-injection`
     /// feature); set only by the hidden `--cheat` flag, never from files or the environment.
     #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
     pub fault: Option<crate::worker::faults::Fault>,
+}
+
+/// How a node deals with NAT: as a relay for others, through a router's port mapping, and
+/// the addresses it tells others to dial.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatConfig {
+    /// Relay (circuit relay v2) for unreachable peers, within these limits, while peers can
+    /// dial this node (AutoNAT confirmed an address); `None` never relays.
+    pub relay: Option<RelayLimits>,
+    /// Ask the router for a port mapping (UPnP IGD).
+    pub upnp: bool,
+    /// Addresses others can dial this node at, known without probing (a forwarded port, a
+    /// public address): advertised from the start.
+    pub external: Vec<Multiaddr>,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        NatConfig {
+            relay: Some(RelayLimits::default()),
+            upnp: true,
+            external: Vec::new(),
+        }
+    }
+}
+
+/// What a node relaying for others gives them at most.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Peers holding a slot (a reservation) at once.
+    pub max_reservations: usize,
+    /// Relayed connections at once.
+    pub max_circuits: usize,
+    /// A relayed connection is closed after this long...
+    pub circuit_duration: Duration,
+    /// ... or after this many bytes each way. Enough for adverts, control traffic and small
+    /// tasks: bulk task traffic goes over direct (hole-punched) connections.
+    pub circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            max_reservations: 128,
+            max_circuits: 16,
+            circuit_duration: Duration::from_secs(120),
+            circuit_bytes: 16 << 20,
+        }
+    }
 }
 
 /// Where a worker runs tasks from peers.
@@ -170,6 +221,11 @@ impl NodeConfig {
                 max_task_time: Duration::from_secs(60),
             },
             executor: ExecutorMode::InProcess,
+            // No multicast from tests: nothing to map on loopback.
+            nat: NatConfig {
+                upnp: false,
+                ..NatConfig::default()
+            },
             #[cfg(feature = "fault-injection")]
             fault: None,
         }
@@ -280,6 +336,24 @@ impl NodeConfig {
                         reason: format!("cannot find this program's path: {e}"),
                     })?,
                 }
+            },
+            nat: NatConfig {
+                relay: (!args.no_relay && file.relay.unwrap_or(true)).then(|| {
+                    let d = RelayLimits::default();
+                    RelayLimits {
+                        max_reservations: file.relay_max_reservations.unwrap_or(d.max_reservations),
+                        max_circuits: file.relay_max_circuits.unwrap_or(d.max_circuits),
+                        circuit_duration: file.relay_circuit_duration.unwrap_or(d.circuit_duration),
+                        circuit_bytes: file
+                            .relay_circuit_bytes
+                            .map_or(d.circuit_bytes, |b| b.as_u64()),
+                    }
+                }),
+                upnp: !args.no_upnp && file.upnp.unwrap_or(true),
+                external: parse_addrs(
+                    "external_addr",
+                    pick(&args.external_addr, &file.external_addr),
+                )?,
             },
             #[cfg(feature = "fault-injection")]
             fault: args.cheat.map(Into::into),
@@ -407,6 +481,22 @@ pub struct NodeArgs {
     /// Forget peers not heard from for this long, e.g. "90s"
     #[arg(long, env = "CORVID_PEER_EXPIRY", value_name = "DURATION")]
     pub peer_expiry: Option<humantime::Duration>,
+    /// Never relay for peers behind NAT (by default a node that peers can dial relays, within
+    /// the relay_* limits of the config file)
+    #[arg(long, env = "CORVID_NO_RELAY")]
+    pub no_relay: bool,
+    /// Do not ask the router for a port mapping (UPnP)
+    #[arg(long, env = "CORVID_NO_UPNP")]
+    pub no_upnp: bool,
+    /// An address others can dial this node at (a forwarded port, a public address),
+    /// repeatable: advertised without waiting for peers to confirm it
+    #[arg(
+        long,
+        env = "CORVID_EXTERNAL_ADDR",
+        value_name = "MULTIADDR",
+        value_delimiter = ','
+    )]
+    pub external_addr: Vec<String>,
     /// Run peers' tasks inside the node process instead of a confined executor process
     /// (debugging only: a bug a task triggers then costs the node)
     #[arg(long, env = "CORVID_NO_SANDBOX")]
@@ -433,6 +523,14 @@ struct FileConfig {
     slots: Option<u32>,
     control: Option<SocketAddr>,
     max_connections: Option<u32>,
+    relay: Option<bool>,
+    relay_max_reservations: Option<usize>,
+    relay_max_circuits: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    relay_circuit_duration: Option<Duration>,
+    relay_circuit_bytes: Option<ByteSize>,
+    upnp: Option<bool>,
+    external_addr: Option<Vec<String>>,
     #[serde(default, with = "humantime_serde")]
     advert_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]

@@ -43,11 +43,14 @@ mod worker;
 
 pub use advert::{ADVERT_TOPIC, Advert, Rejection, SignedAdvert};
 pub use bench::BenchReport;
-pub use config::{NodeArgs, NodeConfig};
+pub use config::{NatConfig, NodeArgs, NodeConfig, RelayLimits};
 /// Peer addresses, as `corvid node` prints them (`/ip4/…/tcp/…/p2p/<peer id>`).
 pub use libp2p::Multiaddr;
 pub use limits::Limits;
-pub use node::{BootstrapStatus, Node, NodeClient, NodeError, NodeHandle, Reachability, Status};
+pub use node::{
+    BootstrapStatus, HolePunches, Node, NodeClient, NodeError, NodeHandle, PeerPath, Reachability,
+    Status,
+};
 pub use peers::PeerInfo;
 pub use requester::{Client, ClientBuilder, ClientError, JobSummary, SwarmExecutor};
 #[cfg(feature = "fault-injection")]

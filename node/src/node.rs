@@ -28,7 +28,9 @@ use crate::peers::PeerInfo;
 // `crate::node::…` keep working.
 pub use crate::error::NodeError;
 pub use crate::node_client::NodeClient;
-pub use crate::status::{BootstrapStatus, ExecutorStatus, Reachability, Status, bootstrap_line};
+pub use crate::status::{
+    BootstrapStatus, ExecutorStatus, HolePunches, PeerPath, Reachability, Status, bootstrap_line,
+};
 
 /// Commands queued for the event loop at most.
 const COMMAND_QUEUE: usize = 64;
@@ -83,6 +85,7 @@ impl Node {
                 slots_free: if config.contribute { config.slots } else { 0 },
                 contributes: config.contribute,
                 task_budget: limits.task.clone(),
+                addrs: config.nat.external.iter().take(crate::advert::MAX_ADDRS).map(ToString::to_string).collect(),
             };
             #[cfg(feature = "fault-injection")]
             let advert = Advert {
@@ -103,6 +106,10 @@ impl Node {
             let answers = codec.answers();
             let mut swarm = build_swarm(&key, &config, codec)?;
             let listen_addrs = listen(&mut swarm, &config.listen).await?;
+            // Addresses the operator vouches for (a forwarded port): no probe needed.
+            for addr in &config.nat.external {
+                swarm.add_external_address(addr.clone());
+            }
 
             let cancel = shutdown.child_token();
             let mut worker_task = None;

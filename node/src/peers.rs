@@ -28,6 +28,9 @@ pub struct PeerInfo {
     pub seq: u64,
     /// Milliseconds since the last valid advert arrived.
     pub last_seen_ms: u64,
+    /// How this node is connected to the peer, if it is.
+    #[serde(default)]
+    pub path: Option<crate::status::PeerPath>,
 }
 
 impl PeerInfo {
@@ -47,6 +50,7 @@ impl PeerInfo {
             task_budget: Some(a.task_budget.clone()),
             seq: a.seq,
             last_seen_ms: last_seen.as_millis() as u64,
+            path: None,
         }
     }
 }

@@ -35,6 +35,14 @@ pub struct Status {
     /// Whether peers outside this node's network can dial it (AutoNAT v2).
     #[serde(default)]
     pub reachability: Reachability,
+    /// Where peers reach this node through a relay (`…/p2p/RELAY/p2p-circuit`), while they
+    /// cannot dial it.
+    #[serde(default)]
+    pub relay_addrs: Vec<String>,
+    /// Hole punches (DCUtR) that turned a relayed connection into a direct one, and that
+    /// failed.
+    #[serde(default)]
+    pub hole_punches: HolePunches,
     /// Gossip scores (gossipsub v1.1) of the connected peers with the lowest ones, lowest
     /// first: below [`crate::net::GRAYLIST_SCORE`] a peer's messages are dropped unread.
     #[serde(default)]
@@ -60,6 +68,35 @@ pub enum Reachability {
     /// A peer could not dial back the address it saw this node at (behind NAT or a
     /// firewall): others cannot connect to it, it connects out.
     Unreachable { tested: String, error: String },
+}
+
+/// How this node reaches a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerPath {
+    /// A connection one side dialled.
+    Direct,
+    /// A direct connection made by hole punching through both NATs.
+    HolePunched,
+    /// Through a relay, within its limits.
+    Relayed,
+}
+
+impl std::fmt::Display for PeerPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PeerPath::Direct => "direct",
+            PeerPath::HolePunched => "hole-punched",
+            PeerPath::Relayed => "relayed",
+        })
+    }
+}
+
+/// Hole punching so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolePunches {
+    pub succeeded: u64,
+    pub failed: u64,
 }
 
 /// The executor process as the status shows it.

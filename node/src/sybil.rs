@@ -103,6 +103,7 @@ pub fn fast_advert(key: &Keypair, seq: u64) -> Vec<u8> {
         slots_free: 1024,
         contributes: true,
         task_budget: corvid_kernels::Budget::new(1 << 40, 1 << 40, 1 << 50),
+        addrs: Vec::new(),
     }
     .sign(key)
     .unwrap_or_default()

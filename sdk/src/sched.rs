@@ -163,6 +163,9 @@ pub struct PeerInfo {
     pub failed: usize,
     /// What one task may use there (advertised); `None`: unknown, anything is sent.
     pub budget: Option<Budget>,
+    /// Seconds before a task sent there starts moving (a peer reached through a relay waits
+    /// for hole punching): added to its tasks' estimates and deadlines.
+    pub setup: f64,
 }
 
 impl PeerInfo {
@@ -452,6 +455,7 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             done: 0,
             failed: 0,
             budget: None,
+            setup: 0.0,
         });
         if !e.measured {
             e.flops = flops;
@@ -471,6 +475,13 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
     }
 
     /// Sets what one task may use on peer `p`: subgraphs over it are never sent there.
+    /// Seconds each task sent to `p` waits before it starts moving (see [`PeerInfo::setup`]).
+    pub fn setup(&mut self, p: &P, seconds: f64) {
+        if let Some(info) = self.peers.get_mut(p) {
+            info.setup = seconds.max(0.0);
+        }
+    }
+
     pub fn budget(&mut self, p: &P, budget: Budget) {
         if let Some(info) = self.peers.get_mut(p) {
             info.budget = Some(budget);
@@ -814,7 +825,11 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             Place::Peer(p) => self.peers[p].in_flight >= self.peers[p].slots,
             Place::Local => false,
         };
-        let deadline = now + self.cfg.deadline_slack * estimate + self.cfg.deadline_grace;
+        let setup = match &place {
+            Place::Peer(p) => self.peers[p].setup,
+            Place::Local => 0.0,
+        };
+        let deadline = now + setup + self.cfg.deadline_slack * estimate + self.cfg.deadline_grace;
         let held = match &place {
             Place::Peer(p) => self.inputs[sg]
                 .iter()

@@ -16,12 +16,13 @@ use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use super::dial::{self, DialFailure};
+use super::nat::{HOLE_PUNCH_WAIT, Nat, dial_addrs, is_relayed};
 use super::task::Envelope;
 use super::{Behaviour, BehaviourEvent, advert_topic};
 use crate::advert::{self, Advert};
 use crate::config::Timing;
 use crate::peers::{Accepted, PeerInfo, PeerTable};
-use crate::status::{BootstrapStatus, Reachability, Status, bootstrap_line};
+use crate::status::{BootstrapStatus, HolePunches, Reachability, Status, bootstrap_line};
 use crate::worker::{Finished, Work};
 use corvid_sdk::wire::{Request, TaskError, TaskRequest, TaskResponse};
 use libp2p::request_response::{self, OutboundRequestId};
@@ -36,9 +37,6 @@ const MAX_PEERS: usize = 10_000;
 /// An author not reached within the dial timeout is given up on.
 const MAX_UNCONFIRMED: usize = 256;
 const MAX_UNCONFIRMED_PER_RELAY: usize = 8;
-/// The protocol AutoNAT v2 servers answer on.
-const AUTONAT_DIAL_REQUEST: libp2p::StreamProtocol =
-    libp2p::StreamProtocol::new("/libp2p/autonat/2/dial-request");
 /// Most peers listed with their gossip score in the status (the lowest scores).
 const MAX_SCORES_SHOWN: usize = 32;
 /// Publishing waits this long after a peer subscribes, so several arrivals share one advert.
@@ -117,6 +115,17 @@ pub(crate) struct Extras {
 }
 
 /// The swarm's owner.
+/// Where the answer to a task this node sent goes.
+type Reply = oneshot::Sender<Result<TaskResponse, String>>;
+
+/// A task this node sent, until its answer arrives.
+struct Sent {
+    request: Box<TaskRequest>,
+    reply: Reply,
+    /// Sent a second time already (the first connection closed).
+    resent: bool,
+}
+
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
@@ -134,18 +143,17 @@ pub(crate) struct EventLoop {
     summary_logged: bool,
     /// Where received tasks, and cancels of them, go; `None` on a requester-only node.
     work: Option<WorkQueues>,
-    /// Replies owed for tasks this node sent, with their wire task ids.
-    pending: HashMap<OutboundRequestId, (u64, oneshot::Sender<Result<TaskResponse, String>>)>,
+    /// Replies owed for tasks this node sent.
+    pending: HashMap<OutboundRequestId, Sent>,
     /// Tasks each requester has with the worker (queued or running): at most three quarters
     /// of the worker's queue, so one requester cannot keep everyone else's tasks out.
     queued: HashMap<PeerId, usize>,
     tasks_answered: u64,
-    /// What AutoNAT probes by peers found.
-    reachability: Reachability,
-    /// Peers we have a connection to that we dialled; peers dialled to be asked about our
-    /// reachability (once each).
-    dialled_out: std::collections::HashSet<PeerId>,
-    autonat_dials: std::collections::HashSet<PeerId>,
+    /// Reachability, relay slots, the path of each connection.
+    nat: Nat,
+    /// Tasks for peers reached only through a relay, waiting (a few seconds at most) for hole
+    /// punching to give a direct connection.
+    waiting: Vec<(PeerId, Box<TaskRequest>, Reply)>,
     extras: Extras,
 }
 
@@ -177,6 +185,7 @@ impl EventLoop {
                 })
             })
             .collect();
+        let contributes = work.is_some();
         EventLoop {
             swarm,
             commands,
@@ -196,9 +205,8 @@ impl EventLoop {
             pending: HashMap::new(),
             queued: HashMap::new(),
             tasks_answered: 0,
-            reachability: Reachability::Checking,
-            dialled_out: Default::default(),
-            autonat_dials: Default::default(),
+            nat: Nat::new(contributes),
+            waiting: Vec::new(),
             extras,
         }
     }
@@ -215,6 +223,11 @@ impl EventLoop {
         }
         let mut expire =
             tokio::time::interval((self.timing.peer_expiry / 4).max(Duration::from_millis(100)));
+        // Addresses given with --external-addr: reachable from the start.
+        for addr in self.swarm.external_addresses().cloned().collect::<Vec<_>>() {
+            self.nat.confirmed(&mut self.swarm, &addr);
+        }
+        let mut punch_tick = tokio::time::interval(HOLE_PUNCH_WAIT / 10);
         let mut retry = tokio::time::interval(self.timing.bootstrap_retry);
         retry.tick().await; // the first tick is immediate; the dials above were the first try
         let summary = tokio::time::sleep(SUMMARY_AFTER);
@@ -232,6 +245,7 @@ impl EventLoop {
                 _ = &mut self.next_publish => self.publish(),
                 _ = expire.tick() => self.expire(),
                 _ = retry.tick() => self.retry_bootstrap(),
+                _ = punch_tick.tick(), if !self.waiting.is_empty() => self.send_waiting(),
                 _ = &mut summary, if !self.summary_logged => self.log_summary(),
             }
         }
@@ -241,7 +255,11 @@ impl EventLoop {
     fn handle_command(&mut self, cmd: Command) {
         match cmd {
             Command::Peers { reply } => {
-                let _ = reply.send(self.table.list(Instant::now()));
+                let mut peers = self.table.list(Instant::now());
+                for p in &mut peers {
+                    p.path = p.peer_id.parse().ok().and_then(|id| self.nat.path(&id));
+                }
+                let _ = reply.send(peers);
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -280,14 +298,13 @@ impl EventLoop {
                         .map(corvid_kernels::TensorMeta::bytes)
                         .sum()
                 });
-                let task = request.task;
-                self.extras.answers.expect(task, outputs);
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .task
-                    .send_request(&peer, Request::Run(*request).into());
-                self.pending.insert(id, (task, reply));
+                self.extras.answers.expect(request.task, outputs);
+                if self.nat.direct_soon(&peer) {
+                    tracing::debug!(%peer, task = request.task, "task waits for a direct connection");
+                    self.waiting.push((peer, request, reply));
+                } else {
+                    self.send(peer, request, reply, false);
+                }
             }
             Command::CancelTask { peer, task } => {
                 // The acknowledgement arrives as a response nobody waits for.
@@ -296,6 +313,36 @@ impl EventLoop {
                     .task
                     .send_request(&peer, Request::Cancel { task }.into());
             }
+        }
+    }
+
+    /// Sends a task to `peer`, keeping it (its tensors are shared, not copied) to send once more
+    /// if the connection it went on closes.
+    fn send(&mut self, peer: PeerId, request: Box<TaskRequest>, reply: Reply, resent: bool) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .task
+            .send_request(&peer, Request::Run((*request).clone()).into());
+        self.pending.insert(
+            id,
+            Sent {
+                request,
+                reply,
+                resent,
+            },
+        );
+    }
+
+    /// Sends the waiting tasks whose peer has a direct connection now, or will not have one
+    /// soon.
+    fn send_waiting(&mut self) {
+        let (ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(peer, _, _)| !self.nat.direct_soon(peer));
+        self.waiting = still;
+        for (peer, request, reply) in ready {
+            self.send(peer, request, reply, false);
         }
     }
 
@@ -390,9 +437,9 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
-                    if let Some((task, reply)) = self.pending.remove(&request_id) {
-                        self.extras.answers.forget(task);
-                        let _ = reply.send(Ok(response));
+                    if let Some(sent) = self.pending.remove(&request_id) {
+                        self.extras.answers.forget(sent.request.task);
+                        let _ = sent.reply.send(Ok(response));
                     }
                 }
             },
@@ -402,11 +449,22 @@ impl EventLoop {
                 error,
                 ..
             } => {
-                if let Some((task, reply)) = self.pending.remove(&request_id) {
-                    self.extras.answers.forget(task);
-                    tracing::debug!(%peer, %error, "task request failed");
-                    let _ = reply.send(Err(error.to_string()));
+                let Some(sent) = self.pending.remove(&request_id) else {
+                    return;
+                };
+                // A connection that closed under the request (a relayed one replaced by a
+                // direct one, a short-lived one, an idle one closing) says nothing about the
+                // peer: send it once more, on a connection that is up or a new dial.
+                if matches!(error, request_response::OutboundFailure::ConnectionClosed)
+                    && !sent.resent
+                {
+                    tracing::debug!(%peer, task = sent.request.task, "connection closed under a task: sending it again");
+                    self.send(peer, sent.request, sent.reply, true);
+                    return;
                 }
+                self.extras.answers.forget(sent.request.task);
+                tracing::debug!(%peer, %error, "task request failed");
+                let _ = sent.reply.send(Err(error.to_string()));
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "inbound task failed");
@@ -424,21 +482,10 @@ impl EventLoop {
                 info,
                 ..
             })) => {
-                // AutoNAT v2 servers answer only on connections the asking peer dialled: while
-                // our verdict is pending, dial (once) each peer that serves it and that only
-                // dialled us, so that a node others dial also gets asked about.
-                if self.reachability == Reachability::Checking
-                    && info.protocols.contains(&AUTONAT_DIAL_REQUEST)
-                    && !self.dialled_out.contains(&peer_id)
-                    && self.autonat_dials.insert(peer_id)
-                {
-                    let _ = self.swarm.dial(
-                        DialOpts::peer_id(peer_id)
-                            .addresses(info.listen_addrs.clone())
-                            .condition(PeerCondition::Always)
-                            .build(),
-                    );
-                }
+                self.nat.identified(&mut self.swarm, peer_id, &info);
+                self.nat
+                    .observed(&mut self.swarm, &info.observed_addr, &self.listen_addrs);
+                self.advertise_addrs();
                 if info.protocols.contains(&super::KAD_PROTOCOL) {
                     for addr in info.listen_addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -449,22 +496,43 @@ impl EventLoop {
                 result: kad::QueryResult::Bootstrap(Err(e)),
                 ..
             })) => tracing::debug!(error = %e, "kademlia bootstrap"),
-            SwarmEvent::ExternalAddrConfirmed { address } => self.reachable(address),
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                self.nat.confirmed(&mut self.swarm, &address);
+                self.advertise_addrs();
+            }
             SwarmEvent::ExternalAddrExpired { address } => {
-                if let Reachability::Reachable { addrs } = &mut self.reachability {
-                    addrs.retain(|a| *a != address.to_string());
-                    if addrs.is_empty() {
-                        self.reachability = Reachability::Checking;
-                    }
+                self.nat.expired(&mut self.swarm, &address);
+                self.advertise_addrs();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => {
+                self.nat.probed(&mut self.swarm, e)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => {
+                self.nat.hole_punch(&mut self.swarm, e);
+                self.send_waiting();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.nat.relay_client_event(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => {
+                tracing::debug!(event = ?e, "relay")
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Upnp(e)) => upnp_event(e),
+            // A relay slot: where peers reach us now.
+            #[allow(clippy::collapsible_match)]
+            SwarmEvent::NewListenAddr { address, .. } if is_relayed(&address) => {
+                if self.nat.listening(&address) {
+                    self.advertise_addrs();
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => self.probed(e),
             SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
                 tracing::info!(%address, "listening");
                 self.listen_addrs.push(address);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ListenerClosed { listener_id, .. } => {
+                self.nat.listener_closed(&mut self.swarm, listener_id);
+                self.advertise_addrs();
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -473,8 +541,9 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
-                if endpoint.is_dialer() {
-                    self.dialled_out.insert(peer_id);
+                self.nat.established(peer_id, connection_id, &endpoint);
+                if !endpoint.is_relayed() {
+                    self.send_waiting();
                 }
                 let mut was_bootstrap = false;
                 for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
@@ -497,11 +566,15 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                self.dialled_out.remove(&peer_id);
-                self.autonat_dials.remove(&peer_id);
+                self.nat.closed(peer_id, connection_id, num_established);
+                if num_established > 0 {
+                    return;
+                }
+                self.send_waiting();
                 for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
                     b.connected = false;
                 }
@@ -510,7 +583,14 @@ impl EventLoop {
                 connection_id,
                 peer_id,
                 error,
-            } => self.dial_failed(connection_id, peer_id, &error),
+            } => {
+                tracing::debug!(peer = ?peer_id, %error, "dial failed");
+                if let Some(peer) = peer_id {
+                    self.nat.dial_failed(peer);
+                    self.send_waiting();
+                }
+                self.dial_failed(connection_id, peer_id, &error)
+            }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
                 error,
@@ -583,7 +663,20 @@ impl EventLoop {
             if advert.seq <= u.advert.seq {
                 return MessageAcceptance::Ignore;
             }
+            // New addresses (a relay slot it just got): try them.
+            let fresh: Vec<Multiaddr> = dial_addrs(advert.multiaddrs())
+                .into_iter()
+                .filter(|a| !u.advert.addrs.contains(&a.to_string()))
+                .collect();
             u.advert = advert;
+            if !fresh.is_empty() {
+                let _ = self.swarm.dial(
+                    DialOpts::peer_id(peer)
+                        .addresses(fresh)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build(),
+                );
+            }
             return MessageAcceptance::Accept;
         }
         let relayed = self.unconfirmed.values().filter(|u| u.via == via).count();
@@ -596,6 +689,7 @@ impl EventLoop {
             return MessageAcceptance::Ignore;
         }
         tracing::debug!(%peer, %via, "advert of a peer never connected to; reaching it");
+        let addrs = dial_addrs(advert.multiaddrs());
         self.unconfirmed.insert(
             peer,
             Unconfirmed {
@@ -604,10 +698,13 @@ impl EventLoop {
                 since: Instant::now(),
             },
         );
-        // Addresses Kademlia already knows, and a lookup for the rest: the lookup reaches the
-        // peer itself if the DHT knows where it is.
+        // The addresses it advertises (direct, or through a relay), those Kademlia already
+        // knows, and a lookup for the rest: the lookup reaches the peer itself if the DHT
+        // knows where it is.
         let _ = self.swarm.dial(
             DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .extend_addresses_through_behaviour()
                 .condition(PeerCondition::DisconnectedAndNotDialing)
                 .build(),
         );
@@ -616,6 +713,10 @@ impl EventLoop {
     }
 
     fn accept(&mut self, peer: PeerId, advert: Advert) -> MessageAcceptance {
+        // Where to dial it when a task needs a connection (request-response keeps these).
+        for addr in dial_addrs(advert.multiaddrs()) {
+            self.swarm.add_peer_address(peer, addr);
+        }
         let (gflops, gbps, slots) = (
             advert.matmul_gflops,
             advert.elementwise_gbps,
@@ -761,7 +862,7 @@ impl EventLoop {
 
     fn log_summary(&mut self) {
         self.summary_logged = true;
-        if self.reachability == Reachability::Checking {
+        if *self.nat.reachability() == Reachability::Checking {
             tracing::info!(
                 "reachability: still checking (no peer has tried to dial this node back yet)"
             );
@@ -784,57 +885,26 @@ impl EventLoop {
         }
     }
 
-    /// A peer dialled us back at `address`: others can reach us there.
-    fn reachable(&mut self, address: Multiaddr) {
-        let address = address.to_string();
-        match &mut self.reachability {
-            Reachability::Reachable { addrs } => {
-                if !addrs.contains(&address) {
-                    addrs.push(address.clone());
-                }
-            }
-            other => {
-                tracing::info!(%address, "reachable: peers can dial this node at {address}");
-                *other = Reachability::Reachable {
-                    addrs: vec![address.clone()],
-                };
-                // Others can reach us: answer DHT queries.
-                self.swarm
-                    .behaviour_mut()
-                    .kad
-                    .set_mode(Some(kad::Mode::Server));
-            }
-        }
-    }
-
-    /// An AutoNAT probe: a peer tried to dial us back at an address it saw us at.
-    fn probed(&mut self, e: libp2p::autonat::v2::client::Event) {
-        let Err(error) = e.result else {
-            return; // a success also confirms the address (`ExternalAddrConfirmed`)
-        };
-        tracing::debug!(tested = %e.tested_addr, server = %e.server, %error, "reachability probe failed");
-        if matches!(self.reachability, Reachability::Reachable { .. }) {
-            return;
-        }
-        let first = self.reachability == Reachability::Checking;
-        let port = e.tested_addr.iter().find_map(|p| match p {
-            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
-            _ => None,
-        });
-        self.reachability = Reachability::Unreachable {
-            tested: e.tested_addr.to_string(),
-            error: error.to_string(),
-        };
-        if first {
-            // Nobody can dial us to ask: stop answering DHT queries (peers would add an
-            // address they cannot reach to their routing tables).
-            self.swarm
-                .behaviour_mut()
-                .kad
-                .set_mode(Some(kad::Mode::Client));
-            tracing::warn!(tested = %e.tested_addr, "not reachable from outside: {} could not dial this node back at {} (behind NAT or a firewall); this node connects out, but peers behind other NATs cannot reach it{}",
-                e.server, e.tested_addr,
-                port.map(|p| format!(". To accept connections, forward TCP port {p} to this machine")).unwrap_or_default());
+    /// Puts the addresses peers can dial us at (confirmed external ones, relay circuits) in
+    /// the advert, and publishes it at once if they changed.
+    fn advertise_addrs(&mut self) {
+        let mut addrs: Vec<String> = self
+            .swarm
+            .external_addresses()
+            .filter(|a| !is_relayed(a))
+            .chain(
+                self.nat
+                    .circuits()
+                    .iter()
+                    .filter(|_| self.nat.needs_relay()),
+            )
+            .map(ToString::to_string)
+            .collect();
+        addrs.dedup();
+        addrs.truncate(advert::MAX_ADDRS);
+        if addrs != self.advert.addrs {
+            self.advert.addrs = addrs;
+            self.schedule_publish(Duration::ZERO);
         }
     }
 
@@ -851,13 +921,29 @@ impl EventLoop {
         scores
     }
 
+    /// Where others can dial this node, best first: addresses peers dialled back, relay
+    /// circuits while peers cannot dial it, then what it listens on.
+    fn dialable_addrs(&self) -> Vec<Multiaddr> {
+        let mut addrs: Vec<Multiaddr> = self
+            .swarm
+            .external_addresses()
+            .filter(|a| !is_relayed(a))
+            .cloned()
+            .collect();
+        if self.nat.needs_relay() {
+            addrs.extend(self.nat.circuits().iter().cloned());
+        }
+        addrs.extend(self.listen_addrs.iter().cloned());
+        addrs
+    }
+
     fn status(&self) -> Status {
         let me = *self.swarm.local_peer_id();
         let own = PeerInfo::from_advert(&me, &self.advert, Duration::ZERO);
         Status {
             peer_id: me.to_string(),
             listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
-            bootstrap_line: bootstrap_line(&self.listen_addrs, &me, self.psk_path.as_deref()),
+            bootstrap_line: bootstrap_line(&self.dialable_addrs(), &me, self.psk_path.as_deref()),
             connected_peers: self.swarm.connected_peers().count(),
             known_peers: self.table.len(),
             advert: own,
@@ -876,7 +962,17 @@ impl EventLoop {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             tasks_answered: self.tasks_answered,
             gossip_scores: self.low_scores(),
-            reachability: self.reachability.clone(),
+            reachability: self.nat.reachability().clone(),
+            relay_addrs: self
+                .nat
+                .circuits()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            hole_punches: {
+                let (succeeded, failed) = self.nat.punches();
+                HolePunches { succeeded, failed }
+            },
             limits: self.extras.limits.clone(),
             #[cfg(target_os = "linux")]
             executor: self.extras.executor.as_ref().and_then(|p| p.status()),
@@ -891,5 +987,25 @@ async fn next_finished(work: &mut Option<WorkQueues>) -> Option<Finished> {
     match work {
         Some(w) => w.finished.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// What the router said to a port-mapping request.
+fn upnp_event(e: libp2p::upnp::Event) {
+    use libp2p::upnp::Event;
+    match e {
+        Event::NewExternalAddr { external_addr, .. } => tracing::info!(
+            addr = %external_addr,
+            "the router forwards a port to this node (UPnP): {external_addr}"
+        ),
+        Event::ExpiredExternalAddr { external_addr, .. } => {
+            tracing::info!(addr = %external_addr, "port mapping expired")
+        }
+        Event::GatewayNotFound => {
+            tracing::debug!("no UPnP gateway on this network (or it does not answer)")
+        }
+        Event::NonRoutableGateway => {
+            tracing::info!("the UPnP gateway is itself behind NAT: a port mapping would not help")
+        }
     }
 }

@@ -9,6 +9,7 @@
 pub mod dial;
 pub(crate) mod event_loop;
 pub mod ip_limits;
+pub(crate) mod nat;
 pub mod psk;
 pub mod task;
 
@@ -22,9 +23,10 @@ use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, Swarm, autonat, connection_limits, identify, memory_connection_limits, noise,
-    ping, tcp, yamux,
+    StreamProtocol, Swarm, autonat, connection_limits, dcutr, identify, memory_connection_limits,
+    noise, ping, relay, tcp, upnp, yamux,
 };
 
 use crate::advert::{ADVERT_TOPIC, MAX_ADVERT_BYTES};
@@ -42,6 +44,10 @@ const _: () = assert!(MAX_ADVERT_BYTES < MAX_GOSSIP_BYTES);
 /// Established connections per peer: one dialled each way, and AutoNAT v2's dial-backs
 /// (a new connection to test an address while the others stay up).
 const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+/// Longest a connection may take to set up (TCP, handshakes), whatever the dial timeout.
+const MAX_DIAL_TIME: Duration = Duration::from_secs(8);
+/// How often untested addresses of this node are given to a peer to dial back.
+const AUTONAT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Connections being set up at once, each way.
 const MAX_PENDING: u32 = 64;
 /// Inbound connections from one IP address being set up, and open (see [`ip_limits`]): one
@@ -85,8 +91,15 @@ pub(crate) struct Behaviour {
     pub kad: kad::Behaviour<MemoryStore>,
     pub gossipsub: Gossip,
     /// Whether peers can dial us (we ask them), and dialling back for them.
-    pub autonat: autonat::v2::client::Behaviour,
+    pub autonat: autonat::v2::client::Behaviour<rand_autonat::rngs::StdRng>,
     pub autonat_server: autonat::v2::server::Behaviour,
+    /// Relaying for peers behind NAT (while peers can dial us), and reserving a slot on
+    /// another node's relay (while they cannot).
+    pub relay: Toggle<relay::Behaviour>,
+    pub relay_client: relay::client::Behaviour,
+    /// Turns relayed connections into direct ones (hole punching).
+    pub dcutr: dcutr::Behaviour,
+    pub upnp: Toggle<upnp::tokio::Behaviour>,
     pub task: request_response::Behaviour<task::TaskCodec>,
 }
 
@@ -172,7 +185,10 @@ pub(crate) fn build_swarm(
     codec: task::TaskCodec,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let psk = config.psk.as_ref().map(|p| p.key);
-    let dial_timeout = config.timing.dial_timeout;
+    // AutoNAT v2 clients give up on a probe after 10 s and then hear nothing: a dial back to a
+    // node whose router drops it must fail before that, or that node never learns it cannot
+    // be dialled.
+    let dial_timeout = config.timing.dial_timeout.min(MAX_DIAL_TIME);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
         .with_tokio()
         .with_other_transport(|key| {
@@ -195,7 +211,10 @@ pub(crate) fn build_swarm(
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_dns()
         .map_err(|e| NetError::Transport(e.to_string()))?
-        .with_behaviour(|key| behaviour(key, config, codec))
+        // Connections through a relay: noise and yamux again, inside the relayed stream.
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_behaviour(|key, relay_client| behaviour(key, config, codec, relay_client))
         .map_err(|e| NetError::Behaviour(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
         .build();
@@ -206,6 +225,7 @@ fn behaviour(
     key: &Keypair,
     config: &NodeConfig,
     codec: task::TaskCodec,
+    relay_client: relay::client::Behaviour,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     let peer_id = key.public().to_peer_id();
     let limits = connection_limits::ConnectionLimits::default()
@@ -265,8 +285,36 @@ fn behaviour(
         ping: ping::Behaviour::default(),
         kad,
         gossipsub,
-        autonat: autonat::v2::client::Behaviour::default(),
+        // Each address is tested once, by one peer: a second between tests gives a verdict
+        // within the node's first seconds (the default waits 5 s before the first).
+        autonat: autonat::v2::client::Behaviour::new(
+            rand_autonat::make_rng(),
+            autonat::v2::client::Config::default().with_probe_interval(AUTONAT_PROBE_INTERVAL),
+        ),
         autonat_server: autonat::v2::server::Behaviour::default(),
+        relay: config
+            .nat
+            .relay
+            .as_ref()
+            .map(|l| {
+                let mut relay = relay::Behaviour::new(
+                    peer_id,
+                    relay::Config {
+                        max_reservations: l.max_reservations,
+                        max_circuits: l.max_circuits,
+                        max_circuit_duration: l.circuit_duration,
+                        max_circuit_bytes: l.circuit_bytes,
+                        ..relay::Config::default()
+                    },
+                );
+                // Off until peers dial this node back (the event loop turns it on).
+                relay.set_status(Some(relay::Status::Disable));
+                relay
+            })
+            .into(),
+        relay_client,
+        dcutr: dcutr::Behaviour::new(peer_id),
+        upnp: config.nat.upnp.then(upnp::tokio::Behaviour::default).into(),
         task: request_response::Behaviour::with_codec(
             codec,
             [(

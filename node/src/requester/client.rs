@@ -462,6 +462,12 @@ impl ClientBuilder {
             max_connections: 128,
             timing: self.timing.clone(),
             executor: ExecutorMode::InProcess,
+            // A requester only dials out: it relays for nobody and maps no port.
+            nat: crate::config::NatConfig {
+                relay: None,
+                upnp: false,
+                external: Vec::new(),
+            },
             #[cfg(feature = "fault-injection")]
             fault: None,
         };

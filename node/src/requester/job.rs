@@ -100,6 +100,10 @@ pub(super) async fn run_job(
                     if let Some(b) = &p.task_budget {
                         sched.budget(&id, b.clone());
                     }
+                    // Reached through a relay: its tasks may wait for hole punching.
+                    if p.path == Some(crate::status::PeerPath::Relayed) {
+                        sched.setup(&id, crate::net::nat::HOLE_PUNCH_WAIT.as_secs_f64());
+                    }
                     peer_class.insert(id, p.class.clone());
                 }
             }
@@ -189,7 +193,16 @@ pub(super) async fn run_job(
             })
             .collect()
     });
-    (outputs, job.summary())
+    let mut summary = job.summary();
+    // How the requester is connected to each peer that worked, now the job is over.
+    if let Ok(peers) = job.remote.node.peers().await {
+        for p in peers {
+            if let Some(s) = summary.places.get_mut(&Place::Peer(p.peer_id)) {
+                s.path = p.path;
+            }
+        }
+    }
+    (outputs, summary)
 }
 
 impl Job {
@@ -764,6 +777,7 @@ impl Job {
                     bytes_out: s.bytes_out,
                     busy: Duration::from_secs_f64(s.busy_secs),
                     failures: s.failures,
+                    path: None,
                 },
             );
         }

@@ -14,6 +14,9 @@ pub struct PlaceSummary {
     pub bytes_out: u64,
     pub busy: Duration,
     pub failures: usize,
+    /// How the requester was connected to the peer at the end of the job (direct,
+    /// hole-punched or relayed); `None` for the requester itself or a peer gone.
+    pub path: Option<crate::status::PeerPath>,
 }
 
 /// How the job's results were verified.
@@ -74,7 +77,7 @@ impl std::fmt::Display for JobSummary {
         )?;
         writeln!(
             f,
-            "{:<54} {:>6} {:>9} {:>9} {:>9} {:>7}",
+            "{:<54} {:>6} {:>9} {:>9} {:>9} {:>7}  path",
             "place", "tasks", "GFLOP", "MiB in", "MiB out", "failed"
         )?;
         for (place, s) in &self.places {
@@ -84,13 +87,14 @@ impl std::fmt::Display for JobSummary {
             };
             writeln!(
                 f,
-                "{:<54} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+                "{:<54} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>7}  {}",
                 place,
                 s.tasks,
                 s.flops as f64 / 1e9,
                 s.bytes_in as f64 / (1 << 20) as f64,
                 s.bytes_out as f64 / (1 << 20) as f64,
-                s.failures
+                s.failures,
+                s.path.map_or(String::new(), |p| p.to_string())
             )?;
         }
         if self.local_moves > 0 {

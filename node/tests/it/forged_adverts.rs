@@ -50,6 +50,7 @@ async fn bad_adverts_are_rejected_counted_and_harmless() {
         slots_free: 1,
         contributes: true,
         task_budget: corvid_kernels::Budget::new(1, 1, 1),
+        addrs: Vec::new(),
     };
     // Signed by a key that is not the gossip author's: claims to be someone else.
     let stranger = Keypair::generate_ed25519();

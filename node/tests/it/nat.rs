@@ -115,3 +115,179 @@ fn a_requester_behind_nat_runs_jobs_on_the_swarm() {
         "the public worker did no task: {report}"
     );
 }
+
+/// Tries of a fresh requester reaching the worker behind NAT, each counted as hole-punched
+/// or left on the relay.
+const PUNCH_TRIES: usize = 4;
+
+/// The MLP both NAT tests run, on `g`.
+fn small_mlp(g: &Graph, seed: u64) -> corvid_sdk::Tensor {
+    let x = g.random(&[64, 32], -1.0, 1.0, seed);
+    (x.matmul(&g.random(&[32, 16], -0.5, 0.5, seed + 1)).unwrap()
+        + &g.random(&[16], -0.1, 0.1, seed + 2))
+        .tanh()
+        .unwrap()
+}
+
+#[test]
+fn a_worker_behind_nat_serves_a_requester_behind_another_nat() {
+    use common::netns::{node_in_with, spawn_in_ns, status_in};
+    use corvid_node::{PeerPath, Reachability};
+    if !available("nat::a_worker_behind_nat_serves_a_requester_behind_another_nat") {
+        return;
+    }
+    common::init_logs();
+    let (_net, [public, home1, home2, public2]) = Net::build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (d0, d2) = (dir.path().join("relay"), dir.path().join("worker"));
+    let id0 = peer_id(&d0);
+    // Public host A: the bootstrap node, which relays once peers can dial it; host B only
+    // lets A learn that (AutoNAT servers answer peers that dialled them). Neither works.
+    let _relay = node_in_with(&public, &d0, 4001, None, &["--no-contribute"]);
+    let boot = format!("/ip4/10.77.3.2/tcp/4001/p2p/{id0}");
+    let _public2 = node_in_with(
+        &public2,
+        &dir.path().join("public2"),
+        4001,
+        Some(&boot),
+        &["--no-contribute"],
+    );
+    let started = Instant::now();
+    let relay_verdict = common::wait_until("the relay's verdict", Duration::from_secs(30), || {
+        let r = status_in(&public, &d0)?.reachability;
+        matches!(r, Reachability::Reachable { .. }).then_some(r)
+    });
+    println!(
+        "relay reachable after {:.1} s: {relay_verdict:?}",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The worker, in home2, and at the same time a requester in home1: the worker's first
+    // task is timed from its start.
+    let id2 = peer_id(&d2);
+    let started = Instant::now();
+    let _worker = node_in(&home2, &d2, 4001, Some(&boot));
+    let (boot1, id2c) = (boot.clone(), id2.clone());
+    let requester = spawn_in_ns(&home1, move || {
+        let client = Client::builder()
+            .bootstrap(&boot1)
+            .wait_for_workers(1, Duration::from_secs(40))
+            .connect()
+            .unwrap()
+            .with_settings(settings());
+        let exec =
+            Arc::new(LocalExecutor::new(Backend::Cpu(CpuBackend::new())).with_settings(settings()));
+        let want = small_mlp(&Graph::new("local").with_executor(exec), 1)
+            .eval_data()
+            .unwrap();
+        let got = small_mlp(&Graph::new("nat").with_executor(client.executor()), 1)
+            .eval_data()
+            .unwrap();
+        let s = client.last_summary().unwrap();
+        assert_eq!(got.words(), want.words(), "{s}");
+        let on_worker = s
+            .places
+            .get(&Place::Peer(id2c.clone()))
+            .map_or(0, |p| p.tasks);
+        assert!(on_worker > 0, "the worker behind NAT did no task: {s}");
+        format!("{s}")
+    });
+    let mut verdict_at = None;
+    let mut first_task_at = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while first_task_at.is_none() && Instant::now() < deadline && !requester.is_finished() {
+        if let Some(s) = status_in(&home2, &d2) {
+            if verdict_at.is_none() && !s.relay_addrs.is_empty() {
+                verdict_at = Some((started.elapsed(), s.reachability.clone(), s.relay_addrs));
+            }
+            if s.tasks_answered > 0 {
+                first_task_at = Some(started.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let summary = requester.join().unwrap();
+    if first_task_at.is_none() && status_in(&home2, &d2).is_some_and(|s| s.tasks_answered > 0) {
+        first_task_at = Some(started.elapsed()); // the job ended between two looks
+    }
+    println!("{summary}");
+    let worker = status_in(&home2, &d2).unwrap();
+    let (at, reachability, relay_addrs) = verdict_at.unwrap_or((
+        started.elapsed(),
+        worker.reachability.clone(),
+        worker.relay_addrs.clone(),
+    ));
+    println!(
+        "worker behind NAT: reachable through {relay_addrs:?} after {:.1} s; first task {:.1} s after start",
+        at.as_secs_f64(),
+        first_task_at.unwrap_or(started.elapsed()).as_secs_f64()
+    );
+    assert!(
+        relay_addrs
+            .iter()
+            .any(|a| a.contains(&id0) && a.ends_with("/p2p-circuit")),
+        "{relay_addrs:?}"
+    );
+    assert!(
+        first_task_at.is_some(),
+        "the worker behind NAT had answered no task when the job ended"
+    );
+    // The verdict: its router drops the dial-backs, so it comes when they time out.
+    let verdict = common::wait_until("the worker's verdict", Duration::from_secs(40), || {
+        let r = status_in(&home2, &d2)?.reachability;
+        matches!(r, Reachability::Unreachable { .. }).then_some(r)
+    });
+    println!(
+        "worker behind NAT (was {reachability:?}): {verdict:?} after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Fresh requesters (new identities) in home1, one after another: each reaches the worker
+    // through the relay, hole punching tries to make that direct, and a small job runs.
+    let mut paths = Vec::new();
+    for i in 0..PUNCH_TRIES {
+        let (boot1, id2c) = (boot.clone(), id2.clone());
+        let path = in_ns(&home1, move || {
+            let client = Client::builder()
+                .bootstrap(&boot1)
+                .wait_for_workers(1, Duration::from_secs(40))
+                .connect()
+                .unwrap()
+                .with_settings(settings());
+            small_mlp(
+                &Graph::new("try").with_executor(client.executor()),
+                10 + i as u64,
+            )
+            .eval_data()
+            .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let peers = rt.block_on(client.requester().peers()).unwrap();
+            peers
+                .into_iter()
+                .find(|p| p.peer_id == id2c)
+                .and_then(|p| p.path)
+        });
+        paths.push(path);
+    }
+    let worker = status_in(&home2, &d2).unwrap();
+    let punched = paths
+        .iter()
+        .filter(|p| **p == Some(PeerPath::HolePunched))
+        .count();
+    println!(
+        "hole punching: {punched} of {PUNCH_TRIES} fresh requesters reached the worker directly ({paths:?}); the worker counts {:?}",
+        worker.hole_punches
+    );
+    assert!(
+        paths.iter().all(Option::is_some),
+        "a requester was not connected to the worker after its job: {paths:?}"
+    );
+    assert!(
+        worker.hole_punches.succeeded > 0,
+        "no hole punch succeeded: {:?}, paths {paths:?}",
+        worker.hole_punches
+    );
+}

@@ -151,13 +151,19 @@ impl Net {
                     "net.ipv4.ip_forward=1",
                 ],
             )?;
-            // The router rewrites whatever leaves its public side to its own address.
+            // The router rewrites whatever leaves its public side to its own address, and
+            // drops what arrives there unasked (as home routers do: no reset is sent back).
             let wan = format!("w{i}b{}", net.tag);
             nft(
                 &router,
                 &format!(
                     "table ip nat {{\n chain postrouting {{\n  type nat hook postrouting \
-                     priority 100;\n  oifname \"{wan}\" masquerade\n }}\n}}\n"
+                     priority 100;\n  oifname \"{wan}\" masquerade\n }}\n}}\n\
+                     table ip filter {{\n chain input {{\n  type filter hook input priority 0;\n  \
+                     iifname \"{wan}\" ct state established,related accept\n  \
+                     iifname \"{wan}\" drop\n }}\n chain forward {{\n  type filter hook forward \
+                     priority 0;\n  iifname \"{wan}\" ct state established,related accept\n  \
+                     iifname \"{wan}\" drop\n }}\n}}\n"
                 ),
             )?;
             homes.push(home);
@@ -221,6 +227,11 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
 
 /// A `corvid node` process inside `ns`: CPU, one slot, listening on every address at `port`.
 pub fn node_in(ns: &str, dir: &Path, port: u16, boot: Option<&str>) -> Proc {
+    node_in_with(ns, dir, port, boot, &[])
+}
+
+/// [`node_in`] with more flags.
+pub fn node_in_with(ns: &str, dir: &Path, port: u16, boot: Option<&str>, extra: &[&str]) -> Proc {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.toml"), "bench_budget = \"300ms\"\n").unwrap();
     let mut cmd = Command::new("ip");
@@ -233,6 +244,8 @@ pub fn node_in(ns: &str, dir: &Path, port: u16, boot: Option<&str>) -> Proc {
             "cpu",
             "--slots",
             "1",
+            // No port-mapping requests (multicast) from tests: there is no gateway to ask.
+            "--no-upnp",
         ])
         .args(["--listen", &format!("/ip4/0.0.0.0/tcp/{port}")])
         .arg("--data-dir")
@@ -243,6 +256,7 @@ pub fn node_in(ns: &str, dir: &Path, port: u16, boot: Option<&str>) -> Proc {
     if let Some(b) = boot {
         cmd.args(["--bootstrap", b]);
     }
+    cmd.args(extra);
     Proc(cmd.spawn().unwrap())
 }
 
