@@ -244,13 +244,19 @@ fn sane(a: &Advert) -> bool {
         && text.iter().all(|t| t.len() <= MAX_TEXT)
         && a.task_budget.max_tensor_bytes <= a.task_budget.max_peak_bytes
         && a.task_budget.max_peak_bytes <= a.memory_bytes
-        && a.addrs.len() <= MAX_ADDRS && a.addrs.iter().all(|t| {
-        t.len() <= MAX_ADDR_LEN && t.parse::<libp2p::Multiaddr>().is_ok_and(|m| {
-            !m.iter().any(
-                |p| matches!(p, libp2p::multiaddr::Protocol::P2p(id) if id.to_bytes() == a.peer_id),
-            )
+        && a.addrs.len() <= MAX_ADDRS
+        && a.addrs.iter().all(|t| dialable_addr(t, &a.peer_id))
+}
+
+/// An address an advert may list: short, a multiaddr, and not naming its own peer id (the
+/// receiver appends that).
+fn dialable_addr(text: &str, own_id: &[u8]) -> bool {
+    use libp2p::multiaddr::Protocol;
+    text.len() <= MAX_ADDR_LEN
+        && text.parse::<libp2p::Multiaddr>().is_ok_and(|m| {
+            !m.iter()
+                .any(|p| matches!(p, Protocol::P2p(id) if id.to_bytes() == own_id))
         })
-    })
 }
 
 /// Unix time now, in milliseconds.
@@ -387,6 +393,18 @@ pub(crate) mod tests {
         // A task budget over the memory offered is a lie.
         let mut a = sample(&key, NOW);
         a.task_budget.max_peak_bytes = a.memory_bytes + 1;
+        assert_eq!(check(&a), Err(Rejection::Insane));
+        // Addresses: multiaddrs, a few, not naming the advertiser itself.
+        let relay = libp2p::PeerId::random();
+        let circuit = format!("/ip4/203.0.113.7/tcp/4001/p2p/{relay}/p2p-circuit");
+        let mut a = sample(&key, NOW);
+        a.addrs = vec!["/ip4/198.51.100.2/tcp/4001".into(), circuit.clone()];
+        assert_eq!(check(&a).map(|a| a.multiaddrs().len()), Ok(2));
+        a.addrs = vec![format!("{circuit}/p2p/{pid}")];
+        assert_eq!(check(&a), Err(Rejection::Insane));
+        a.addrs = vec!["not a multiaddr".into()];
+        assert_eq!(check(&a), Err(Rejection::Insane));
+        a.addrs = vec![circuit; MAX_ADDRS + 1];
         assert_eq!(check(&a), Err(Rejection::Insane));
     }
 

@@ -17,7 +17,7 @@ use crate::identity::IdentitySource;
 use crate::identity::{IdentityError, Psk, load_keypair};
 use crate::node::{Node, NodeError, short_id};
 use crate::peers::PeerInfo;
-use crate::status::{Status, bootstrap_line, dialable, interface_ips};
+use crate::status::{Reachability, Status, bootstrap_line, dialable, interface_ips};
 
 /// Corvid: a peer-to-peer volunteer compute network.
 #[derive(Debug, Parser)]
@@ -338,8 +338,8 @@ async fn run_peers(target: &ControlArgs, json: bool) -> Result<(), CliError> {
 /// The human-readable `corvid peers` output.
 pub fn peer_table(status: &Status, peers: &[PeerInfo]) -> String {
     let mut s = format!(
-        "{:<16} {:<7} {:<28} {:>8} {:>7} {:>6} {:>9}\n",
-        "PEER", "BACKEND", "ADAPTER", "GFLOP/S", "GB/S", "SLOTS", "LAST SEEN"
+        "{:<16} {:<7} {:<28} {:>8} {:>7} {:>6} {:>9}  {}\n",
+        "PEER", "BACKEND", "ADAPTER", "GFLOP/S", "GB/S", "SLOTS", "LAST SEEN", "PATH"
     );
     for p in peers {
         let short = p
@@ -349,7 +349,7 @@ pub fn peer_table(status: &Status, peers: &[PeerInfo]) -> String {
             .unwrap_or_else(|_| p.peer_id.clone());
         let adapter: String = p.adapter.chars().take(28).collect();
         s.push_str(&format!(
-            "{:<16} {:<7} {:<28} {:>8.1} {:>7.2} {:>6} {:>9}\n",
+            "{:<16} {:<7} {:<28} {:>8.1} {:>7.2} {:>6} {:>9}  {}\n",
             short,
             p.backend,
             adapter,
@@ -357,6 +357,7 @@ pub fn peer_table(status: &Status, peers: &[PeerInfo]) -> String {
             p.elementwise_gbps,
             format!("{}/{}", p.slots_free, p.slots_total),
             format!("{:.1}s ago", p.last_seen_ms as f64 / 1000.0),
+            p.path.map_or("-".to_string(), |p| p.to_string()),
         ));
     }
     let refused: u64 = status.rejections.values().sum();
@@ -367,6 +368,27 @@ pub fn peer_table(status: &Status, peers: &[PeerInfo]) -> String {
         status.peer_id,
         status.advert.matmul_gflops,
     ));
+    s.push_str(&match &status.reachability {
+        Reachability::Checking => "reachability: still checking\n".to_string(),
+        Reachability::Reachable { addrs } => {
+            format!("reachable: peers dial this node at {}\n", addrs.join(", "))
+        }
+        Reachability::Unreachable { tested, .. } => format!(
+            "not reachable from outside (peers could not dial {tested}){}\n",
+            if status.relay_addrs.is_empty() {
+                String::new()
+            } else {
+                format!("; through a relay at {}", status.relay_addrs.join(", "))
+            }
+        ),
+    });
+    let punches = status.hole_punches;
+    if punches.succeeded + punches.failed > 0 {
+        s.push_str(&format!(
+            "hole punches: {} succeeded, {} failed\n",
+            punches.succeeded, punches.failed
+        ));
+    }
     for b in &status.bootstrap {
         if let Some(e) = &b.error {
             s.push_str(&format!("bootstrap {}: {e}\n", b.addr));
@@ -393,6 +415,10 @@ struct ConfigDump<'a> {
     executor: String,
     control: String,
     max_connections: u32,
+    /// Relay limits, or "off".
+    relay: String,
+    upnp: bool,
+    external_addrs: Vec<String>,
     timing: &'a Timing,
 }
 
@@ -439,6 +465,18 @@ fn dump_config(args: &NodeArgs) -> Result<(), CliError> {
         },
         control: c.control.to_string(),
         max_connections: c.max_connections,
+        relay: match &c.nat.relay {
+            None => "off".into(),
+            Some(r) => format!(
+                "{} slots, {} circuits, each up to {} and {}",
+                r.max_reservations,
+                r.max_circuits,
+                humantime::format_duration(r.circuit_duration),
+                bytesize::ByteSize(r.circuit_bytes).display().iec()
+            ),
+        },
+        upnp: c.nat.upnp,
+        external_addrs: c.nat.external.iter().map(ToString::to_string).collect(),
         timing: &c.timing,
     };
     out(toml::to_string(&dump).map_err(|e| CliError::Output(e.to_string()))?)
