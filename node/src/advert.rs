@@ -228,6 +228,19 @@ pub fn validate(
     Ok(advert)
 }
 
+/// Who signed `data` (a signed advert), if it decodes that far; [`validate`] checks the rest.
+pub fn signer(data: &[u8]) -> Option<PeerId> {
+    if data.len() > MAX_ADVERT_BYTES {
+        return None;
+    }
+    let env: SignedAdvert = postcard::from_bytes(data).ok()?;
+    Some(
+        PublicKey::try_decode_protobuf(&env.public_key)
+            .ok()?
+            .to_peer_id(),
+    )
+}
+
 fn sane(a: &Advert) -> bool {
     let rate = |x: f32, max: f32| x.is_finite() && (0.0..=max).contains(&x);
     let text = [

@@ -2,6 +2,7 @@
 //! counts of refused adverts by reason. Owned by the network event loop; plain data, no tokio.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -58,6 +59,8 @@ impl PeerInfo {
 #[derive(Debug)]
 struct Entry {
     advert: Advert,
+    /// The advert as it travelled, signature and all: passed on to peers that join.
+    signed: Arc<[u8]>,
     last_seen: Instant,
 }
 
@@ -95,6 +98,7 @@ impl PeerTable {
         &mut self,
         peer: PeerId,
         advert: Advert,
+        signed: Arc<[u8]>,
         now: Instant,
     ) -> Result<Accepted, Rejection> {
         if let Some(e) = self.entries.get_mut(&peer) {
@@ -103,6 +107,7 @@ impl PeerTable {
             }
             let changed = !same_offer(&e.advert, &advert);
             e.advert = advert;
+            e.signed = signed;
             e.last_seen = now;
             return Ok(if changed {
                 Accepted::Changed
@@ -117,6 +122,7 @@ impl PeerTable {
             peer,
             Entry {
                 advert,
+                signed,
                 last_seen: now,
             },
         );
@@ -175,6 +181,13 @@ impl PeerTable {
         out
     }
 
+    /// The signed adverts heard most recently, newest first, at most `n`.
+    pub fn signed_adverts(&self, n: usize) -> Vec<Arc<[u8]>> {
+        let mut all: Vec<&Entry> = self.entries.values().collect();
+        all.sort_by_key(|e| std::cmp::Reverse(e.last_seen));
+        all.into_iter().take(n).map(|e| e.signed.clone()).collect()
+    }
+
     /// Whether `peer` has an advert in the table.
     pub fn contains(&self, peer: &PeerId) -> bool {
         self.entries.contains_key(peer)
@@ -229,14 +242,26 @@ mod tests {
         let mut t = PeerTable::new(8);
         let t0 = Instant::now();
         let mut a = sample(&key, 1000);
-        assert_eq!(t.accept(peer, a.clone(), t0), Ok(Accepted::New));
-        assert_eq!(t.accept(peer, a.clone(), t0), Err(Rejection::Replayed));
+        assert_eq!(
+            t.accept(peer, a.clone(), Arc::from(vec![]), t0),
+            Ok(Accepted::New)
+        );
+        assert_eq!(
+            t.accept(peer, a.clone(), Arc::from(vec![]), t0),
+            Err(Rejection::Replayed)
+        );
         a.seq += 1;
         a.timestamp_ms += 1;
-        assert_eq!(t.accept(peer, a.clone(), t0), Ok(Accepted::Refreshed));
+        assert_eq!(
+            t.accept(peer, a.clone(), Arc::from(vec![]), t0),
+            Ok(Accepted::Refreshed)
+        );
         a.seq += 1;
         a.slots_free = 1;
-        assert_eq!(t.accept(peer, a, t0), Ok(Accepted::Changed));
+        assert_eq!(
+            t.accept(peer, a, Arc::from(vec![]), t0),
+            Ok(Accepted::Changed)
+        );
         assert_eq!(t.list(t0)[0].slots_free, 1);
         let later = t0 + Duration::from_secs(5);
         assert!(
@@ -260,7 +285,12 @@ mod tests {
         let now = Instant::now();
         for _ in 0..2 {
             let key = Keypair::generate_ed25519();
-            let _ = t.accept(key.public().to_peer_id(), sample(&key, 1), now);
+            let _ = t.accept(
+                key.public().to_peer_id(),
+                sample(&key, 1),
+                Arc::from(vec![]),
+                now,
+            );
         }
         assert_eq!(t.len(), 1);
         t.reject(Rejection::BadSignature);

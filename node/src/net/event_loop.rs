@@ -3,6 +3,7 @@
 //! to peers' tasks come back on a channel of their own ([`WorkQueues`]).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::dial::{self, DialFailure};
 use super::nat::{HOLE_PUNCH_WAIT, Nat, dial_addrs, is_relayed};
 use super::task::Envelope;
-use super::{Behaviour, BehaviourEvent, advert_topic};
+use super::{Behaviour, BehaviourEvent, advert_topic, catchup};
 use crate::advert::{self, Advert};
 use crate::config::Timing;
 use crate::peers::{Accepted, PeerInfo, PeerTable};
@@ -37,6 +38,9 @@ const MAX_PEERS: usize = 10_000;
 /// An author not reached within the dial timeout is given up on.
 const MAX_UNCONFIRMED: usize = 256;
 const MAX_UNCONFIRMED_PER_RELAY: usize = 8;
+/// The same, for the adverts a peer hands a node that joins: enough for a small swarm's
+/// workers behind NAT.
+const CATCHUP_QUOTA: usize = 32;
 /// Most peers listed with their gossip score in the status (the lowest scores).
 const MAX_SCORES_SHOWN: usize = 32;
 /// Publishing waits this long after a peer subscribes, so several arrivals share one advert.
@@ -80,6 +84,7 @@ pub(crate) enum Command {
 #[derive(Debug)]
 struct Unconfirmed {
     advert: Advert,
+    signed: Arc<[u8]>,
     /// The peer that relayed it.
     via: PeerId,
     since: Instant,
@@ -151,6 +156,10 @@ pub(crate) struct EventLoop {
     tasks_answered: u64,
     /// Reachability, relay slots, the path of each connection.
     nat: Nat,
+    /// Our own advert as last published, for peers that ask what we hold.
+    own_signed: Option<Arc<[u8]>>,
+    /// When we last asked a peer for the adverts it holds.
+    caught_up: Option<Instant>,
     /// Tasks for peers reached only through a relay, waiting (a few seconds at most) for hole
     /// punching to give a direct connection.
     waiting: Vec<(PeerId, Box<TaskRequest>, Reply)>,
@@ -206,6 +215,8 @@ impl EventLoop {
             queued: HashMap::new(),
             tasks_answered: 0,
             nat: Nat::new(contributes),
+            own_signed: None,
+            caught_up: None,
             waiting: Vec::new(),
             extras,
         }
@@ -477,6 +488,7 @@ impl EventLoop {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.handle_gossip(e),
             SwarmEvent::Behaviour(BehaviourEvent::Task(e)) => self.handle_task(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Catchup(e)) => self.handle_catchup(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -561,7 +573,7 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
                 if let Some(u) = self.unconfirmed.remove(&peer_id) {
-                    let _ = self.accept(peer_id, u.advert);
+                    let _ = self.accept(peer_id, u.advert, u.signed);
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -624,7 +636,13 @@ impl EventLoop {
                 let acceptance = match (verdict, message.source) {
                     // Our own, echoed back late: nothing to learn, nobody at fault.
                     (Ok(_), Some(peer)) if peer == me => MessageAcceptance::Ignore,
-                    (Ok(advert), Some(peer)) => self.admit(peer, advert, propagation_source),
+                    (Ok(advert), Some(peer)) => self.admit(
+                        peer,
+                        advert,
+                        Arc::from(message.data),
+                        propagation_source,
+                        MAX_UNCONFIRMED_PER_RELAY,
+                    ),
                     (Ok(_), None) => MessageAcceptance::Reject, // unreachable: validate needs a source
                     (Err(why), source) => {
                         self.table.reject(why);
@@ -647,6 +665,80 @@ impl EventLoop {
             gossipsub::Event::Subscribed { peer_id, topic } if topic == advert_topic().hash() => {
                 tracing::debug!(peer = %peer_id, "peer subscribed to adverts");
                 self.schedule_publish(PUBLISH_DEBOUNCE);
+                // The first peer we meet (and one each advert interval after that) tells us
+                // who else is there.
+                if self
+                    .caught_up
+                    .is_none_or(|t| t.elapsed() >= self.timing.advert_interval)
+                {
+                    self.caught_up = Some(Instant::now());
+                    self.swarm
+                        .behaviour_mut()
+                        .catchup
+                        .send_request(&peer_id, catchup::Ask);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A peer asked for the adverts we hold, or answered our asking.
+    fn handle_catchup(&mut self, e: request_response::Event<catchup::Ask, catchup::Adverts>) {
+        match e {
+            request_response::Event::Message {
+                message: request_response::Message::Request { channel, .. },
+                ..
+            } => {
+                let held = self
+                    .own_signed
+                    .iter()
+                    .cloned()
+                    .chain(self.table.signed_adverts(catchup::MAX_ADVERTS - 1));
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .catchup
+                    .send_response(channel, catchup::Adverts::new(held));
+            }
+            request_response::Event::Message {
+                peer: via,
+                message: request_response::Message::Response { response, .. },
+                ..
+            } => {
+                let me = *self.swarm.local_peer_id();
+                let (mut new, n) = (0, response.0.len());
+                for bytes in response.0 {
+                    let Some(author) = advert::signer(&bytes) else {
+                        self.table.reject(advert::Rejection::Malformed);
+                        continue;
+                    };
+                    if author == me {
+                        continue;
+                    }
+                    let known = self.table.contains(&author);
+                    match advert::validate(
+                        &bytes,
+                        Some(&author),
+                        advert::now_ms(),
+                        self.timing.peer_expiry,
+                    ) {
+                        Ok(a) => {
+                            let _ = self.admit(
+                                author,
+                                a,
+                                Arc::from(bytes.into_vec()),
+                                via,
+                                CATCHUP_QUOTA,
+                            );
+                            new += usize::from(!known);
+                        }
+                        Err(why) => self.table.reject(why),
+                    }
+                }
+                tracing::debug!(%via, adverts = n, new, "adverts a peer holds");
+            }
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "asking for adverts failed");
             }
             _ => {}
         }
@@ -654,10 +746,17 @@ impl EventLoop {
 
     /// A valid advert by `peer`, relayed by `via`: into the table if we are (or have been)
     /// connected to `peer`; otherwise held while we try to reach it, within the bounds.
-    fn admit(&mut self, peer: PeerId, advert: Advert, via: PeerId) -> MessageAcceptance {
+    fn admit(
+        &mut self,
+        peer: PeerId,
+        advert: Advert,
+        signed: Arc<[u8]>,
+        via: PeerId,
+        quota: usize,
+    ) -> MessageAcceptance {
         if self.table.contains(&peer) || self.swarm.is_connected(&peer) {
             self.unconfirmed.remove(&peer);
-            return self.accept(peer, advert);
+            return self.accept(peer, advert, signed);
         }
         if let Some(u) = self.unconfirmed.get_mut(&peer) {
             if advert.seq <= u.advert.seq {
@@ -669,18 +768,19 @@ impl EventLoop {
                 .filter(|a| !u.advert.addrs.contains(&a.to_string()))
                 .collect();
             u.advert = advert;
+            u.signed = signed;
             if !fresh.is_empty() {
                 let _ = self.swarm.dial(
                     DialOpts::peer_id(peer)
                         .addresses(fresh)
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .condition(PeerCondition::Disconnected)
                         .build(),
                 );
             }
             return MessageAcceptance::Accept;
         }
         let relayed = self.unconfirmed.values().filter(|u| u.via == via).count();
-        if relayed >= MAX_UNCONFIRMED_PER_RELAY || self.unconfirmed.len() >= MAX_UNCONFIRMED {
+        if relayed >= quota || self.unconfirmed.len() >= MAX_UNCONFIRMED {
             self.table.reject(advert::Rejection::RelayQuota);
             let n = self.table.rejection_count(advert::Rejection::RelayQuota);
             if n.is_power_of_two() {
@@ -694,25 +794,31 @@ impl EventLoop {
             peer,
             Unconfirmed {
                 advert,
+                signed,
                 via,
                 since: Instant::now(),
             },
         );
-        // The addresses it advertises (direct, or through a relay), those Kademlia already
-        // knows, and a lookup for the rest: the lookup reaches the peer itself if the DHT
-        // knows where it is.
-        let _ = self.swarm.dial(
+        // The addresses it advertises (direct, or through a relay), else those Kademlia
+        // knows; and a lookup, which reaches the peer itself if the DHT knows where it is.
+        let dial = if addrs.is_empty() {
+            DialOpts::peer_id(peer)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build()
+        } else {
+            // Even while another dial is under way (a DHT lookup's, at addresses that may
+            // be stale or private).
             DialOpts::peer_id(peer)
                 .addresses(addrs)
-                .extend_addresses_through_behaviour()
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build(),
-        );
+                .condition(PeerCondition::Disconnected)
+                .build()
+        };
+        let _ = self.swarm.dial(dial);
         self.swarm.behaviour_mut().kad.get_closest_peers(peer);
         MessageAcceptance::Accept
     }
 
-    fn accept(&mut self, peer: PeerId, advert: Advert) -> MessageAcceptance {
+    fn accept(&mut self, peer: PeerId, advert: Advert, signed: Arc<[u8]>) -> MessageAcceptance {
         // Where to dial it when a task needs a connection (request-response keeps these).
         for addr in dial_addrs(advert.multiaddrs()) {
             self.swarm.add_peer_address(peer, addr);
@@ -722,7 +828,7 @@ impl EventLoop {
             advert.elementwise_gbps,
             advert.slots_free,
         );
-        match self.table.accept(peer, advert, Instant::now()) {
+        match self.table.accept(peer, advert, signed, Instant::now()) {
             Ok(Accepted::New) => {
                 tracing::info!(peer = %peer, gflops, gbps, slots, peers = self.table.len(), "peer joined");
                 MessageAcceptance::Accept
@@ -757,6 +863,7 @@ impl EventLoop {
                     seq = self.advert.seq,
                     "publishing advert"
                 );
+                self.own_signed = Some(Arc::from(bytes.as_slice()));
                 match self
                     .swarm
                     .behaviour_mut()

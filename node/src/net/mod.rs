@@ -6,6 +6,7 @@
 //! ([`ip_limits`]) and by the process's memory; handshakes by the dial timeout; task streams
 //! per connection; gossip by size, topic (a subscription filter) and peer score.
 
+pub(crate) mod catchup;
 pub mod dial;
 pub(crate) mod event_loop;
 pub mod ip_limits;
@@ -101,6 +102,8 @@ pub(crate) struct Behaviour {
     pub dcutr: dcutr::Behaviour,
     pub upnp: Toggle<upnp::tokio::Behaviour>,
     pub task: request_response::Behaviour<task::TaskCodec>,
+    /// The adverts a peer holds, asked for on joining.
+    pub catchup: request_response::Behaviour<catchup::Codec>,
 }
 
 /// Gossipsub as the node runs it: only the advert topic is tracked for anyone.
@@ -328,6 +331,12 @@ fn behaviour(
             request_response::Config::default()
                 .with_request_timeout(TASK_TIMEOUT)
                 .with_max_concurrent_streams(MAX_TASK_STREAMS),
+        ),
+        catchup: request_response::Behaviour::new(
+            [(catchup::CATCHUP_PROTOCOL, ProtocolSupport::Full)],
+            request_response::Config::default()
+                .with_request_timeout(config.timing.dial_timeout)
+                .with_max_concurrent_streams(8),
         ),
     })
 }

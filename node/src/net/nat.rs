@@ -211,6 +211,9 @@ impl Nat {
             return;
         }
         self.behind_nat = true;
+        // Peers would put the addresses it listens on, which they cannot dial, in their
+        // routing tables: answer no DHT queries unless a probe shows peers can dial us.
+        swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client));
         tracing::info!(%observed, "behind NAT: peers see this node at {observed}, an address it does not have; checking whether they can dial it{}",
             if self.wants_slots { ", with a relay slot meanwhile" } else { "" });
         self.reserve(swarm);

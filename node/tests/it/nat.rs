@@ -118,7 +118,7 @@ fn a_requester_behind_nat_runs_jobs_on_the_swarm() {
 
 /// Tries of a fresh requester reaching the worker behind NAT, each counted as hole-punched
 /// or left on the relay.
-const PUNCH_TRIES: usize = 4;
+const PUNCH_TRIES: usize = 10;
 
 /// The MLP both NAT tests run, on `g`.
 fn small_mlp(g: &Graph, seed: u64) -> corvid_sdk::Tensor {
@@ -166,7 +166,15 @@ fn a_worker_behind_nat_serves_a_requester_behind_another_nat() {
     // task is timed from its start.
     let id2 = peer_id(&d2);
     let started = Instant::now();
-    let _worker = node_in(&home2, &d2, 4001, Some(&boot));
+    // It advertises only when something changes (every 10 minutes otherwise): requesters that
+    // join later learn of it from the adverts the relay holds, or not at all.
+    let _worker = node_in_with(
+        &home2,
+        &d2,
+        4001,
+        Some(&boot),
+        &["--advert-interval", "10m", "--peer-expiry", "30m"],
+    );
     let (boot1, id2c) = (boot.clone(), id2.clone());
     let requester = spawn_in_ns(&home1, move || {
         let client = Client::builder()
@@ -248,12 +256,14 @@ fn a_worker_behind_nat_serves_a_requester_behind_another_nat() {
     for i in 0..PUNCH_TRIES {
         let (boot1, id2c) = (boot.clone(), id2.clone());
         let path = in_ns(&home1, move || {
+            let started = Instant::now();
             let client = Client::builder()
                 .bootstrap(&boot1)
                 .wait_for_workers(1, Duration::from_secs(40))
                 .connect()
                 .unwrap()
                 .with_settings(settings());
+            let joined = started.elapsed();
             small_mlp(
                 &Graph::new("try").with_executor(client.executor()),
                 10 + i as u64,
@@ -265,12 +275,17 @@ fn a_worker_behind_nat_serves_a_requester_behind_another_nat() {
                 .build()
                 .unwrap();
             let peers = rt.block_on(client.requester().peers()).unwrap();
-            peers
+            let path = peers
                 .into_iter()
                 .find(|p| p.peer_id == id2c)
-                .and_then(|p| p.path)
+                .and_then(|p| p.path);
+            (path, joined)
         });
-        paths.push(path);
+        println!(
+            "requester {i}: knew the worker after {:.1} s, reached it {path:?}",
+            path.1.as_secs_f64()
+        );
+        paths.push(path.0);
     }
     let worker = status_in(&home2, &d2).unwrap();
     let punched = paths
