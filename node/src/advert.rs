@@ -67,7 +67,7 @@ const MAX_ADDR_LEN: usize = 256;
 
 impl Advert {
     /// The advertised addresses that parse (all of them, in an advert that passed
-    /// [`verify`]).
+    /// [`validate`]).
     pub fn multiaddrs(&self) -> Vec<libp2p::Multiaddr> {
         self.addrs.iter().filter_map(|a| a.parse().ok()).collect()
     }

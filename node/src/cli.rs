@@ -270,6 +270,10 @@ async fn run_id(args: &NodeArgs, json: bool) -> Result<(), CliError> {
     };
     let status = status.filter(|s| s.peer_id == peer.to_string());
     let (bootstrap, line) = match &status {
+        // The running node knows where peers reach it (checked by them, or through a relay).
+        Some(s) if !s.dialable_addrs.is_empty() => {
+            (s.dialable_addrs.clone(), s.bootstrap_line.clone())
+        }
         Some(s) => (
             s.listen_addrs
                 .iter()

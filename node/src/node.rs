@@ -23,13 +23,14 @@ use crate::limits::Limits;
 use crate::net::event_loop::{EventLoop, Extras, WorkQueues};
 use crate::net::{NetError, build_swarm};
 use crate::peers::PeerInfo;
+pub use crate::peers::PeerPath;
 
 // Their own files now (so control and the event loop need not import this one); the paths
 // `crate::node::…` keep working.
 pub use crate::error::NodeError;
 pub use crate::node_client::NodeClient;
 pub use crate::status::{
-    BootstrapStatus, ExecutorStatus, HolePunches, PeerPath, Reachability, Status, bootstrap_line,
+    BootstrapStatus, ExecutorStatus, HolePunches, Reachability, Status, bootstrap_line,
 };
 
 /// Commands queued for the event loop at most.
@@ -130,8 +131,10 @@ impl Node {
             tracing::info!(%peer_id, addrs = ?listen_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 control = %control_addr, gflops = advert.matmul_gflops, gbps = advert.elementwise_gbps,
                 adapter = %advert.adapter, "node started");
+            // Said again, for peers outside this network, once peers have shown they can
+            // reach this node (directly or through a relay).
             if let Some(line) = &line {
-                tracing::info!("others join this swarm with:  {line}");
+                tracing::info!("others on this network join with:  {line}");
             }
             // The worker: tasks from peers run on this node's backend, `slots` at a time.
             let work = if config.contribute {

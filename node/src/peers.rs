@@ -31,7 +31,7 @@ pub struct PeerInfo {
     pub last_seen_ms: u64,
     /// How this node is connected to the peer, if it is.
     #[serde(default)]
-    pub path: Option<crate::status::PeerPath>,
+    pub path: Option<PeerPath>,
 }
 
 impl PeerInfo {
@@ -225,6 +225,28 @@ fn same_offer(a: &Advert, b: &Advert) -> bool {
         timestamp_ms: 0,
         seq: 0,
         ..b.clone()
+    }
+}
+
+/// How this node reaches a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerPath {
+    /// A connection one side dialled.
+    Direct,
+    /// A direct connection made by hole punching through both NATs.
+    HolePunched,
+    /// Through a relay, within its limits.
+    Relayed,
+}
+
+impl std::fmt::Display for PeerPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PeerPath::Direct => "direct",
+            PeerPath::HolePunched => "hole-punched",
+            PeerPath::Relayed => "relayed",
+        })
     }
 }
 

@@ -18,6 +18,10 @@ use crate::peers::PeerInfo;
 pub struct Status {
     pub peer_id: String,
     pub listen_addrs: Vec<String>,
+    /// Where others can dial this node, best first: addresses peers dialled back, relay
+    /// circuits while they cannot, then what it listens on.
+    #[serde(default)]
+    pub dialable_addrs: Vec<String>,
     /// The command others run to join through this node.
     pub bootstrap_line: Option<String>,
     pub connected_peers: usize,
@@ -68,28 +72,6 @@ pub enum Reachability {
     /// A peer could not dial back the address it saw this node at (behind NAT or a
     /// firewall): others cannot connect to it, it connects out.
     Unreachable { tested: String, error: String },
-}
-
-/// How this node reaches a peer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PeerPath {
-    /// A connection one side dialled.
-    Direct,
-    /// A direct connection made by hole punching through both NATs.
-    HolePunched,
-    /// Through a relay, within its limits.
-    Relayed,
-}
-
-impl std::fmt::Display for PeerPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            PeerPath::Direct => "direct",
-            PeerPath::HolePunched => "hole-punched",
-            PeerPath::Relayed => "relayed",
-        })
-    }
 }
 
 /// Hole punching so far.

@@ -160,6 +160,8 @@ pub(crate) struct EventLoop {
     own_signed: Option<Arc<[u8]>>,
     /// When we last asked a peer for the adverts it holds.
     caught_up: Option<Instant>,
+    /// The join command last logged.
+    announced: Option<String>,
     /// Tasks for peers reached only through a relay, waiting (a few seconds at most) for hole
     /// punching to give a direct connection.
     waiting: Vec<(PeerId, Box<TaskRequest>, Reply)>,
@@ -217,6 +219,7 @@ impl EventLoop {
             nat: Nat::new(contributes),
             own_signed: None,
             caught_up: None,
+            announced: None,
             waiting: Vec::new(),
             extras,
         }
@@ -511,6 +514,7 @@ impl EventLoop {
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 self.nat.confirmed(&mut self.swarm, &address);
                 self.advertise_addrs();
+                self.announce();
             }
             SwarmEvent::ExternalAddrExpired { address } => {
                 self.nat.expired(&mut self.swarm, &address);
@@ -533,6 +537,7 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } if is_relayed(&address) => {
                 if self.nat.listening(&address) {
                     self.advertise_addrs();
+                    self.announce();
                 }
             }
             SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
@@ -1028,6 +1033,26 @@ impl EventLoop {
         scores
     }
 
+    /// Logs the command others run to join through this node once peers have shown it can be
+    /// reached from outside its network (directly or through a relay), and when it changes.
+    fn announce(&mut self) {
+        let outside = match self.nat.reachability() {
+            Reachability::Reachable { .. } => true,
+            _ => self.nat.needs_relay() && !self.nat.circuits().is_empty(),
+        };
+        if !outside {
+            return;
+        }
+        let me = *self.swarm.local_peer_id();
+        let line = bootstrap_line(&self.dialable_addrs(), &me, self.psk_path.as_deref());
+        if line.is_some() && line != self.announced {
+            if let Some(l) = &line {
+                tracing::info!("others join this swarm from anywhere with:  {l}");
+            }
+            self.announced = line;
+        }
+    }
+
     /// Where others can dial this node, best first: addresses peers dialled back, relay
     /// circuits while peers cannot dial it, then what it listens on.
     fn dialable_addrs(&self) -> Vec<Multiaddr> {
@@ -1050,6 +1075,11 @@ impl EventLoop {
         Status {
             peer_id: me.to_string(),
             listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
+            dialable_addrs: self
+                .dialable_addrs()
+                .iter()
+                .map(|a| format!("{a}/p2p/{me}"))
+                .collect(),
             bootstrap_line: bootstrap_line(&self.dialable_addrs(), &me, self.psk_path.as_deref()),
             connected_peers: self.swarm.connected_peers().count(),
             known_peers: self.table.len(),

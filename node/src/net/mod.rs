@@ -317,7 +317,11 @@ fn behaviour(
             .into(),
         relay_client,
         dcutr: dcutr::Behaviour::new(peer_id),
-        upnp: config.nat.upnp.then(upnp::tokio::Behaviour::default).into(),
+        // Only for a node others may reach: one listening on loopback alone (local swarms,
+        // tests) has no port to map, and asks no router on the network.
+        upnp: (config.nat.upnp && config.listen.iter().any(|a| !nat::is_loopback(a)))
+            .then(upnp::tokio::Behaviour::default)
+            .into(),
         task: request_response::Behaviour::with_codec(
             codec,
             [(

@@ -13,7 +13,8 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, kad, relay};
 
 use super::Behaviour;
-use crate::status::{PeerPath, Reachability};
+use crate::peers::PeerPath;
+use crate::status::Reachability;
 
 /// The protocol AutoNAT v2 servers answer on.
 const AUTONAT_DIAL_REQUEST: StreamProtocol = StreamProtocol::new("/libp2p/autonat/2/dial-request");
@@ -204,7 +205,7 @@ impl Nat {
                 _ => None,
             })
         };
-        let Some(seen) = ip(observed) else {
+        let Some(seen) = ip(observed).filter(|_| !is_relayed(observed)) else {
             return;
         };
         if self.behind_nat || ours.iter().any(|a| ip(a) == Some(seen)) {
@@ -330,6 +331,11 @@ impl Nat {
         let Err(error) = e.result else {
             return; // a success also confirms the address (`ExternalAddrConfirmed`)
         };
+        // A peer that reached us through a relay saw us at a circuit address: testing it says
+        // nothing about dialling us directly.
+        if is_relayed(&e.tested_addr) {
+            return;
+        }
         tracing::debug!(tested = %e.tested_addr, server = %e.server, %error, "reachability probe failed");
         if matches!(self.reachability, Reachability::Reachable { .. }) {
             return;
@@ -450,7 +456,7 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
 }
 
 /// A loopback IP address.
-fn is_loopback(addr: &Multiaddr) -> bool {
+pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
         Protocol::Ip4(ip) => ip.is_loopback(),
         Protocol::Ip6(ip) => ip.is_loopback(),

@@ -101,7 +101,7 @@ pub(super) async fn run_job(
                         sched.budget(&id, b.clone());
                     }
                     // Reached through a relay: its tasks may wait for hole punching.
-                    if p.path == Some(crate::status::PeerPath::Relayed) {
+                    if p.path == Some(crate::peers::PeerPath::Relayed) {
                         sched.setup(&id, crate::net::nat::HOLE_PUNCH_WAIT.as_secs_f64());
                     }
                     peer_class.insert(id, p.class.clone());

@@ -16,7 +16,7 @@ pub struct PlaceSummary {
     pub failures: usize,
     /// How the requester was connected to the peer at the end of the job (direct,
     /// hole-punched or relayed); `None` for the requester itself or a peer gone.
-    pub path: Option<crate::status::PeerPath>,
+    pub path: Option<crate::peers::PeerPath>,
 }
 
 /// How the job's results were verified.

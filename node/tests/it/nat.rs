@@ -1,12 +1,16 @@
 //! Real network stacks (`common::netns`: an internet namespace, two public hosts, two homes
-//! each behind its own NAT router). A worker on public host A is the bootstrap node, another
-//! on public host B, one in home2 behind NAT; a requester in home1, behind the other NAT,
-//! joins through A and runs a job. The internet has no route to either home: answers reach
-//! the requester only because its router rewrote its address, so a job that completes has
-//! crossed a real NAT. Each node's AutoNAT verdict is checked: the public ones reachable at
-//! their public addresses, the one behind NAT not. The worker behind NAT cannot be dialled
-//! (no relay or hole punching yet: issue 12), so its task count is reported, not asserted.
-//! Without root (or `ip`/`nft`) the test says why it was skipped; with
+//! each behind its own NAT router that drops unsolicited packets). The internet has no route
+//! to either home: answers reach a home only because its router rewrote the address, so a job
+//! that completes has crossed a real NAT.
+//!
+//! - A requester in home1 runs a job on public workers; each node's AutoNAT verdict is
+//!   checked (the public ones reachable at their public addresses, the one behind NAT not).
+//! - A worker in home2 serves a requester in home1: it takes relay slots on the public nodes,
+//!   the requester reaches it through one, hole punching makes the connection direct; then
+//!   fresh requesters, one after another, each counted as reaching it directly or not. The
+//!   figures (verdict times, time to the first task, hole punches) are printed.
+//!
+//! Without root (or `ip`/`nft`) the tests say why they were skipped; with
 //! `CORVID_REQUIRE_NETNS=1` (the test script sets it when it runs as root) that is a failure.
 #![allow(clippy::unwrap_used)]
 
@@ -236,6 +240,19 @@ fn a_worker_behind_nat_serves_a_requester_behind_another_nat() {
             .any(|a| a.contains(&id0) && a.ends_with("/p2p-circuit")),
         "{relay_addrs:?}"
     );
+    // What it tells people to run to join through it: its relay circuit, not its LAN
+    // address; the relay's is its public one.
+    let line = worker.bootstrap_line.clone().unwrap_or_default();
+    assert!(line.contains("/p2p-circuit/p2p/"), "{line}");
+    let relay = status_in(&public, &d0).unwrap();
+    assert!(
+        relay
+            .dialable_addrs
+            .first()
+            .is_some_and(|a| a.starts_with("/ip4/10.77.3.2/tcp/4001/p2p/")),
+        "{:?}",
+        relay.dialable_addrs
+    );
     assert!(
         first_task_at.is_some(),
         "the worker behind NAT had answered no task when the job ended"
@@ -245,6 +262,11 @@ fn a_worker_behind_nat_serves_a_requester_behind_another_nat() {
         let r = status_in(&home2, &d2)?.reachability;
         matches!(r, Reachability::Unreachable { .. }).then_some(r)
     });
+    // Its own public address was tested (not a relay circuit a peer saw it at).
+    assert!(
+        matches!(&verdict, Reachability::Unreachable { tested, .. } if tested == "/ip4/10.77.2.2/tcp/4001"),
+        "{verdict:?}"
+    );
     println!(
         "worker behind NAT (was {reachability:?}): {verdict:?} after {:.1} s",
         started.elapsed().as_secs_f64()
