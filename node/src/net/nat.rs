@@ -23,8 +23,11 @@ const RELAY_HOP: StreamProtocol = StreamProtocol::new("/libp2p/circuit/relay/0.2
 /// Relays an unreachable node holds a slot on: one to be reached, a second in case it goes.
 const RELAY_SLOTS: usize = 2;
 /// A task for a peer reached only through a relay waits this long for hole punching to give a
-/// direct connection, then goes through the relay.
-pub(crate) const HOLE_PUNCH_WAIT: Duration = Duration::from_secs(5);
+/// direct connection, then goes through the relay. A punch that works takes a few round trips
+/// (milliseconds in the namespace test); one that fails is often only known when its dial
+/// times out, so the wait is what a peer behind a symmetric NAT costs a job once. A task sent
+/// on the relay just before a punch succeeds is sent again on the direct connection.
+pub(crate) const HOLE_PUNCH_WAIT: Duration = Duration::from_secs(2);
 
 /// One connection of ours.
 struct Conn {

@@ -328,3 +328,57 @@ fn a_worker_behind_nat_serves_a_requester_behind_another_nat() {
         worker.hole_punches
     );
 }
+
+/// A worker behind a router that maps every connection to a random port (like a symmetric
+/// NAT): hole punching cannot work, and the worker is still used, through the relay.
+#[test]
+fn a_worker_behind_a_symmetric_nat_is_used_through_the_relay() {
+    use common::netns::{Mapping, node_in_with};
+    if !available("nat::a_worker_behind_a_symmetric_nat_is_used_through_the_relay") {
+        return;
+    }
+    common::init_logs();
+    let (_net, [public, home1, home2, public2]) =
+        Net::build_with([Mapping::PortPreserving, Mapping::Random]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (d0, d2) = (dir.path().join("relay"), dir.path().join("worker"));
+    let id0 = peer_id(&d0);
+    let _relay = node_in_with(&public, &d0, 4001, None, &["--no-contribute"]);
+    let boot = format!("/ip4/10.77.3.2/tcp/4001/p2p/{id0}");
+    let _public2 = node_in_with(
+        &public2,
+        &dir.path().join("public2"),
+        4001,
+        Some(&boot),
+        &["--no-contribute"],
+    );
+    let id2 = peer_id(&d2);
+    let _worker = node_in(&home2, &d2, 4001, Some(&boot));
+    let summary = in_ns(&home1, move || {
+        let client = Client::builder()
+            .bootstrap(&boot)
+            .wait_for_workers(1, Duration::from_secs(40))
+            .connect()
+            .unwrap()
+            .with_settings(settings());
+        let exec =
+            Arc::new(LocalExecutor::new(Backend::Cpu(CpuBackend::new())).with_settings(settings()));
+        let want = small_mlp(&Graph::new("local").with_executor(exec), 5)
+            .eval_data()
+            .unwrap();
+        let got = small_mlp(&Graph::new("symmetric").with_executor(client.executor()), 5)
+            .eval_data()
+            .unwrap();
+        let s = client.last_summary().unwrap();
+        assert_eq!(got.words(), want.words(), "{s}");
+        s
+    });
+    println!("{summary}");
+    let on_worker = summary.places.get(&Place::Peer(id2)).unwrap();
+    assert!(on_worker.tasks > 0, "{summary}");
+    assert_eq!(
+        on_worker.path,
+        Some(corvid_node::PeerPath::Relayed),
+        "{summary}"
+    );
+}

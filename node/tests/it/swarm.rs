@@ -120,3 +120,47 @@ async fn five_nodes_see_each_other_and_expire_a_stopped_one() {
         n.join().await;
     }
 }
+
+/// `--external-addr`: a node that is told where others reach it is reachable from the start,
+/// says so, and tells others to join there. (A loopback address: nothing here is dialled
+/// beyond this machine.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_address_is_reachable_from_the_start() {
+    init_logs();
+    let shutdown = CancellationToken::new();
+    let mut config = NodeConfig::for_test(40);
+    let external: corvid_node::Multiaddr = "/ip4/127.0.0.9/tcp/4999".parse().unwrap();
+    config.nat.external = vec![external.clone()];
+    let node = Node::spawn(config, shutdown.clone()).await.unwrap();
+    let status = wait_for(
+        "the node's status to say it is reachable",
+        Duration::from_secs(10),
+        || async {
+            let s = node.status().await.ok()?;
+            matches!(s.reachability, corvid_node::Reachability::Reachable { .. }).then_some(s)
+        },
+    )
+    .await;
+    let corvid_node::Reachability::Reachable { addrs } = &status.reachability else {
+        unreachable!()
+    };
+    assert_eq!(addrs, &vec![external.to_string()]);
+    assert_eq!(
+        status.dialable_addrs.first(),
+        Some(&format!("{external}/p2p/{}", node.peer_id()))
+    );
+    assert!(
+        status
+            .bootstrap_line
+            .as_deref()
+            .is_some_and(|l| l.contains("/ip4/127.0.0.9/tcp/4999/p2p/")),
+        "{:?}",
+        status.bootstrap_line
+    );
+    assert_eq!(
+        status.advert.peer_id,
+        node.peer_id().to_string(),
+        "the status is this node's"
+    );
+    shutdown.cancel();
+}

@@ -59,6 +59,17 @@ pub fn nft(ns: &str, rules: &str) -> Result<(), String> {
     }
 }
 
+/// How a home router picks the public port of a connection from inside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// The inside port, when free (Linux's default, and most home routers'): hole punching
+    /// can work.
+    PortPreserving,
+    /// A random port per connection (like a symmetric NAT): the port a peer saw is not the
+    /// one the next connection gets, so hole punching cannot work.
+    Random,
+}
+
 /// The namespaces of one run, deleted when dropped (their interfaces go with them).
 pub struct Net {
     tag: String,
@@ -109,6 +120,11 @@ impl Net {
 
     /// The topology above. Returns (public host A, home1, home2, public host B).
     pub fn build() -> Result<(Net, [String; 4]), String> {
+        Net::build_with([Mapping::PortPreserving; 2])
+    }
+
+    /// The topology above, each home's router mapping ports as given.
+    pub fn build_with(mappings: [Mapping; 2]) -> Result<(Net, [String; 4]), String> {
         let mut net = Net {
             // Unique per topology: tests in one process build theirs at the same time (veth
             // names are made in the root namespace; 15 characters at most).
@@ -154,11 +170,15 @@ impl Net {
             // The router rewrites whatever leaves its public side to its own address, and
             // drops what arrives there unasked (as home routers do: no reset is sent back).
             let wan = format!("w{i}b{}", net.tag);
+            let masquerade = match mappings[i - 1] {
+                Mapping::PortPreserving => "masquerade",
+                Mapping::Random => "masquerade random",
+            };
             nft(
                 &router,
                 &format!(
                     "table ip nat {{\n chain postrouting {{\n  type nat hook postrouting \
-                     priority 100;\n  oifname \"{wan}\" masquerade\n }}\n}}\n\
+                     priority 100;\n  oifname \"{wan}\" {masquerade}\n }}\n}}\n\
                      table ip filter {{\n chain input {{\n  type filter hook input priority 0;\n  \
                      iifname \"{wan}\" ct state established,related accept\n  \
                      iifname \"{wan}\" drop\n }}\n chain forward {{\n  type filter hook forward \
