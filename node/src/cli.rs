@@ -351,7 +351,7 @@ pub fn peer_table(status: &Status, peers: &[PeerInfo]) -> String {
             .parse()
             .map(|id| short_id(&id))
             .unwrap_or_else(|_| p.peer_id.clone());
-        let adapter: String = p.adapter.chars().take(28).collect();
+        let adapter = printable(&p.adapter, 28);
         s.push_str(&format!(
             "{:<16} {:<7} {:<28} {:>8.1} {:>7.2} {:>6} {:>9}  {}\n",
             short,
@@ -399,6 +399,21 @@ pub fn peer_table(status: &Status, peers: &[PeerInfo]) -> String {
         }
     }
     s
+}
+
+/// Text a peer chose, made safe for a terminal: control characters (escape sequences could
+/// rewrite the screen or the title) shown as `\u{…}`, at most `max` characters.
+pub fn printable(text: &str, max: usize) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_unicode().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .take(max)
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -505,15 +520,27 @@ pub fn init_tracing(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal: not into files, pipes or the journal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .try_init();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_text_cannot_reach_the_terminal_raw() {
+        let hostile = "GPU\u{1b}]0;pwned\u{7}\u{1b}[2J\r\nfake line";
+        let shown = printable(hostile, 200);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.starts_with("GPU\\u{1b}]0;pwned"), "{shown:?}");
+        assert_eq!(printable("cpu (x86_64 avx2)", 3), "cpu");
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

@@ -66,6 +66,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/peers", get(peers))
         .route("/status", get(status))
+        .layer(axum::middleware::from_fn(loopback_host_only))
         .with_state(node);
     let task = tokio::spawn(
         async move {
@@ -80,6 +81,41 @@ pub async fn serve(
         .in_current_span(),
     );
     Ok((bound, task))
+}
+
+/// Refuses a request whose `Host` is not a loopback name: a web page the user visits can make
+/// the browser send requests here through a DNS name it controls (DNS rebinding), but the
+/// browser then sends that name as the `Host`.
+async fn loopback_host_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let host = request
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    if host.is_some_and(is_loopback_host) {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::MISDIRECTED_REQUEST,
+            "this endpoint answers only requests addressed to 127.0.0.1, [::1] or localhost\n",
+        )
+            .into_response()
+    }
+}
+
+/// `127.0.0.1`, `[::1]` or `localhost`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn peers(State(node): State<NodeClient>) -> Result<Json<Vec<PeerInfo>>, StatusCode> {
@@ -151,4 +187,34 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         next = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_hosts_are_answered() {
+        for ok in [
+            "127.0.0.1:4000",
+            "127.0.0.1",
+            "localhost:80",
+            "LOCALHOST",
+            "[::1]:9",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "attacker.example",
+            "attacker.example:4000",
+            "localhost.attacker.example",
+            "192.168.1.2:4000",
+            "[2001:db8::1]:80",
+            "127.0.0.1.nip.io",
+            "",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+    }
 }

@@ -162,3 +162,64 @@ fn corvid_id_never_prints_an_unspecified_address() {
     let line = v["bootstrap_line"].as_str().unwrap();
     assert!(line.contains("/tcp/4001/p2p/"), "{line}");
 }
+
+/// One raw HTTP/1.1 `GET path` to `addr` with this `Host` header; the status code.
+fn get_with_host(addr: &str, path: &str, host: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Endpoint and log hygiene on a real node process: a request addressed to another host name
+/// (what a web page gets through DNS rebinding) is refused, one to the loopback address is
+/// answered; the log written to a file has no colour codes.
+#[test]
+fn the_control_endpoint_answers_loopback_hosts_only_and_logs_carry_no_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.toml"), "bench_budget = \"300ms\"\n").unwrap();
+    let log = dir.path().join("node.log");
+    let _node = Proc(
+        Command::new(BIN)
+            .arg("node")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--backend", "cpu"])
+            .env("CORVID_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    id_of(dir.path());
+    let addr = std::fs::read_to_string(dir.path().join("control.addr")).unwrap();
+    let addr = addr.trim();
+    assert_eq!(get_with_host(addr, "/status", addr), 200);
+    assert_eq!(get_with_host(addr, "/status", "localhost"), 200);
+    for host in [
+        "attacker.example",
+        "attacker.example:80",
+        "127.0.0.1.attacker.example",
+    ] {
+        assert_eq!(get_with_host(addr, "/status", host), 421, "Host: {host}");
+        assert_eq!(get_with_host(addr, "/peers", host), 421, "Host: {host}");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("node started"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in a log file:\n{text}"
+    );
+}
