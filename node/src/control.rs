@@ -52,9 +52,10 @@ pub enum ControlError {
 }
 
 /// Binds `addr` (loopback) and serves until `cancel`; returns the bound address.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
     node: NodeClient,
+    scrape: Scrape,
     cancel: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<()>), NodeError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -66,8 +67,9 @@ pub async fn serve(
     let app = Router::new()
         .route("/peers", get(peers))
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn(loopback_host_only))
-        .with_state(node);
+        .with_state(Served { node, scrape });
     let task = tokio::spawn(
         async move {
             let shutdown = cancel.clone();
@@ -118,12 +120,43 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-async fn peers(State(node): State<NodeClient>) -> Result<Json<Vec<PeerInfo>>, StatusCode> {
-    ask(node.peers()).await.map(Json)
+/// What `GET /metrics` reads: the registry, and the gauges set as it is read.
+#[derive(Clone)]
+pub(crate) struct Scrape {
+    pub registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    pub node: crate::metrics::NodeMetrics,
 }
 
-async fn status(State(node): State<NodeClient>) -> Result<Json<Status>, StatusCode> {
-    ask(node.status()).await.map(Json)
+#[derive(Clone)]
+struct Served {
+    node: NodeClient,
+    scrape: Scrape,
+}
+
+async fn peers(State(s): State<Served>) -> Result<Json<Vec<PeerInfo>>, StatusCode> {
+    ask(s.node.peers()).await.map(Json)
+}
+
+async fn status(State(s): State<Served>) -> Result<Json<Status>, StatusCode> {
+    ask(s.node.status()).await.map(Json)
+}
+
+/// Prometheus text format: libp2p's series and Corvid's (`corvid_…`).
+async fn metrics(State(s): State<Served>) -> Result<impl axum::response::IntoResponse, StatusCode> {
+    let status = ask(s.node.status()).await?;
+    let m = &s.scrape.node;
+    m.peers_known
+        .set(i64::try_from(status.known_peers).unwrap_or(i64::MAX));
+    m.peers_connected
+        .set(i64::try_from(status.connected_peers).unwrap_or(i64::MAX));
+    m.resident_bytes.set(crate::metrics::resident_bytes());
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::encode(&s.scrape.registry),
+    ))
 }
 
 async fn ask<T>(f: impl Future<Output = Result<T, NodeError>>) -> Result<T, StatusCode> {

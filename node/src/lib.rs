@@ -26,6 +26,7 @@ pub mod demo;
 mod error;
 pub mod identity;
 pub mod limits;
+mod metrics;
 pub mod net;
 pub mod node;
 mod node_client;

@@ -105,7 +105,15 @@ impl Node {
                 crate::net::task::TaskCodec::default()
             };
             let answers = codec.answers();
-            let mut swarm = build_swarm(&key, &config, codec)?;
+            let mut registry = prometheus_client::registry::Registry::default();
+            let mut swarm = build_swarm(&key, &config, codec, &mut registry)?;
+            let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
+            let node_metrics = crate::metrics::NodeMetrics::default();
+            node_metrics.register(registry.sub_registry_with_prefix("corvid"));
+            node_metrics.memory_cap_bytes.set(
+                i64::try_from(limits.memory).unwrap_or(i64::MAX),
+            );
+            let registry = std::sync::Arc::new(registry);
             let listen_addrs = listen(&mut swarm, &config.listen).await?;
             // Addresses the operator vouches for (a forwarded port): no probe needed.
             for addr in &config.nat.external {
@@ -119,7 +127,16 @@ impl Node {
             let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
             let client = NodeClient::new(tx);
             let (control_addr, control_task) =
-                control::serve(config.control, client.clone(), cancel.clone()).await?;
+                control::serve(
+                    config.control,
+                    client.clone(),
+                    control::Scrape {
+                        registry,
+                        node: node_metrics.clone(),
+                    },
+                    cancel.clone(),
+                )
+                .await?;
             let control_file = config.control_file();
             if let Some(path) = &control_file
                 && let Err(e) = std::fs::write(path, format!("{control_addr}\n"))
@@ -190,6 +207,8 @@ impl Node {
                     #[cfg(target_os = "linux")]
                     executor: probe,
                     answers,
+                    metrics: node_metrics,
+                    libp2p_metrics,
                 },
             );
             let task = tokio::spawn(event_loop.run(cancel.clone()).in_current_span());

@@ -109,17 +109,19 @@ pub(crate) struct WorkQueues {
     pub finished: mpsc::Receiver<Finished>,
 }
 
-/// What the status reports besides the network: the worker's limits and its executor.
-#[derive(Debug, Default)]
+/// What the status reports besides the network (the worker's limits and its executor), and
+/// the metrics the event loop records.
 pub(crate) struct Extras {
     pub limits: Option<crate::limits::Limits>,
     #[cfg(target_os = "linux")]
     pub executor: Option<crate::sandbox::Probe>,
     /// What answers to this node's tasks may carry (shared with the task codec).
     pub answers: std::sync::Arc<super::task::Answers>,
+    /// Corvid's series and libp2p's, for `GET /metrics`.
+    pub metrics: crate::metrics::NodeMetrics,
+    pub libp2p_metrics: libp2p::metrics::Metrics,
 }
 
-/// The swarm's owner.
 /// Where the answer to a task this node sent goes.
 type Reply = oneshot::Sender<Result<TaskResponse, String>>;
 
@@ -131,6 +133,7 @@ struct Sent {
     resent: bool,
 }
 
+/// The swarm's owner.
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
@@ -360,6 +363,22 @@ impl EventLoop {
         }
     }
 
+    /// Counts `event` in libp2p's metrics.
+    fn record(&self, event: &SwarmEvent<BehaviourEvent>) {
+        use libp2p::metrics::Recorder;
+        let m = &self.extras.libp2p_metrics;
+        m.record(event);
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => m.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => m.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => m.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => m.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => m.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => m.record(e),
+            _ => {}
+        }
+    }
+
     /// Sends the worker's answer to the peer that asked.
     fn respond(&mut self, done: Finished) {
         if let Some(n) = self.queued.get_mut(&done.peer) {
@@ -368,6 +387,18 @@ impl EventLoop {
                 self.queued.remove(&done.peer);
             }
         }
+        let m = &self.extras.metrics;
+        match &done.response {
+            TaskResponse::Done { outputs, .. } => {
+                m.task("done");
+                m.task_bytes_out
+                    .inc_by(outputs.iter().map(|d| d.meta().bytes()).sum());
+            }
+            TaskResponse::Failed { .. } => m.task("failed"),
+            TaskResponse::Missing { .. } => m.task("missing_inputs"),
+        }
+        m.queue_depth
+            .set(self.queued.values().sum::<usize>() as i64);
         // Fails only if the requester has gone; nothing to do then.
         let _ = self
             .swarm
@@ -409,6 +440,16 @@ impl EventLoop {
                     ..
                 } => {
                     let task = request.task;
+                    self.extras.metrics.task_bytes_in.inc_by(
+                        request
+                            .inputs
+                            .iter()
+                            .map(|i| match i {
+                                corvid_sdk::wire::Input::Data(d) => d.meta().bytes(),
+                                _ => 0,
+                            })
+                            .sum(),
+                    );
                     let refusal = match &self.work {
                         None => Some((
                             channel,
@@ -441,7 +482,15 @@ impl EventLoop {
                             )),
                         },
                     };
+                    let m = &self.extras.metrics;
+                    m.queue_depth
+                        .set(self.queued.values().sum::<usize>() as i64);
                     if let Some((channel, error)) = refusal {
+                        m.task(if matches!(error, TaskError::Busy) {
+                            "busy"
+                        } else {
+                            "refused"
+                        });
                         tracing::debug!(%peer, task, %error, "task refused");
                         let r = TaskResponse::Failed { task, error };
                         let _ = self.swarm.behaviour_mut().task.send_response(channel, r);
@@ -488,6 +537,7 @@ impl EventLoop {
     }
 
     fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.record(&event);
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.handle_gossip(e),
             SwarmEvent::Behaviour(BehaviourEvent::Task(e)) => self.handle_task(e),

@@ -186,6 +186,7 @@ pub(crate) fn build_swarm(
     key: &Keypair,
     config: &NodeConfig,
     codec: task::TaskCodec,
+    registry: &mut prometheus_client::registry::Registry,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let psk = config.psk.as_ref().map(|p| p.key);
     // AutoNAT v2 clients give up on a probe after 10 s and then hear nothing: a dial back to a
@@ -217,6 +218,7 @@ pub(crate) fn build_swarm(
         // Connections through a relay: noise and yamux again, inside the relayed stream.
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_bandwidth_metrics(registry)
         .with_behaviour(|key, relay_client| behaviour(key, config, codec, relay_client))
         .map_err(|e| NetError::Behaviour(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))

@@ -10,6 +10,7 @@ mod forged_adverts;
 mod fuzz_corpus;
 mod hostile;
 mod kill_worker;
+mod metrics;
 mod nat;
 mod process;
 mod requester;

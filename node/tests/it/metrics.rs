@@ -1,0 +1,98 @@
+//! `GET /metrics` on a worker that ran tasks: Prometheus text that a Prometheus parser reads,
+//! with libp2p's series and Corvid's, the tasks counted.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use corvid_node::Client;
+use corvid_sdk::{Graph, Settings};
+
+/// `GET path` from the control endpoint at `addr`: (status code, body).
+fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
+#[test]
+fn metrics_parse_and_count_the_tasks_workers_ran() {
+    let client = Client::local(2).unwrap().with_settings(Settings {
+        block: 64,
+        ..Settings::default()
+    });
+    let g = Graph::new("metrics").with_executor(client.executor());
+    let x = g.random(&[128, 64], -1.0, 1.0, 1);
+    x.matmul(&g.random(&[64, 96], -1.0, 1.0, 2))
+        .unwrap()
+        .tanh()
+        .unwrap()
+        .eval_data()
+        .unwrap();
+
+    let mut done = 0.0;
+    let mut bytes_out = 0.0;
+    for worker in client.workers() {
+        let (code, body) = get(worker.control_addr(), "/metrics");
+        assert_eq!(code, 200, "{body}");
+        // The body may be chunked: keep the exposition lines only.
+        let lines: Vec<String> = body
+            .lines()
+            .filter(|l| l.starts_with('#') || l.contains(' '))
+            .map(str::to_string)
+            .collect();
+        let scrape = prometheus_parse::Scrape::parse(lines.iter().map(|l| Ok(l.clone()))).unwrap();
+        let value = |name: &str, outcome: Option<&str>| -> f64 {
+            scrape
+                .samples
+                .iter()
+                .filter(|s| s.metric == name)
+                .filter(|s| outcome.is_none_or(|o| s.labels.get("outcome") == Some(o)))
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Counter(v)
+                    | prometheus_parse::Value::Gauge(v)
+                    | prometheus_parse::Value::Untyped(v) => v,
+                    _ => 0.0,
+                })
+                .sum()
+        };
+        done += value("corvid_tasks_total", Some("done"));
+        bytes_out += value("corvid_task_bytes_out_total", None);
+        assert!(
+            value("corvid_resident_bytes", None) > 1e6,
+            "resident memory is reported:\n{body}"
+        );
+        assert!(value("corvid_memory_cap_bytes", None) > 0.0, "{body}");
+        assert!(value("corvid_peers_connected", None) >= 1.0, "{body}");
+        assert!(
+            scrape
+                .samples
+                .iter()
+                .any(|s| s.metric.starts_with("libp2p_swarm_connections")),
+            "libp2p's own series are there:\n{body}"
+        );
+        assert!(
+            scrape
+                .samples
+                .iter()
+                .any(|s| s.metric.starts_with("libp2p_bandwidth")),
+            "{body}"
+        );
+    }
+    let s = client.last_summary().unwrap();
+    let tasks: usize = s.places.values().map(|p| p.tasks).sum();
+    assert!(
+        done >= 1.0,
+        "no task counted as done; the job ran {tasks}:\n{s}"
+    );
+    assert!(bytes_out > 0.0, "answers carried no bytes");
+}
