@@ -411,6 +411,9 @@ impl NodeConfig {
 
 /// File in the data dir holding the running node's control address.
 pub const CONTROL_FILE: &str = "control.addr";
+/// File in the data dir (mode 0600) holding the token that requests changing the running
+/// node's state (pause, resume) must carry; a new one each start.
+pub const TOKEN_FILE: &str = "control.token";
 
 /// The platform's data dir for corvid (`~/.local/share/corvid` on Linux).
 pub fn default_data_dir() -> Option<PathBuf> {

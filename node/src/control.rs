@@ -56,6 +56,7 @@ pub(crate) async fn serve(
     addr: SocketAddr,
     node: NodeClient,
     scrape: Scrape,
+    token: String,
     cancel: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<()>), NodeError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -68,8 +69,14 @@ pub(crate) async fn serve(
         .route("/peers", get(peers))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/pause", axum::routing::post(pause))
+        .route("/resume", axum::routing::post(resume))
         .layer(axum::middleware::from_fn(loopback_host_only))
-        .with_state(Served { node, scrape });
+        .with_state(Served {
+            node,
+            scrape,
+            token: std::sync::Arc::from(token),
+        });
     let task = tokio::spawn(
         async move {
             let shutdown = cancel.clone();
@@ -131,6 +138,63 @@ pub(crate) struct Scrape {
 struct Served {
     node: NodeClient,
     scrape: Scrape,
+    /// What requests that change the node's state carry (`Authorization: Bearer …`).
+    token: std::sync::Arc<str>,
+}
+
+/// The body of `POST /pause`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct PauseRequest {
+    /// Shown in the status and the log.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Whether `headers` carry the node's token.
+fn authorized(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .is_some_and(|given| {
+            // Same length and every byte compared: no early exit to time.
+            given.len() == token.len()
+                && given
+                    .bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+        })
+}
+
+/// Longest pause reason kept.
+const MAX_REASON: usize = 200;
+
+async fn pause(
+    State(s): State<Served>,
+    headers: axum::http::HeaderMap,
+    body: Option<Json<PauseRequest>>,
+) -> Result<Json<Status>, StatusCode> {
+    if !authorized(&headers, &s.token) {
+        return Err(StatusCode::UNAUTHORIZED);
+    }
+    let reason = body
+        .and_then(|Json(b)| b.reason)
+        .map(|r| crate::status::printable(&r, MAX_REASON))
+        .unwrap_or_else(|| "paused by its owner".to_string());
+    ask(s.node.set_paused(Some(reason))).await?;
+    ask(s.node.status()).await.map(Json)
+}
+
+async fn resume(
+    State(s): State<Served>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<Status>, StatusCode> {
+    if !authorized(&headers, &s.token) {
+        return Err(StatusCode::UNAUTHORIZED);
+    }
+    ask(s.node.set_paused(None)).await?;
+    ask(s.node.status()).await.map(Json)
 }
 
 async fn peers(State(s): State<Served>) -> Result<Json<Vec<PeerInfo>>, StatusCode> {
@@ -209,6 +273,61 @@ pub async fn get_json<T: DeserializeOwned>(
         addr,
         reason: e.to_string(),
     })
+}
+
+/// `POST http://{addr}{path}` with the node's `token` and a JSON `body`; decodes the JSON
+/// answer (the node's status).
+pub async fn post_json<B: serde::Serialize, T: DeserializeOwned>(
+    addr: SocketAddr,
+    path: &str,
+    token: &str,
+    body: &B,
+) -> Result<T, ControlError> {
+    let err = |reason: String| ControlError::Request { addr, reason };
+    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Full<Bytes>>();
+    let body = serde_json::to_vec(body).map_err(|e| err(e.to_string()))?;
+    let request = hyper::Request::post(format!("http://{addr}{path}"))
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(http_body_util::Full::new(Bytes::from(body)))
+        .map_err(|e| err(e.to_string()))?;
+    let response = tokio::time::timeout(REQUEST_TIMEOUT, client.request(request))
+        .await
+        .map_err(|_| err(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())))?
+        .map_err(|e| err(error_chain(&e)))?;
+    if !response.status().is_success() {
+        return Err(ControlError::Status {
+            addr,
+            status: response.status().as_u16(),
+        });
+    }
+    let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+        .collect()
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| ControlError::Json {
+        addr,
+        reason: e.to_string(),
+    })
+}
+
+/// A new control token, written to `path` readable by the owner only (a previous one is
+/// replaced).
+pub(crate) fn new_token(path: Option<&Path>) -> String {
+    let token: String = rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if let Some(path) = path {
+        let _ = std::fs::remove_file(path);
+        let written = crate::identity::private_file(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, token.as_bytes()));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the control token: pause and resume will not work from the command line");
+        }
+    }
+    token
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

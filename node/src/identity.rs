@@ -132,7 +132,7 @@ fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
 }
 
 /// Creates `path` (it must not exist) readable and writable by the owner only.
-fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+pub(crate) fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]

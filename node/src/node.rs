@@ -134,6 +134,13 @@ impl Node {
                         registry,
                         node: node_metrics.clone(),
                     },
+                    control::new_token(
+                        config
+                            .data_dir
+                            .as_ref()
+                            .map(|d| d.join(crate::config::TOKEN_FILE))
+                            .as_deref(),
+                    ),
                     cancel.clone(),
                 )
                 .await?;

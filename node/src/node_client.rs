@@ -42,6 +42,12 @@ impl NodeClient {
     }
 
     /// Sets the advertised free execution slots; a change is re-published at once.
+    /// Pauses the node (`Some(reason)`: it takes no new task and advertises no free slot;
+    /// running tasks finish) or resumes it (`None`).
+    pub async fn set_paused(&self, reason: Option<String>) -> Result<(), NodeError> {
+        self.ask(|reply| Command::SetPaused { reason, reply }).await
+    }
+
     pub async fn set_free_slots(&self, free: u32) -> Result<(), NodeError> {
         self.ask(|reply| Command::SetFreeSlots { free, reply })
             .await

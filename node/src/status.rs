@@ -33,6 +33,9 @@ pub struct Status {
     pub rejections: BTreeMap<String, u64>,
     pub bootstrap: Vec<BootstrapStatus>,
     pub uptime_ms: u64,
+    /// Why the node takes no new task (`corvid pause`), if it is paused.
+    #[serde(default)]
+    pub paused: Option<String>,
     /// Tasks from peers this node has answered (done or failed).
     #[serde(default)]
     pub tasks_answered: u64,
@@ -177,9 +180,33 @@ pub fn bootstrap_line(addrs: &[Multiaddr], peer: &PeerId, psk: Option<&Path>) ->
     Some(line)
 }
 
+/// Text a peer chose, made safe for a terminal: control characters (escape sequences could
+/// rewrite the screen or the title) shown as `\u{…}`, at most `max` characters.
+pub fn printable(text: &str, max: usize) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_unicode().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .take(max)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_text_cannot_reach_the_terminal_raw() {
+        let hostile = "GPU\u{1b}]0;pwned\u{7}\u{1b}[2J\r\nfake line";
+        let shown = printable(hostile, 200);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.starts_with("GPU\\u{1b}]0;pwned"), "{shown:?}");
+        assert_eq!(printable("cpu (x86_64 avx2)", 3), "cpu");
+    }
 
     #[test]
     fn bootstrap_line_prefers_a_routable_address() {

@@ -62,6 +62,11 @@ pub(crate) enum Command {
         free: u32,
         reply: oneshot::Sender<()>,
     },
+    /// Pauses (with the reason) or resumes taking tasks from peers.
+    SetPaused {
+        reason: Option<String>,
+        reply: oneshot::Sender<()>,
+    },
     /// Publishes raw bytes on the advert topic (tests of the receivers' validation).
     PublishRaw {
         data: Vec<u8>,
@@ -159,6 +164,10 @@ pub(crate) struct EventLoop {
     tasks_answered: u64,
     /// Reachability, relay slots, the path of each connection.
     nat: Nat,
+    /// Why the node takes no new task, while it is paused.
+    paused: Option<String>,
+    /// The worker's free slots (advertised unless paused).
+    free_slots: u32,
     /// Our own advert as last published, for peers that ask what we hold.
     own_signed: Option<Arc<[u8]>>,
     /// When we last asked a peer for the adverts it holds.
@@ -200,6 +209,7 @@ impl EventLoop {
             })
             .collect();
         let contributes = work.is_some();
+        let free_slots = advert.slots_free;
         EventLoop {
             swarm,
             commands,
@@ -220,6 +230,8 @@ impl EventLoop {
             queued: HashMap::new(),
             tasks_answered: 0,
             nat: Nat::new(contributes),
+            paused: None,
+            free_slots,
             own_signed: None,
             caught_up: None,
             announced: None,
@@ -282,11 +294,22 @@ impl EventLoop {
                 let _ = reply.send(self.status());
             }
             Command::SetFreeSlots { free, reply } => {
-                let free = free.min(self.advert.slots_total);
-                if free != self.advert.slots_free {
-                    self.advert.slots_free = free;
-                    self.schedule_publish(Duration::ZERO);
+                self.free_slots = free.min(self.advert.slots_total);
+                self.advertise_slots();
+                let _ = reply.send(());
+            }
+            Command::SetPaused { reason, reply } => {
+                match &reason {
+                    Some(why) => {
+                        tracing::info!(reason = %why, "paused: no new tasks from peers (running ones finish)")
+                    }
+                    None if self.paused.is_some() => {
+                        tracing::info!("resumed: taking tasks from peers")
+                    }
+                    None => {}
                 }
+                self.paused = reason;
+                self.advertise_slots();
                 let _ = reply.send(());
             }
             Command::PublishRaw { data, reply } => {
@@ -349,6 +372,19 @@ impl EventLoop {
                 resent,
             },
         );
+    }
+
+    /// Advertises the worker's free slots, or none while paused; publishes a change at once.
+    fn advertise_slots(&mut self) {
+        let free = if self.paused.is_some() {
+            0
+        } else {
+            self.free_slots
+        };
+        if free != self.advert.slots_free {
+            self.advert.slots_free = free;
+            self.schedule_publish(Duration::ZERO);
+        }
     }
 
     /// Sends the waiting tasks whose peer has a direct connection now, or will not have one
@@ -451,6 +487,8 @@ impl EventLoop {
                             .sum(),
                     );
                     let refusal = match &self.work {
+                        // Busy: the requester places it elsewhere, at no cost to its standing.
+                        Some(_) if self.paused.is_some() => Some((channel, TaskError::Busy)),
                         None => Some((
                             channel,
                             TaskError::Invalid(
@@ -1148,6 +1186,7 @@ impl EventLoop {
                 .collect(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             tasks_answered: self.tasks_answered,
+            paused: self.paused.clone(),
             gossip_scores: self.low_scores(),
             reachability: self.nat.reachability().clone(),
             relay_addrs: self

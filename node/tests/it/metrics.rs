@@ -96,3 +96,43 @@ fn metrics_parse_and_count_the_tasks_workers_ran() {
     );
     assert!(bytes_out > 0.0, "answers carried no bytes");
 }
+
+/// A paused worker takes no task (it answers busy, which the metrics count) and advertises no
+/// free slot; resumed, it works again.
+#[test]
+fn paused_workers_take_no_tasks_until_resumed() {
+    let client = Client::local(1).unwrap().with_settings(Settings {
+        block: 64,
+        ..Settings::default()
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let worker = client.workers()[0].client();
+    rt.block_on(worker.set_paused(Some("on battery".into())))
+        .unwrap();
+    let status = rt.block_on(worker.status()).unwrap();
+    assert_eq!(status.paused.as_deref(), Some("on battery"));
+    assert_eq!(status.advert.slots_free, 0);
+
+    let job = |seed: u64| {
+        let g = Graph::new("paused").with_executor(client.executor());
+        g.random(&[64, 32], -1.0, 1.0, seed)
+            .matmul(&g.random(&[32, 16], -1.0, 1.0, seed + 1))
+            .unwrap()
+            .eval_data()
+    };
+    let e = job(1).unwrap_err().to_string();
+    assert!(e.to_lowercase().contains("busy"), "{e}");
+    let (_, body) = get(client.workers()[0].control_addr(), "/metrics");
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("corvid_tasks_total{outcome=\"busy\"}") && !l.ends_with(" 0")),
+        "the refusals are counted:\n{body}"
+    );
+
+    rt.block_on(worker.set_paused(None)).unwrap();
+    assert_eq!(rt.block_on(worker.status()).unwrap().paused, None);
+    job(3).unwrap();
+}

@@ -223,3 +223,72 @@ fn the_control_endpoint_answers_loopback_hosts_only_and_logs_carry_no_colour() {
         "colour codes in a log file:\n{text}"
     );
 }
+
+/// `corvid pause` and `corvid resume` on a real node: paused, it advertises no free slot and
+/// says why; a request without the token from the data dir (mode 0600) changes nothing.
+#[test]
+fn pause_and_resume_need_the_token_and_change_the_advert() {
+    let dir = tempfile::tempdir().unwrap();
+    let _node = start_node(dir.path(), None);
+    id_of(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let status = || -> serde_json::Value {
+        let out = corvid(&["peers", "--json", "--data-dir", d]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["status"].clone()
+    };
+    assert_eq!(status()["advert"]["slots_free"], 3);
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("control.token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // Without the token, or with another: refused.
+    let addr = std::fs::read_to_string(dir.path().join("control.addr")).unwrap();
+    let post = |token: Option<&str>| -> u16 {
+        use std::io::{Read, Write};
+        let addr = addr.trim();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        write!(
+            s,
+            "POST /pause HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(post(None), 401);
+    assert_eq!(post(Some("0000")), 401);
+    assert_eq!(status()["paused"], serde_json::Value::Null);
+
+    let out = corvid(&["pause", "--reason", "gaming", "--data-dir", d]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("paused (gaming)"));
+    let s = status();
+    assert_eq!(s["paused"], "gaming");
+    assert_eq!(s["advert"]["slots_free"], 0);
+    assert!(
+        String::from_utf8_lossy(&corvid(&["peers", "--data-dir", d]).stdout)
+            .contains("paused (gaming)")
+    );
+
+    let out = corvid(&["resume", "--data-dir", d]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status();
+    assert_eq!(s["paused"], serde_json::Value::Null);
+    assert_eq!(s["advert"]["slots_free"], 3);
+}
