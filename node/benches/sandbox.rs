@@ -29,6 +29,7 @@ fn main() {
         cpu_seconds: 3600,
         forbid: Vec::new(),
         threads: 1,
+        cpus: None,
         #[cfg(feature = "fault-injection")]
         crash_every: 0,
     })

@@ -208,6 +208,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 
 async fn run_node(args: &NodeArgs) -> Result<(), CliError> {
     let config = NodeConfig::resolve(args)?;
+    // This process's kernels (the benchmark, checks, tasks run in process) use this many
+    // threads; the executor process gets the same cap from the node.
+    if let Some(n) = config.cpus {
+        match rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
+            Ok(()) => tracing::info!(cpus = n, "kernels use at most {n} core(s)"),
+            Err(e) => tracing::warn!(error = %e, "cannot cap the kernels' threads"),
+        }
+    }
     let shutdown = CancellationToken::new();
     let node = Node::spawn(config, shutdown.clone()).await?;
     wait_for_signal().await;
@@ -472,6 +483,8 @@ struct ConfigDump<'a> {
     executor: String,
     control: String,
     max_connections: u32,
+    /// Cores the kernels may use, or "all".
+    cpus: String,
     /// Relay limits, or "off".
     relay: String,
     upnp: bool,
@@ -522,6 +535,10 @@ fn dump_config(args: &NodeArgs) -> Result<(), CliError> {
         },
         control: c.control.to_string(),
         max_connections: c.max_connections,
+        cpus: c.cpus.map_or_else(
+            || format!("all ({})", crate::config::available_cores()),
+            |n| n.to_string(),
+        ),
         relay: match &c.nat.relay {
             None => "off".into(),
             Some(r) => format!(

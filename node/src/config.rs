@@ -120,6 +120,9 @@ pub struct NodeConfig {
     /// `false` for a requester-only peer: advertises no slots.
     pub contribute: bool,
     pub slots: u32,
+    /// Cores the node's kernels may use (the thread pools of the CPU backend, the software GPU
+    /// driver and checks); `None`: all of them.
+    pub cpus: Option<usize>,
     /// Loopback address of the JSON control endpoint (port 0: chosen, written to `control.addr`).
     pub control: SocketAddr,
     pub max_connections: u32,
@@ -209,6 +212,7 @@ impl NodeConfig {
             psk: None,
             contribute: true,
             slots: 2,
+            cpus: None,
             control: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             max_connections: 64,
             timing: Timing {
@@ -323,6 +327,21 @@ impl NodeConfig {
             psk,
             contribute: !args.no_contribute && file.contribute.unwrap_or(true),
             slots: args.slots.or(file.slots).unwrap_or(1),
+            cpus: match (&args.cpus, &file.cpus) {
+                (Some(flag), _) => Some(parse_cpus(flag, available_cores())?),
+                (None, Some(toml::Value::Integer(n))) => {
+                    Some(parse_cpus(&n.to_string(), available_cores())?)
+                }
+                (None, Some(toml::Value::String(t))) => Some(parse_cpus(t, available_cores())?),
+                (None, Some(other)) => {
+                    return Err(value(
+                        "cpus",
+                        &other.to_string(),
+                        "a count or a percentage like \"50%\"",
+                    ));
+                }
+                (None, None) => None,
+            },
             control,
             max_connections: file.max_connections.unwrap_or(128),
             timing,
@@ -475,6 +494,10 @@ pub struct NodeArgs {
     /// Execution slots offered [default: 1]
     #[arg(long, env = "CORVID_SLOTS", value_name = "N")]
     pub slots: Option<u32>,
+    /// Cores the node's kernels may use: a count ("2") or a share of this machine's ("50%")
+    /// [default: all]
+    #[arg(long, env = "CORVID_CPUS", value_name = "N|P%")]
+    pub cpus: Option<String>,
     /// Loopback address of the control endpoint [default: 127.0.0.1:0]
     #[arg(long, env = "CORVID_CONTROL", value_name = "ADDR")]
     pub control: Option<SocketAddr>,
@@ -524,6 +547,7 @@ struct FileConfig {
     psk: Option<PathBuf>,
     contribute: Option<bool>,
     slots: Option<u32>,
+    cpus: Option<toml::Value>,
     control: Option<SocketAddr>,
     max_connections: Option<u32>,
     relay: Option<bool>,
@@ -620,6 +644,38 @@ fn positive(field: &'static str, d: Duration) -> Result<Duration, ConfigError> {
     }
 }
 
+/// Cores this machine lets the process use.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// `--cpus`: a count of cores, or a percentage of `available`; at least one, at most all.
+pub fn parse_cpus(text: &str, available: usize) -> Result<usize, ConfigError> {
+    let bad = |why: &str| value("cpus", text, why);
+    let text = text.trim();
+    let n = match text.strip_suffix('%') {
+        Some(p) => {
+            let p: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| bad("a percentage like \"50%\""))?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(bad("a percentage above 0 and at most 100"));
+            }
+            ((available as f64 * p / 100.0).round() as usize).max(1)
+        }
+        None => text
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| bad("a count of cores (1 or more) or a percentage like \"50%\""))?,
+    };
+    if n > available {
+        return Err(bad(&format!("this machine has {available} cores")));
+    }
+    Ok(n)
+}
+
 fn value(field: &'static str, value: &str, reason: &str) -> ConfigError {
     ConfigError::Value {
         field,
@@ -631,6 +687,18 @@ fn value(field: &'static str, value: &str, reason: &str) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpus_are_a_count_or_a_share() {
+        assert_eq!(parse_cpus("1", 8).unwrap(), 1);
+        assert_eq!(parse_cpus("50%", 8).unwrap(), 4);
+        assert_eq!(parse_cpus(" 25 % ", 2).unwrap(), 1, "rounded, at least one");
+        assert_eq!(parse_cpus("100%", 6).unwrap(), 6);
+        for bad in ["0", "-1", "0%", "150%", "two", "", "9"] {
+            let e = parse_cpus(bad, 8).unwrap_err().to_string();
+            assert!(e.contains("cpus"), "{bad}: {e}");
+        }
+    }
 
     fn args(dir: &Path) -> NodeArgs {
         NodeArgs {

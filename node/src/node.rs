@@ -313,6 +313,7 @@ async fn engine(
             cpu_seconds: DEFAULT_CPU_SECONDS,
             forbid,
             threads: config.slots as usize,
+            cpus: config.cpus,
             #[cfg(feature = "fault-injection")]
             crash_every: crate::worker::faults::crash_every(config.fault),
         };

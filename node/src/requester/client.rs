@@ -458,6 +458,7 @@ impl ClientBuilder {
             },
             contribute: false,
             slots: 1,
+            cpus: None,
             control: std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
             max_connections: 128,
             timing: self.timing.clone(),

@@ -63,6 +63,8 @@ pub struct SandboxConfig {
     pub forbid: Vec<PathBuf>,
     /// Tasks the executor runs at once (the node's slots).
     pub threads: usize,
+    /// Cores its kernels may use (the CPU backend's thread pool, lavapipe's); `None`: all.
+    pub cpus: Option<usize>,
     /// Fault injection: the executor aborts on every n-th task (0: never).
     #[cfg(feature = "fault-injection")]
     pub crash_every: u64,
@@ -449,6 +451,12 @@ fn spawn(cfg: &SandboxConfig) -> Result<(Child, Arc<UnixStream>, Ready), Sandbox
         if let Some(v) = std::env::var_os(k) {
             cmd.env(k, v);
         }
+    }
+    // The cap on cores: rayon's global pool (every CPU kernel, gemm, checks) and lavapipe's
+    // rasterizer threads read these at start.
+    if let Some(n) = cfg.cpus {
+        cmd.env("RAYON_NUM_THREADS", n.to_string())
+            .env("LP_NUM_THREADS", n.to_string());
     }
     let mut child = cmd.spawn().map_err(|source| SandboxError::Spawn {
         program: cfg.program.clone(),

@@ -292,3 +292,82 @@ fn pause_and_resume_need_the_token_and_change_the_advert() {
     assert_eq!(s["paused"], serde_json::Value::Null);
     assert_eq!(s["advert"]["slots_free"], 3);
 }
+
+/// CPU seconds (user and system) process `pid` has used so far.
+fn cpu_seconds(pid: u64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at its closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line (11 and 12 after the name), in
+    // clock ticks: 100 a second on Linux (USER_HZ).
+    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0
+}
+
+/// `--cpus 1`: a node kept busy by a requester uses about one core (node and executor
+/// processes together, from /proc), where the machine has more. The bound is on CPU time per
+/// wall time, not on either alone.
+#[test]
+fn one_cpu_keeps_a_busy_node_to_about_one_core() {
+    use corvid_sdk::{Graph, Settings};
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        eprintln!("SKIPPED: one core here, nothing to cap");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.toml"), "bench_budget = \"300ms\"\n").unwrap();
+    let node = Proc(
+        Command::new(BIN)
+            .arg("node")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--backend", "cpu"])
+            .args(["--slots", "1", "--cpus", "1"])
+            .env("CORVID_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let id = id_of(dir.path());
+    let boot = id["bootstrap"][0].as_str().unwrap().to_string();
+    let d = dir.path().to_str().unwrap().to_string();
+    let status = corvid(&["peers", "--json", "--data-dir", &d]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let executor = status["status"]["executor"]["pid"].as_u64().unwrap();
+    let node_pid = u64::from(node.0.id());
+
+    let client = corvid_node::Client::builder()
+        .bootstrap(&boot)
+        .wait_for_workers(1, Duration::from_secs(30))
+        .connect()
+        .unwrap()
+        .with_settings(Settings {
+            block: 1024,
+            ..Settings::default()
+        });
+    let busy = || cpu_seconds(node_pid) + cpu_seconds(executor);
+    let (cpu0, t0) = (busy(), Instant::now());
+    let g = Graph::new("busy").with_executor(client.executor());
+    let mut x = g.random(&[1024, 1024], -1.0, 1.0, 1);
+    for i in 0..16 {
+        x = x
+            .matmul(&g.random(&[1024, 1024], -0.03, 0.03, 10 + i))
+            .unwrap();
+    }
+    x.eval_data().unwrap();
+    let (cpu, wall) = (busy() - cpu0, t0.elapsed().as_secs_f64());
+    let s = client.last_summary().unwrap();
+    println!(
+        "--cpus 1 on {cores} cores: {cpu:.2} CPU s in {wall:.2} s = {:.2} cores\n{s}",
+        cpu / wall
+    );
+    assert!(cpu > 0.3, "the node did little work ({cpu:.2} CPU s): {s}");
+    assert!(
+        cpu / wall < 1.35,
+        "--cpus 1 used {:.2} cores ({cpu:.2} CPU s in {wall:.2} s)",
+        cpu / wall
+    );
+}
