@@ -21,6 +21,13 @@ if [ "$(id -u)" -eq 0 ]; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables >/dev/null
     fi
     export CORVID_REQUIRE_NETNS=1
+    # The status page is checked in a real browser: Debian's headless Chromium.
+    if ! command -v chromium >/dev/null 2>&1; then
+        echo "installing chromium (the status page's browser test)" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+    export CORVID_REQUIRE_BROWSER=1
 fi
 
 # Kernel tests fail, rather than skip, when no Vulkan adapter is found.

@@ -62,6 +62,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Summarise a running local node: its state, scores, reachability and peers
+    Status {
+        #[command(flatten)]
+        target: ControlArgs,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop taking tasks from peers (running ones finish) until `corvid resume`
     Pause {
         #[command(flatten)]
@@ -172,6 +180,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         } => run_bench(&backend, budget.into(), json).await,
         Command::Id { node, json } => run_id(&node, json).await,
         Command::Peers { target, json } => run_peers(&target, json).await,
+        Command::Status { target, json } => run_status(&target, json).await,
         Command::Pause { target, reason } => {
             set_paused(&target, "/pause", &control::PauseRequest { reason }).await
         }
@@ -384,6 +393,65 @@ async fn set_paused<B: Serialize>(
             status.advert.slots_free, status.advert.slots_total
         ),
     })
+}
+
+async fn run_status(target: &ControlArgs, json: bool) -> Result<(), CliError> {
+    let (_, addr) = control_target(target)?;
+    let status: Status = control::get_json(addr, "/status").await?;
+    if json {
+        return out(json_string(&status)?);
+    }
+    out(status_summary(&status, addr))
+}
+
+/// What `corvid status` prints: the status page, in a terminal.
+pub fn status_summary(status: &Status, control: SocketAddr) -> String {
+    let me = &status.advert;
+    let mut s = format!("corvid node {}\n", status.peer_id);
+    s.push_str(&match &status.paused {
+        Some(why) => {
+            format!("  state        paused ({why}); `corvid resume` to take tasks again\n")
+        }
+        None if me.contributes => format!(
+            "  state        taking tasks, {} of {} slots free\n",
+            me.slots_free, me.slots_total
+        ),
+        None => "  state        requester only\n".to_string(),
+    });
+    s.push_str(&format!(
+        "  backend      {} ({})\n  scores       {:.1} GFLOP/s matmul, {:.2} GB/s elementwise\n  memory       {} offered\n  tasks        {} answered\n  up           {} s\n",
+        me.backend,
+        printable(&me.adapter, 60),
+        me.matmul_gflops,
+        me.elementwise_gbps,
+        bytesize::ByteSize(me.memory_bytes).display().iec(),
+        status.tasks_answered,
+        status.uptime_ms / 1000,
+    ));
+    s.push_str(&match &status.reachability {
+        Reachability::Checking => "  reachable    still checking\n".to_string(),
+        Reachability::Reachable { addrs } => format!("  reachable    at {}\n", addrs.join(", ")),
+        Reachability::Unreachable { tested, .. } => format!(
+            "  reachable    no (peers could not dial {tested}){}\n",
+            if status.relay_addrs.is_empty() {
+                String::new()
+            } else {
+                format!("; through a relay at {}", status.relay_addrs.join(", "))
+            }
+        ),
+    });
+    s.push_str(&format!(
+        "  peers        {} connected, {} known; hole punches {} succeeded, {} failed\n",
+        status.connected_peers,
+        status.known_peers,
+        status.hole_punches.succeeded,
+        status.hole_punches.failed
+    ));
+    if let Some(line) = &status.bootstrap_line {
+        s.push_str(&format!("  others run   {line}\n"));
+    }
+    s.push_str(&format!("  status page  http://{control}/\n"));
+    s
 }
 
 async fn run_peers(target: &ControlArgs, json: bool) -> Result<(), CliError> {

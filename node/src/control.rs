@@ -1,5 +1,6 @@
-//! The local control endpoint: JSON over HTTP on loopback (`GET /peers`, `GET /status`), and the
-//! client `corvid peers` and `corvid id` use to read it.
+//! The local control endpoint on loopback: the status page (`GET /`), JSON (`GET /peers`,
+//! `GET /status`), Prometheus metrics (`GET /metrics`), pause and resume (`POST`, with the
+//! token); and the client `corvid peers`, `corvid id`, `corvid pause` use to reach it.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -66,6 +67,7 @@ pub(crate) async fn serve(
         .local_addr()
         .map_err(|source| NodeError::Control { addr, source })?;
     let app = Router::new()
+        .route("/", get(page))
         .route("/peers", get(peers))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
@@ -195,6 +197,13 @@ async fn resume(
     }
     ask(s.node.set_paused(None)).await?;
     ask(s.node.status()).await.map(Json)
+}
+
+/// The status page.
+async fn page(State(s): State<Served>) -> Result<axum::response::Html<String>, StatusCode> {
+    let status = ask(s.node.status()).await?;
+    let peers = ask(s.node.peers()).await?;
+    Ok(axum::response::Html(crate::page::render(&status, &peers)))
 }
 
 async fn peers(State(s): State<Served>) -> Result<Json<Vec<PeerInfo>>, StatusCode> {

@@ -121,11 +121,30 @@ fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(io)?;
             }
-            let mut file = private_file(path).map_err(io)?;
-            file.write_all(&bytes).map_err(io)?;
-            file.sync_all().map_err(io)?;
-            tracing::info!(path = %path.display(), peer_id = %key.public().to_peer_id(), "created a new identity");
-            Ok(key)
+            // Written whole under a temporary name, then linked into place: a process that
+            // reads the key at the same time (`corvid id` while the node starts) sees either
+            // no file or the whole key, and of two processes making one, the second uses the
+            // first's.
+            let tmp = path.with_extension(format!(
+                "new-{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            let _ = std::fs::remove_file(&tmp);
+            let written = private_file(&tmp).and_then(|mut file| {
+                file.write_all(&bytes)?;
+                file.sync_all()
+            });
+            let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), peer_id = %key.public().to_peer_id(), "created a new identity");
+                    Ok(key)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create(path),
+                Err(e) => Err(io(e)),
+            }
         }
         Err(e) => Err(io(e)),
     }
@@ -239,6 +258,25 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
+        }
+    }
+
+    #[test]
+    fn processes_making_the_key_at_once_end_with_one_key() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("identity.key");
+            let ids: Vec<String> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| s.spawn(|| load_or_create(&path).map(|k| k.public().to_peer_id())))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap().unwrap().to_string())
+                    .collect()
+            });
+            assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
         }
     }
 

@@ -30,6 +30,7 @@ mod metrics;
 pub mod net;
 pub mod node;
 mod node_client;
+mod page;
 pub mod peers;
 pub mod requester;
 #[cfg(target_os = "linux")]

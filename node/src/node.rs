@@ -155,6 +155,7 @@ impl Node {
             tracing::info!(%peer_id, addrs = ?listen_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 control = %control_addr, gflops = advert.matmul_gflops, gbps = advert.elementwise_gbps,
                 adapter = %advert.adapter, "node started");
+            tracing::info!("status page http://{control_addr}/");
             // Said again, for peers outside this network, once peers have shown they can
             // reach this node (directly or through a relay).
             if let Some(line) = &line {

@@ -43,6 +43,9 @@ const MAX_UNCONFIRMED_PER_RELAY: usize = 8;
 const CATCHUP_QUOTA: usize = 32;
 /// Most peers listed with their gossip score in the status (the lowest scores).
 const MAX_SCORES_SHOWN: usize = 32;
+/// A task whose connection closes under it is sent again at most this often (connections
+/// churn when a relayed one is replaced by a hole-punched one, or duplicates are dropped).
+const MAX_RESENDS: u8 = 3;
 /// Publishing waits this long after a peer subscribes, so several arrivals share one advert.
 const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(200);
 /// When the start-up summary of who is there is logged.
@@ -134,8 +137,8 @@ type Reply = oneshot::Sender<Result<TaskResponse, String>>;
 struct Sent {
     request: Box<TaskRequest>,
     reply: Reply,
-    /// Sent a second time already (the first connection closed).
-    resent: bool,
+    /// Times it was sent again because the connection it went on closed.
+    resent: u8,
 }
 
 /// The swarm's owner.
@@ -343,7 +346,7 @@ impl EventLoop {
                     tracing::debug!(%peer, task = request.task, "task waits for a direct connection");
                     self.waiting.push((peer, request, reply));
                 } else {
-                    self.send(peer, request, reply, false);
+                    self.send(peer, request, reply, 0);
                 }
             }
             Command::CancelTask { peer, task } => {
@@ -358,7 +361,7 @@ impl EventLoop {
 
     /// Sends a task to `peer`, keeping it (its tensors are shared, not copied) to send once more
     /// if the connection it went on closes.
-    fn send(&mut self, peer: PeerId, request: Box<TaskRequest>, reply: Reply, resent: bool) {
+    fn send(&mut self, peer: PeerId, request: Box<TaskRequest>, reply: Reply, resent: u8) {
         let id = self
             .swarm
             .behaviour_mut()
@@ -395,7 +398,7 @@ impl EventLoop {
             .partition(|(peer, _, _)| !self.nat.direct_soon(peer));
         self.waiting = still;
         for (peer, request, reply) in ready {
-            self.send(peer, request, reply, false);
+            self.send(peer, request, reply, 0);
         }
     }
 
@@ -557,10 +560,10 @@ impl EventLoop {
                 // direct one, a short-lived one, an idle one closing) says nothing about the
                 // peer: send it once more, on a connection that is up or a new dial.
                 if matches!(error, request_response::OutboundFailure::ConnectionClosed)
-                    && !sent.resent
+                    && sent.resent < MAX_RESENDS
                 {
                     tracing::debug!(%peer, task = sent.request.task, "connection closed under a task: sending it again");
-                    self.send(peer, sent.request, sent.reply, true);
+                    self.send(peer, sent.request, sent.reply, sent.resent + 1);
                     return;
                 }
                 self.extras.answers.forget(sent.request.task);

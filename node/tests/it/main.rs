@@ -12,6 +12,7 @@ mod hostile;
 mod kill_worker;
 mod metrics;
 mod nat;
+mod page;
 mod process;
 mod requester;
 mod swarm;

@@ -281,6 +281,16 @@ fn pause_and_resume_need_the_token_and_change_the_advert() {
         String::from_utf8_lossy(&corvid(&["peers", "--data-dir", d]).stdout)
             .contains("paused (gaming)")
     );
+    let summary = corvid(&["status", "--data-dir", d]);
+    let summary = String::from_utf8_lossy(&summary.stdout);
+    assert!(
+        summary.contains("state        paused (gaming)"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("status page  http://127.0.0.1:"),
+        "{summary}"
+    );
 
     let out = corvid(&["resume", "--data-dir", d]);
     assert!(
