@@ -276,7 +276,11 @@ mod tests {
                     .collect()
             });
             assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
-            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
+            assert_eq!(
+                std::fs::read_dir(dir.path()).unwrap().count(),
+                1,
+                "no temporary left"
+            );
         }
     }
 
