@@ -175,6 +175,8 @@ pub(crate) struct EventLoop {
     own_signed: Option<Arc<[u8]>>,
     /// When we last asked a peer for the adverts it holds.
     caught_up: Option<Instant>,
+    /// When we last answered each peer's asking (once per advert interval).
+    catchup_answered: HashMap<PeerId, Instant>,
     /// The join command last logged.
     announced: Option<String>,
     /// Tasks for peers reached only through a relay, waiting (a few seconds at most) for hole
@@ -237,6 +239,7 @@ impl EventLoop {
             free_slots,
             own_signed: None,
             caught_up: None,
+            catchup_answered: HashMap::new(),
             announced: None,
             waiting: Vec::new(),
             extras,
@@ -678,7 +681,8 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
-                self.nat.closed(peer_id, connection_id, num_established);
+                self.nat
+                    .closed(&mut self.swarm, peer_id, connection_id, num_established);
                 if num_established > 0 {
                     return;
                 }
@@ -782,14 +786,26 @@ impl EventLoop {
     fn handle_catchup(&mut self, e: request_response::Event<catchup::Ask, catchup::Adverts>) {
         match e {
             request_response::Event::Message {
+                peer,
                 message: request_response::Message::Request { channel, .. },
                 ..
             } => {
-                let held = self
-                    .own_signed
-                    .iter()
-                    .cloned()
-                    .chain(self.table.signed_adverts(catchup::MAX_ADVERTS - 1));
+                // Once per peer and advert interval: a small request must not buy a large
+                // answer over and over.
+                let now = Instant::now();
+                let again = self.catchup_answered.get(&peer).is_some_and(|t| {
+                    now.saturating_duration_since(*t) < self.timing.advert_interval
+                });
+                self.catchup_answered.insert(peer, now);
+                let held: Vec<Arc<[u8]>> = if again {
+                    Vec::new()
+                } else {
+                    self.own_signed
+                        .iter()
+                        .cloned()
+                        .chain(self.table.signed_adverts(catchup::MAX_ADVERTS - 1))
+                        .collect()
+                };
                 let _ = self
                     .swarm
                     .behaviour_mut()
@@ -980,6 +996,9 @@ impl EventLoop {
 
     fn expire(&mut self) {
         let now = Instant::now();
+        let interval = self.timing.advert_interval;
+        self.catchup_answered
+            .retain(|_, t| now.saturating_duration_since(*t) < interval);
         let before = self.unconfirmed.len();
         let within = self.timing.dial_timeout;
         self.unconfirmed

@@ -57,6 +57,9 @@ pub(crate) struct Nat {
     conns: HashMap<ConnectionId, Conn>,
     /// Peers a hole punch to failed: their tasks go through the relay at once.
     punch_failed: HashSet<PeerId>,
+    /// Whether we relay for others, once no relayed connection is open (see
+    /// [`Nat::set_relaying`]).
+    relaying_wanted: Option<bool>,
     /// Counts for the status: hole punches that succeeded and failed.
     punched: u64,
     punch_failures: u64,
@@ -103,8 +106,17 @@ impl Nat {
         );
     }
 
-    pub fn closed(&mut self, peer: PeerId, id: ConnectionId, remaining: u32) {
+    pub fn closed(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        id: ConnectionId,
+        remaining: u32,
+    ) {
         self.conns.remove(&id);
+        if let Some(on) = self.relaying_wanted {
+            self.set_relaying(swarm, on);
+        }
         if remaining == 0 {
             self.dialled.remove(&peer);
             self.autonat_dials.remove(&peer);
@@ -232,6 +244,26 @@ impl Nat {
         }
     }
 
+    /// Offers relaying (circuit relay v2) to peers, or stops: only while peers can dial this
+    /// node directly (a relay address of its own does not count, as libp2p would count it).
+    /// libp2p-relay 0.22 tells every connection's handler of the change, including relayed
+    /// connections, whose handler cannot take it and panics: the change waits until no
+    /// relayed connection is open.
+    fn set_relaying(&mut self, swarm: &mut Swarm<Behaviour>, on: bool) {
+        if self.conns.values().any(|c| c.path == PeerPath::Relayed) {
+            self.relaying_wanted = Some(on);
+            return;
+        }
+        self.relaying_wanted = None;
+        if let Some(relay) = swarm.behaviour_mut().relay.as_mut() {
+            relay.set_status(Some(if on {
+                relay::Status::Enable
+            } else {
+                relay::Status::Disable
+            }));
+        }
+    }
+
     /// While peers cannot dial us, hold a slot on up to [`RELAY_SLOTS`] relays.
     fn reserve(&mut self, swarm: &mut Swarm<Behaviour>) {
         if !self.wants_slots || !self.needs_relay() {
@@ -269,6 +301,9 @@ impl Nat {
         };
         tracing::info!(%relay, "relay slot closed");
         self.reserved.remove(&relay);
+        // Not asked again until it says it relays again (identify): a relay that refuses or
+        // cannot be reached is not retried in a loop.
+        self.relays.remove(&relay);
         self.circuits
             .retain(|c| !c.iter().any(|p| p == Protocol::P2p(relay)));
         self.reserve(swarm);
@@ -309,7 +344,7 @@ impl Nat {
                 // Others can reach us: answer DHT queries, relay for those they cannot reach,
                 // and need no relay slot of our own.
                 swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
-                set_relaying(swarm, true);
+                self.set_relaying(swarm, true);
                 for (relay, listener) in self.reserved.drain() {
                     tracing::debug!(%relay, "relay slot no longer needed");
                     swarm.remove_listener(listener);
@@ -324,7 +359,7 @@ impl Nat {
             addrs.retain(|a| *a != address.to_string());
             if addrs.is_empty() {
                 self.reachability = Reachability::Checking;
-                set_relaying(swarm, false);
+                self.set_relaying(swarm, false);
             }
         }
     }
@@ -411,18 +446,6 @@ impl Nat {
             } => tracing::info!(relay = %relay_peer_id, "holding a slot on a relay"),
             other => tracing::debug!(event = ?other, "relay client"),
         }
-    }
-}
-
-/// Offers relaying (circuit relay v2) to peers, or stops: only while peers can dial this node
-/// directly (a relay address of its own does not count, as libp2p would count it).
-pub(crate) fn set_relaying(swarm: &mut Swarm<Behaviour>, on: bool) {
-    if let Some(relay) = swarm.behaviour_mut().relay.as_mut() {
-        relay.set_status(Some(if on {
-            relay::Status::Enable
-        } else {
-            relay::Status::Disable
-        }));
     }
 }
 
