@@ -188,6 +188,11 @@ impl PeerTable {
         all.into_iter().take(n).map(|e| e.signed.clone()).collect()
     }
 
+    /// The sequence number of `peer`'s advert in the table.
+    pub fn seq(&self, peer: &PeerId) -> Option<u64> {
+        self.entries.get(peer).map(|e| e.advert.seq)
+    }
+
     /// Whether `peer` has an advert in the table.
     pub fn contains(&self, peer: &PeerId) -> bool {
         self.entries.contains_key(peer)

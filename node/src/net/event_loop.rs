@@ -834,6 +834,8 @@ impl EventLoop {
                         advert::now_ms(),
                         self.timing.peer_expiry,
                     ) {
+                        // One we hold already (it came by gossip too): nothing to do.
+                        Ok(a) if self.table.seq(&author).is_some_and(|held| held >= a.seq) => {}
                         Ok(a) => {
                             let _ = self.admit(
                                 author,
