@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -258,30 +258,8 @@ pub async fn get_json<T: DeserializeOwned>(
     addr: SocketAddr,
     path: &str,
 ) -> Result<T, ControlError> {
-    let err = |reason: String| ControlError::Request { addr, reason };
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let uri: hyper::Uri = format!("http://{addr}{path}")
-        .parse()
-        .map_err(|e: hyper::http::uri::InvalidUri| err(e.to_string()))?;
-    let response = tokio::time::timeout(REQUEST_TIMEOUT, client.get(uri))
-        .await
-        .map_err(|_| err(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())))?
-        .map_err(|e| err(error_chain(&e)))?;
-    if !response.status().is_success() {
-        return Err(ControlError::Status {
-            addr,
-            status: response.status().as_u16(),
-        });
-    }
-    let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-        .collect()
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| ControlError::Json {
-        addr,
-        reason: e.to_string(),
-    })
+    let request = hyper::Request::get(format!("http://{addr}{path}")).body(Full::default());
+    send_json(addr, request).await
 }
 
 /// `POST http://{addr}{path}` with the node's `token` and a JSON `body`; decodes the JSON
@@ -292,14 +270,25 @@ pub async fn post_json<B: serde::Serialize, T: DeserializeOwned>(
     token: &str,
     body: &B,
 ) -> Result<T, ControlError> {
-    let err = |reason: String| ControlError::Request { addr, reason };
-    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Full<Bytes>>();
-    let body = serde_json::to_vec(body).map_err(|e| err(e.to_string()))?;
+    let body = serde_json::to_vec(body).map_err(|e| ControlError::Request {
+        addr,
+        reason: e.to_string(),
+    })?;
     let request = hyper::Request::post(format!("http://{addr}{path}"))
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
-        .body(http_body_util::Full::new(Bytes::from(body)))
-        .map_err(|e| err(e.to_string()))?;
+        .body(Full::new(Bytes::from(body)));
+    send_json(addr, request).await
+}
+
+/// Sends `request` to the endpoint at `addr` and decodes its JSON answer (at most 8 MiB).
+async fn send_json<T: DeserializeOwned>(
+    addr: SocketAddr,
+    request: Result<hyper::Request<Full<Bytes>>, hyper::http::Error>,
+) -> Result<T, ControlError> {
+    let err = |reason: String| ControlError::Request { addr, reason };
+    let request = request.map_err(|e| err(e.to_string()))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let response = tokio::time::timeout(REQUEST_TIMEOUT, client.request(request))
         .await
         .map_err(|_| err(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())))?

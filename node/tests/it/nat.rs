@@ -124,7 +124,24 @@ fn a_requester_behind_nat_runs_jobs_on_the_swarm() {
 /// or left on the relay.
 const PUNCH_TRIES: usize = 10;
 
-/// The MLP both NAT tests run, on `g`.
+/// Public host A (`d0`, at 10.77.3.2): the bootstrap node, which relays once peers can dial
+/// it; host B only lets A learn that (AutoNAT servers answer peers that dialled them).
+/// Neither works. Returns their processes, A's peer id and its bootstrap address.
+fn relays(
+    public: &str,
+    public2: &str,
+    d0: &std::path::Path,
+    d1: &std::path::Path,
+) -> ([common::Proc; 2], String, String) {
+    use common::netns::node_in_with;
+    let id0 = peer_id(d0);
+    let a = node_in_with(public, d0, 4001, None, &["--no-contribute"]);
+    let boot = format!("/ip4/10.77.3.2/tcp/4001/p2p/{id0}");
+    let b = node_in_with(public2, d1, 4001, Some(&boot), &["--no-contribute"]);
+    ([a, b], id0, boot)
+}
+
+/// The MLP the NAT tests run, on `g`.
 fn small_mlp(g: &Graph, seed: u64) -> corvid_sdk::Tensor {
     let x = g.random(&[64, 32], -1.0, 1.0, seed);
     (x.matmul(&g.random(&[32, 16], -0.5, 0.5, seed + 1)).unwrap()
@@ -144,18 +161,7 @@ fn a_worker_behind_nat_serves_a_requester_behind_another_nat() {
     let (_net, [public, home1, home2, public2]) = Net::build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (d0, d2) = (dir.path().join("relay"), dir.path().join("worker"));
-    let id0 = peer_id(&d0);
-    // Public host A: the bootstrap node, which relays once peers can dial it; host B only
-    // lets A learn that (AutoNAT servers answer peers that dialled them). Neither works.
-    let _relay = node_in_with(&public, &d0, 4001, None, &["--no-contribute"]);
-    let boot = format!("/ip4/10.77.3.2/tcp/4001/p2p/{id0}");
-    let _public2 = node_in_with(
-        &public2,
-        &dir.path().join("public2"),
-        4001,
-        Some(&boot),
-        &["--no-contribute"],
-    );
+    let (_relays, id0, boot) = relays(&public, &public2, &d0, &dir.path().join("public2"));
     let started = Instant::now();
     let relay_verdict = common::wait_until("the relay's verdict", Duration::from_secs(30), || {
         let r = status_in(&public, &d0)?.reachability;
@@ -333,7 +339,7 @@ fn a_worker_behind_nat_serves_a_requester_behind_another_nat() {
 /// NAT): hole punching cannot work, and the worker is still used, through the relay.
 #[test]
 fn a_worker_behind_a_symmetric_nat_is_used_through_the_relay() {
-    use common::netns::{Mapping, node_in_with};
+    use common::netns::Mapping;
     if !available("nat::a_worker_behind_a_symmetric_nat_is_used_through_the_relay") {
         return;
     }
@@ -342,16 +348,7 @@ fn a_worker_behind_a_symmetric_nat_is_used_through_the_relay() {
         Net::build_with([Mapping::PortPreserving, Mapping::Random]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (d0, d2) = (dir.path().join("relay"), dir.path().join("worker"));
-    let id0 = peer_id(&d0);
-    let _relay = node_in_with(&public, &d0, 4001, None, &["--no-contribute"]);
-    let boot = format!("/ip4/10.77.3.2/tcp/4001/p2p/{id0}");
-    let _public2 = node_in_with(
-        &public2,
-        &dir.path().join("public2"),
-        4001,
-        Some(&boot),
-        &["--no-contribute"],
-    );
+    let (_relays, _, boot) = relays(&public, &public2, &d0, &dir.path().join("public2"));
     let id2 = peer_id(&d2);
     let _worker = node_in(&home2, &d2, 4001, Some(&boot));
     let summary = in_ns(&home1, move || {

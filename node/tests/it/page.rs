@@ -10,27 +10,19 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Proc, wait_until};
+use common::{Proc, node_process, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_corvid");
 
+/// A node process in `dir` with a short benchmark and second-scale adverts.
 fn node(dir: &Path, bootstrap: Option<&str>) -> Proc {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.toml"), "bench_budget = \"300ms\"\n").unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.arg("node")
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--backend", "cpu"])
-        .args(["--advert-interval", "1s", "--peer-expiry", "5s"])
-        .env("CORVID_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(b) = bootstrap {
-        cmd.args(["--bootstrap", b]);
-    }
-    Proc(cmd.spawn().unwrap())
+    node_process(
+        dir,
+        bootstrap,
+        &["--advert-interval", "1s", "--peer-expiry", "5s"],
+    )
 }
 
 fn json(args: &[&str]) -> Option<serde_json::Value> {

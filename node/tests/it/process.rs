@@ -327,20 +327,7 @@ fn one_cpu_keeps_a_busy_node_to_about_one_core() {
     }
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.toml"), "bench_budget = \"300ms\"\n").unwrap();
-    let node = Proc(
-        Command::new(BIN)
-            .arg("node")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--backend", "cpu"])
-            .args(["--slots", "1", "--cpus", "1"])
-            .env("CORVID_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let node = common::node_process(dir.path(), None, &["--cpus", "1"]);
     let id = id_of(dir.path());
     let boot = id["bootstrap"][0].as_str().unwrap().to_string();
     let d = dir.path().to_str().unwrap().to_string();
