@@ -408,6 +408,21 @@ impl NodeConfig {
         if self.max_connections == 0 {
             return Err(value("max_connections", "0", "must be at least 1"));
         }
+        if let Some(r) = &self.nat.relay {
+            // libp2p's relay panics on a circuit duration over u32::MAX seconds; a day is
+            // already far more than a relayed connection needs.
+            if r.circuit_duration < Duration::from_secs(1) || r.circuit_duration > MAX_CIRCUIT_TIME
+            {
+                return Err(value(
+                    "relay_circuit_duration",
+                    &humantime::format_duration(r.circuit_duration).to_string(),
+                    "between 1s and 24h",
+                ));
+            }
+            if r.circuit_bytes == 0 {
+                return Err(value("relay_circuit_bytes", "0", "must be above 0"));
+            }
+        }
         let t = &self.timing;
         if t.peer_expiry < t.advert_interval * 2 {
             return Err(value(
@@ -427,6 +442,9 @@ impl NodeConfig {
         self.data_dir.as_ref().map(|d| d.join(CONTROL_FILE))
     }
 }
+
+/// Longest a relayed connection may be allowed to last.
+const MAX_CIRCUIT_TIME: Duration = Duration::from_secs(24 * 3600);
 
 /// File in the data dir holding the running node's control address.
 pub const CONTROL_FILE: &str = "control.addr";
@@ -687,6 +705,26 @@ fn value(field: &'static str, value: &str, reason: &str) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_limits_out_of_range_are_refused_by_name() {
+        let mut c = NodeConfig::for_test(0);
+        for (d, bytes) in [
+            (Duration::ZERO, 1),
+            (Duration::from_secs(200 * 365 * 24 * 3600), 1),
+            (Duration::from_secs(60), 0),
+        ] {
+            c.nat.relay = Some(RelayLimits {
+                circuit_duration: d,
+                circuit_bytes: bytes,
+                ..RelayLimits::default()
+            });
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("relay_circuit"), "{e}");
+        }
+        c.nat.relay = Some(RelayLimits::default());
+        c.validate().unwrap();
+    }
 
     #[test]
     fn cpus_are_a_count_or_a_share() {
