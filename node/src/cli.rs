@@ -231,10 +231,17 @@ async fn run_node(args: &NodeArgs) -> Result<(), CliError> {
     let shutdown = CancellationToken::new();
     let node = Node::spawn(config, shutdown.clone()).await?;
     wait_for_signal().await;
-    tracing::info!("shutting down");
-    node.join().await;
+    let grace: Duration = args.stop_grace.map_or(DEFAULT_STOP_GRACE, Into::into);
+    tracing::info!(grace = %humantime::format_duration(grace), "stopping: tasks in hand finish first (a second signal stops at once)");
+    tokio::select! {
+        _ = node.stop(grace) => tracing::info!("stopped"),
+        _ = wait_for_signal() => tracing::info!("stopped at once"),
+    }
     Ok(())
 }
+
+/// How long a stopping node lets the tasks it holds finish (`--stop-grace`).
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(30);
 
 async fn wait_for_signal() {
     #[cfg(unix)]
@@ -553,6 +560,9 @@ struct ConfigDump<'a> {
     max_connections: u32,
     /// Cores the kernels may use, or "all".
     cpus: String,
+    /// Pause while other programs use more than this share of the CPUs, or "never".
+    pause_when_busy: String,
+    pause_on_battery: bool,
     /// Relay limits, or "off".
     relay: String,
     upnp: bool,
@@ -607,6 +617,11 @@ fn dump_config(args: &NodeArgs) -> Result<(), CliError> {
             || format!("all ({})", crate::config::available_cores()),
             |n| n.to_string(),
         ),
+        pause_when_busy: c
+            .pause
+            .when_busy
+            .map_or_else(|| "never".into(), |s| format!("{:.0}%", s * 100.0)),
+        pause_on_battery: c.pause.on_battery,
         relay: match &c.nat.relay {
             None => "off".into(),
             Some(r) => format!(

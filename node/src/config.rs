@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::identity::IdentitySource;
 use crate::identity::{IdentityError, Psk};
+use crate::rules::PauseRules;
 
 /// Largest config file we read.
 const MAX_CONFIG_BYTES: u64 = 64 * 1024;
@@ -131,6 +132,8 @@ pub struct NodeConfig {
     pub executor: ExecutorMode,
     /// Relaying for peers behind NAT, port mapping, addresses others dial.
     pub nat: NatConfig,
+    /// When a contributing node pauses by itself (busy machine, battery).
+    pub pause: PauseRules,
     /// Misbehaviour for tests and demos of requesters' defences (the `fault-injection`
     /// feature); set only by the hidden `--cheat` flag, never from files or the environment.
     #[cfg(feature = "fault-injection")]
@@ -213,6 +216,7 @@ impl NodeConfig {
             contribute: true,
             slots: 2,
             cpus: None,
+            pause: PauseRules::none(),
             control: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             max_connections: 64,
             timing: Timing {
@@ -303,6 +307,36 @@ impl NodeConfig {
             })?,
             None => BackendChoice::Auto,
         };
+        let backend = match (args.gpu.map(|g| g == Switch::On).or(file.gpu), backend) {
+            (Some(false), BackendChoice::Gpu) | (Some(true), BackendChoice::Cpu) => {
+                return Err(value(
+                    "gpu",
+                    if backend == BackendChoice::Gpu {
+                        "off"
+                    } else {
+                        "on"
+                    },
+                    &format!("contradicts backend = {backend}"),
+                ));
+            }
+            (Some(false), _) => BackendChoice::Cpu,
+            (_, b) => b,
+        };
+        let pause = PauseRules {
+            when_busy: match args
+                .pause_when_busy
+                .as_deref()
+                .or(file.pause_when_busy.as_deref())
+            {
+                Some(t) => parse_share("pause_when_busy", t)?,
+                None => None,
+            },
+            on_battery: !args.no_pause_on_battery && file.pause_on_battery.unwrap_or(true),
+            power_supply: args
+                .power_supply_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(crate::rules::POWER_SUPPLY_DIR)),
+        };
         let psk = match args.psk.as_ref().or(file.psk.as_ref()) {
             Some(p) => Some(Psk::load(p)?),
             None => None,
@@ -374,6 +408,7 @@ impl NodeConfig {
                     pick(&args.external_addr, &file.external_addr),
                 )?,
             },
+            pause,
             #[cfg(feature = "fault-injection")]
             fault: args.cheat.map(Into::into),
         };
@@ -507,7 +542,7 @@ pub struct NodeArgs {
     #[arg(long, env = "CORVID_PSK", value_name = "FILE")]
     pub psk: Option<PathBuf>,
     /// Join as a requester only: advertise no execution slots
-    #[arg(long, env = "CORVID_NO_CONTRIBUTE")]
+    #[arg(long, env = "CORVID_NO_CONTRIBUTE", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_contribute: bool,
     /// Execution slots offered [default: 1]
     #[arg(long, env = "CORVID_SLOTS", value_name = "N")]
@@ -516,6 +551,24 @@ pub struct NodeArgs {
     /// [default: all]
     #[arg(long, env = "CORVID_CPUS", value_name = "N|P%")]
     pub cpus: Option<String>,
+    /// Use the GPU ("on": if there is one) or never touch it ("off": the CPU backend)
+    /// [default: on]
+    #[arg(long, env = "CORVID_GPU", value_name = "on|off")]
+    pub gpu: Option<Switch>,
+    /// Pause while other programs use more than this share of the CPUs, e.g. "50%"; resume
+    /// once they use less [default: never]
+    #[arg(long, env = "CORVID_PAUSE_WHEN_BUSY", value_name = "P%")]
+    pub pause_when_busy: Option<String>,
+    /// Keep working while the machine runs on battery (by default the node pauses)
+    #[arg(long, env = "CORVID_NO_PAUSE_ON_BATTERY", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_pause_on_battery: bool,
+    /// The Linux power-supply class directory the battery rule reads (tests)
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub power_supply_dir: Option<PathBuf>,
+    /// On SIGTERM or Ctrl-C, how long the tasks in hand may take to finish before they go back
+    /// to their requesters, e.g. "30s" [default: 30s]
+    #[arg(long, env = "CORVID_STOP_GRACE", value_name = "DURATION")]
+    pub stop_grace: Option<humantime::Duration>,
     /// Loopback address of the control endpoint [default: 127.0.0.1:0]
     #[arg(long, env = "CORVID_CONTROL", value_name = "ADDR")]
     pub control: Option<SocketAddr>,
@@ -527,10 +580,10 @@ pub struct NodeArgs {
     pub peer_expiry: Option<humantime::Duration>,
     /// Never relay for peers behind NAT (by default a node that peers can dial relays, within
     /// the relay_* limits of the config file)
-    #[arg(long, env = "CORVID_NO_RELAY")]
+    #[arg(long, env = "CORVID_NO_RELAY", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_relay: bool,
     /// Do not ask the router for a port mapping (UPnP)
-    #[arg(long, env = "CORVID_NO_UPNP")]
+    #[arg(long, env = "CORVID_NO_UPNP", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_upnp: bool,
     /// An address others can dial this node at (a forwarded port, a public address),
     /// repeatable: advertised without waiting for peers to confirm it
@@ -543,7 +596,7 @@ pub struct NodeArgs {
     pub external_addr: Vec<String>,
     /// Run peers' tasks inside the node process instead of a confined executor process
     /// (debugging only: a bug a task triggers then costs the node)
-    #[arg(long, env = "CORVID_NO_SANDBOX")]
+    #[arg(long, env = "CORVID_NO_SANDBOX", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_sandbox: bool,
     /// Misbehave on purpose, to show requesters' defences (`corvid demo --cheater`). Hidden,
     /// and only in a build with the `fault-injection` feature; no environment variable or
@@ -566,6 +619,9 @@ struct FileConfig {
     contribute: Option<bool>,
     slots: Option<u32>,
     cpus: Option<toml::Value>,
+    gpu: Option<bool>,
+    pause_when_busy: Option<String>,
+    pause_on_battery: Option<bool>,
     control: Option<SocketAddr>,
     max_connections: Option<u32>,
     relay: Option<bool>,
@@ -694,6 +750,32 @@ pub fn parse_cpus(text: &str, available: usize) -> Result<usize, ConfigError> {
     Ok(n)
 }
 
+/// On or off, as `--gpu` takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+/// A share of the machine's CPUs, "P%" with 0 < P ≤ 100 (or "off": none).
+pub fn parse_share(field: &'static str, text: &str) -> Result<Option<f64>, ConfigError> {
+    let t = text.trim();
+    if t == "off" {
+        return Ok(None);
+    }
+    t.strip_suffix('%')
+        .and_then(|p| p.trim().parse::<f64>().ok())
+        .filter(|p| *p > 0.0 && *p <= 100.0)
+        .map(|p| Some(p / 100.0))
+        .ok_or_else(|| {
+            value(
+                field,
+                text,
+                "a percentage above 0 and at most 100, like \"50%\"",
+            )
+        })
+}
+
 fn value(field: &'static str, value: &str, reason: &str) -> ConfigError {
     ConfigError::Value {
         field,
@@ -724,6 +806,17 @@ mod tests {
         }
         c.nat.relay = Some(RelayLimits::default());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn busy_shares_are_percentages() {
+        assert_eq!(parse_share("f", "50%").unwrap(), Some(0.5));
+        assert_eq!(parse_share("f", " 100 % ").unwrap(), Some(1.0));
+        assert_eq!(parse_share("f", "off").unwrap(), None);
+        for bad in ["0%", "101%", "50", "half", "-5%"] {
+            let e = parse_share("pause_when_busy", bad).unwrap_err().to_string();
+            assert!(e.contains("pause_when_busy"), "{bad}: {e}");
+        }
     }
 
     #[test]

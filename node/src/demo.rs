@@ -214,6 +214,8 @@ fn spawn_worker(
         "1",
         "--listen",
         "/ip4/127.0.0.1/tcp/0",
+        // The demo's workers serve the demo on this machine: they need not step aside for it.
+        "--no-pause-on-battery",
         "--data-dir",
     ])
     .arg(&data)

@@ -33,6 +33,7 @@ mod node_client;
 mod page;
 pub mod peers;
 pub mod requester;
+pub mod rules;
 #[cfg(target_os = "linux")]
 pub mod sandbox;
 mod status;
@@ -50,10 +51,11 @@ pub use config::{NatConfig, NodeArgs, NodeConfig, RelayLimits};
 pub use libp2p::Multiaddr;
 pub use limits::Limits;
 pub use node::{
-    BootstrapStatus, HolePunches, Node, NodeClient, NodeError, NodeHandle, PeerPath, Reachability,
-    Status,
+    BootstrapStatus, HolePunches, Node, NodeClient, NodeError, NodeHandle, PauseCause, PeerPath,
+    Reachability, Status,
 };
 pub use peers::PeerInfo;
 pub use requester::{Client, ClientBuilder, ClientError, JobSummary, SwarmExecutor};
+pub use rules::PauseRules;
 #[cfg(feature = "fault-injection")]
 pub use worker::faults::Fault;

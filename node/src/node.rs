@@ -30,7 +30,7 @@ pub use crate::peers::PeerPath;
 pub use crate::error::NodeError;
 pub use crate::node_client::NodeClient;
 pub use crate::status::{
-    BootstrapStatus, ExecutorStatus, HolePunches, Reachability, Status, bootstrap_line,
+    BootstrapStatus, ExecutorStatus, HolePunches, PauseCause, Reachability, Status, bootstrap_line,
 };
 
 /// Commands queued for the event loop at most.
@@ -40,6 +40,8 @@ const COMMAND_QUEUE: usize = 64;
 const CANCEL_QUEUE: usize = 256;
 /// Answers the worker has ready for the event loop at most (the worker then waits).
 const FINISHED_QUEUE: usize = 64;
+/// How often a stopping node checks whether its tasks are done.
+const STOP_POLL: Duration = Duration::from_millis(50);
 /// Listeners must report an address within this.
 const LISTEN_DEADLINE: Duration = Duration::from_secs(5);
 /// After the first address of each listener, further addresses are awaited this long.
@@ -220,6 +222,12 @@ impl Node {
                 },
             );
             let task = tokio::spawn(event_loop.run(cancel.clone()).in_current_span());
+            let mut tasks = vec![task, control_task];
+            tasks.extend(worker_task);
+            if config.contribute && !config.pause.is_empty() {
+                let rules = crate::rules::watch(config.pause.clone(), client.clone(), cancel.clone());
+                tasks.push(tokio::spawn(rules.in_current_span()));
+            }
             Ok(NodeHandle {
                 client,
                 peer_id,
@@ -230,7 +238,7 @@ impl Node {
                 bench,
                 limits,
                 cancel,
-                tasks: [Some(task), Some(control_task), worker_task].into_iter().flatten().collect(),
+                tasks,
             })
         }
         .instrument(span)
@@ -507,6 +515,38 @@ impl NodeHandle {
     /// Asks the node to stop; [`NodeHandle::join`] waits for it.
     pub fn shutdown(&self) {
         self.cancel.cancel();
+    }
+
+    /// Stops the node gracefully: it takes no new task (advertising no free slot), the tasks
+    /// it holds run and are answered for up to `grace`, then it stops; tasks still held then
+    /// go back to their requesters (whose connections close, so they place them elsewhere).
+    /// Returns how many were handed back.
+    pub async fn stop(self, grace: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + grace;
+        let reason = "stopping: running tasks finish, no new ones".to_string();
+        let mut left = 0;
+        if self
+            .client
+            .set_pause(PauseCause::Stopping, Some(reason))
+            .await
+            .is_ok()
+        {
+            loop {
+                left = match self.client.status().await {
+                    Ok(s) => s.tasks_in_hand,
+                    Err(_) => 0,
+                };
+                if left == 0 || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(STOP_POLL).await;
+            }
+        }
+        if left > 0 {
+            tracing::warn!(tasks = left, grace = %humantime::format_duration(grace), "tasks not done in time go back to their requesters");
+        }
+        self.join().await;
+        left
     }
 
     /// Stops the node and waits until its tasks have ended.

@@ -6,7 +6,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::NodeError;
 use crate::net::event_loop::Command;
 use crate::peers::PeerInfo;
-use crate::status::Status;
+use crate::status::{PauseCause, Status};
 
 /// A cheap, cloneable way to ask the event loop things.
 #[derive(Clone, Debug)]
@@ -41,13 +41,28 @@ impl NodeClient {
         self.ask(|reply| Command::Status { reply }).await
     }
 
-    /// Sets the advertised free execution slots; a change is re-published at once.
-    /// Pauses the node (`Some(reason)`: it takes no new task and advertises no free slot;
-    /// running tasks finish) or resumes it (`None`).
+    /// Pauses the node as its owner (`Some(reason)`: it takes no new task and advertises no
+    /// free slot; running tasks finish) or lifts the owner's pause (`None`).
     pub async fn set_paused(&self, reason: Option<String>) -> Result<(), NodeError> {
-        self.ask(|reply| Command::SetPaused { reason, reply }).await
+        self.set_pause(PauseCause::Owner, reason).await
     }
 
+    /// Holds (`Some(reason)`) or lifts (`None`) the pause for one cause: the node takes tasks
+    /// again once no cause holds one.
+    pub async fn set_pause(
+        &self,
+        cause: PauseCause,
+        reason: Option<String>,
+    ) -> Result<(), NodeError> {
+        self.ask(|reply| Command::SetPaused {
+            cause,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    /// Sets the advertised free execution slots; a change is re-published at once.
     pub async fn set_free_slots(&self, free: u32) -> Result<(), NodeError> {
         self.ask(|reply| Command::SetFreeSlots { free, reply })
             .await

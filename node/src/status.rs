@@ -33,9 +33,13 @@ pub struct Status {
     pub rejections: BTreeMap<String, u64>,
     pub bootstrap: Vec<BootstrapStatus>,
     pub uptime_ms: u64,
-    /// Why the node takes no new task (`corvid pause`), if it is paused.
+    /// Why the node takes no new task, if it is paused: its owner (`corvid pause`), a pause
+    /// rule, or stopping. The first cause in [`PauseCause`] order is shown.
     #[serde(default)]
     pub paused: Option<String>,
+    /// Tasks from peers queued or running here now.
+    #[serde(default)]
+    pub tasks_in_hand: usize,
     /// Tasks from peers this node has answered (done or failed).
     #[serde(default)]
     pub tasks_answered: u64,
@@ -61,6 +65,20 @@ pub struct Status {
     /// process, or not contributing).
     #[serde(default)]
     pub executor: Option<ExecutorStatus>,
+}
+
+/// Why a node pauses, most important first: each cause holds or releases its own pause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseCause {
+    /// The node is stopping (SIGTERM): running tasks finish, no new ones.
+    Stopping,
+    /// `corvid pause`.
+    Owner,
+    /// The machine runs on battery.
+    Battery,
+    /// Other programs use the CPUs.
+    BusyMachine,
 }
 
 /// Whether other peers can dial this node, as AutoNAT v2 probes by other peers found.

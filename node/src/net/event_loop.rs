@@ -23,11 +23,13 @@ use super::{Behaviour, BehaviourEvent, advert_topic, catchup};
 use crate::advert::{self, Advert};
 use crate::config::Timing;
 use crate::peers::{Accepted, PeerInfo, PeerTable};
-use crate::status::{BootstrapStatus, HolePunches, Reachability, Status, bootstrap_line};
+use crate::status::{
+    BootstrapStatus, HolePunches, PauseCause, Reachability, Status, bootstrap_line,
+};
 use crate::worker::{Finished, Work};
 use corvid_sdk::wire::{Request, TaskError, TaskRequest, TaskResponse};
 use libp2p::request_response::{self, OutboundRequestId};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Most peers kept in the table.
 const MAX_PEERS: usize = 10_000;
@@ -65,8 +67,9 @@ pub(crate) enum Command {
         free: u32,
         reply: oneshot::Sender<()>,
     },
-    /// Pauses (with the reason) or resumes taking tasks from peers.
+    /// Holds (with the reason) or lifts one cause's pause on taking tasks from peers.
     SetPaused {
+        cause: PauseCause,
         reason: Option<String>,
         reply: oneshot::Sender<()>,
     },
@@ -165,10 +168,12 @@ pub(crate) struct EventLoop {
     /// of the worker's queue, so one requester cannot keep everyone else's tasks out.
     queued: HashMap<PeerId, usize>,
     tasks_answered: u64,
+    /// Answers handed to libp2p and not yet written to their stream.
+    answering: usize,
     /// Reachability, relay slots, the path of each connection.
     nat: Nat,
-    /// Why the node takes no new task, while it is paused.
-    paused: Option<String>,
+    /// Why the node takes no new task, by cause, while any holds a pause.
+    pauses: BTreeMap<PauseCause, String>,
     /// The worker's free slots (advertised unless paused).
     free_slots: u32,
     /// Our own advert as last published, for peers that ask what we hold.
@@ -235,7 +240,8 @@ impl EventLoop {
             queued: HashMap::new(),
             tasks_answered: 0,
             nat: Nat::new(contributes),
-            paused: None,
+            pauses: BTreeMap::new(),
+            answering: 0,
             free_slots,
             own_signed: None,
             caught_up: None,
@@ -304,17 +310,23 @@ impl EventLoop {
                 self.advertise_slots();
                 let _ = reply.send(());
             }
-            Command::SetPaused { reason, reply } => {
-                match &reason {
-                    Some(why) => {
+            Command::SetPaused {
+                cause,
+                reason,
+                reply,
+            } => {
+                let was = self.paused().map(str::to_string);
+                match reason {
+                    Some(why) => self.pauses.insert(cause, why),
+                    None => self.pauses.remove(&cause),
+                };
+                match (was, self.paused()) {
+                    (_, Some(why)) => {
                         tracing::info!(reason = %why, "paused: no new tasks from peers (running ones finish)")
                     }
-                    None if self.paused.is_some() => {
-                        tracing::info!("resumed: taking tasks from peers")
-                    }
-                    None => {}
+                    (Some(_), None) => tracing::info!("resumed: taking tasks from peers"),
+                    (None, None) => {}
                 }
-                self.paused = reason;
                 self.advertise_slots();
                 let _ = reply.send(());
             }
@@ -380,9 +392,14 @@ impl EventLoop {
         );
     }
 
+    /// Why the node is paused (the first cause holding a pause), if it is.
+    fn paused(&self) -> Option<&str> {
+        self.pauses.values().next().map(String::as_str)
+    }
+
     /// Advertises the worker's free slots, or none while paused; publishes a change at once.
     fn advertise_slots(&mut self) {
-        let free = if self.paused.is_some() {
+        let free = if self.paused().is_some() {
             0
         } else {
             self.free_slots
@@ -442,11 +459,15 @@ impl EventLoop {
         m.queue_depth
             .set(self.queued.values().sum::<usize>() as i64);
         // Fails only if the requester has gone; nothing to do then.
-        let _ = self
+        if self
             .swarm
             .behaviour_mut()
             .task
-            .send_response(done.channel, done.response);
+            .send_response(done.channel, done.response)
+            .is_ok()
+        {
+            self.answering += 1;
+        }
         self.tasks_answered += 1;
     }
 
@@ -494,7 +515,7 @@ impl EventLoop {
                     );
                     let refusal = match &self.work {
                         // Busy: the requester places it elsewhere, at no cost to its standing.
-                        Some(_) if self.paused.is_some() => Some((channel, TaskError::Busy)),
+                        Some(_) if self.paused().is_some() => Some((channel, TaskError::Busy)),
                         None => Some((
                             channel,
                             TaskError::Invalid(
@@ -575,8 +596,12 @@ impl EventLoop {
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "inbound task failed");
+                // Refusals and cancels are not counted in `answering`: never below zero.
+                self.answering = self.answering.saturating_sub(1);
             }
-            request_response::Event::ResponseSent { .. } => {}
+            request_response::Event::ResponseSent { .. } => {
+                self.answering = self.answering.saturating_sub(1);
+            }
         }
     }
 
@@ -1210,7 +1235,8 @@ impl EventLoop {
                 .collect(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             tasks_answered: self.tasks_answered,
-            paused: self.paused.clone(),
+            paused: self.paused().map(str::to_string),
+            tasks_in_hand: self.queued.values().sum::<usize>() + self.answering,
             gossip_scores: self.low_scores(),
             reachability: self.nat.reachability().clone(),
             relay_addrs: self

@@ -469,6 +469,7 @@ impl ClientBuilder {
                 upnp: false,
                 external: Vec::new(),
             },
+            pause: crate::rules::PauseRules::none(),
             #[cfg(feature = "fault-injection")]
             fault: None,
         };

@@ -33,6 +33,7 @@ fn start_node(dir: &Path, bootstrap: Option<&str>) -> Proc {
         .arg(dir)
         .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
         .env("CORVID_BACKEND", "cpu") // the environment layer
+        .env("CORVID_NO_PAUSE_ON_BATTERY", "1")
         .args(["--advert-interval", "1s", "--peer-expiry", "5s"])
         .env("CORVID_LOG", "info")
         .stdin(Stdio::null())

@@ -70,6 +70,14 @@ impl Drop for Proc {
 /// Starts a `corvid node` process in `dir` on loopback (CPU, one slot, warnings only),
 /// bootstrapped from `boot`, with `extra` flags.
 pub fn node_process(dir: &Path, boot: Option<&str>, extra: &[&str]) -> Proc {
+    let mut cmd = node_command(dir, boot, extra);
+    // Tests on a laptop unplugged would otherwise find their nodes paused.
+    cmd.env("CORVID_NO_PAUSE_ON_BATTERY", "1");
+    Proc(cmd.spawn().unwrap())
+}
+
+/// The command [`node_process`] runs, with the node's default pause rules.
+pub fn node_command(dir: &Path, boot: Option<&str>, extra: &[&str]) -> Command {
     std::fs::create_dir_all(dir).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corvid"));
     cmd.args(["--log", "warn", "node", "--backend", "cpu", "--slots", "1"])
@@ -82,7 +90,7 @@ pub fn node_process(dir: &Path, boot: Option<&str>, extra: &[&str]) -> Proc {
     if let Some(b) = boot {
         cmd.args(["--bootstrap", b]);
     }
-    Proc(cmd.spawn().unwrap())
+    cmd
 }
 
 /// The status of the node running in `dir`, if its control endpoint answers.

@@ -268,6 +268,7 @@ pub fn node_in_with(ns: &str, dir: &Path, port: u16, boot: Option<&str>, extra: 
             "--no-upnp",
         ])
         .args(["--listen", &format!("/ip4/0.0.0.0/tcp/{port}")])
+        .env("CORVID_NO_PAUSE_ON_BATTERY", "1")
         .arg("--data-dir")
         .arg(dir)
         .stdin(Stdio::null())
