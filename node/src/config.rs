@@ -871,6 +871,36 @@ mod tests {
     }
 
     #[test]
+    fn the_gpu_switch_and_pause_rules_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = NodeConfig::resolve(&args(dir.path())).unwrap();
+        assert_eq!(c.backend, BackendChoice::Auto);
+        assert_eq!(c.pause.when_busy, None);
+        assert!(c.pause.on_battery, "on by default");
+
+        std::fs::write(
+            dir.path().join("config.toml"),
+            "gpu = false\npause_when_busy = \"40%\"\npause_on_battery = false\n",
+        )
+        .unwrap();
+        let c = NodeConfig::resolve(&args(dir.path())).unwrap();
+        assert_eq!(c.backend, BackendChoice::Cpu, "gpu off: the CPU backend");
+        assert_eq!(c.pause.when_busy, Some(0.4));
+        assert!(!c.pause.on_battery);
+
+        // The flag wins over the file; a switch that contradicts the backend is refused.
+        let mut a = args(dir.path());
+        a.gpu = Some(Switch::On);
+        a.pause_when_busy = Some("off".into());
+        let c = NodeConfig::resolve(&a).unwrap();
+        assert_eq!(c.backend, BackendChoice::Auto);
+        assert_eq!(c.pause.when_busy, None);
+        a.backend = Some("cpu".into());
+        let e = NodeConfig::resolve(&a).unwrap_err().to_string();
+        assert!(e.contains("gpu") && e.contains("backend"), "{e}");
+    }
+
+    #[test]
     fn bad_values_are_quoted() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = args(dir.path());
