@@ -83,6 +83,9 @@ pub enum Command {
         #[command(flatten)]
         target: ControlArgs,
     },
+    /// Run the node in the background: a systemd user service that starts with your session
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Show the resolved configuration
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -115,6 +118,24 @@ pub enum Command {
 pub enum ConfigCommand {
     /// Print the resolved config as TOML (the key's path and peer id, never the key)
     Dump(NodeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Write the unit for `corvid node <FLAGS>` and start it, e.g.
+    /// `corvid service install -- --bootstrap ADDR --cpus 50%`
+    Install {
+        /// Write the unit only
+        #[arg(long)]
+        no_start: bool,
+        /// `corvid node` flags, after `--`
+        #[arg(last = true, value_name = "FLAGS")]
+        flags: Vec<String>,
+    },
+    /// Stop the service (gracefully) and remove its unit
+    Uninstall,
+    /// Whether the service is installed and running, and the node's summary
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,14 +177,22 @@ pub enum CliError {
     Output(String),
     #[error(transparent)]
     Demo(#[from] crate::demo::DemoError),
+    #[error(transparent)]
+    Service(#[from] crate::service::ServiceError),
+    #[error("no corvid service is installed: `corvid service install -- <node flags>`")]
+    NotInstalled,
 }
 
 impl CliError {
     /// Process exit code: 2 for bad configuration, 3 when no node answers, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Config(_) | CliError::Identity(_) | CliError::Node(NodeError::Config(_)) => 2,
-            CliError::Control(_) => 3,
+            CliError::Config(_)
+            | CliError::Identity(_)
+            | CliError::Node(NodeError::Config(_))
+            | CliError::Service(crate::service::ServiceError::Flags(_))
+            | CliError::Service(crate::service::ServiceError::Config(_)) => 2,
+            CliError::Control(_) | CliError::NotInstalled => 3,
             _ => 1,
         }
     }
@@ -186,6 +215,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Resume { target } => set_paused(&target, "/resume", &()).await,
         Command::Config(ConfigCommand::Dump(args)) => dump_config(&args),
+        Command::Service(c) => run_service(c).await,
         Command::Psk(PskCommand::New { path }) => {
             let psk = Psk::generate(&path)?;
             out(format!(
@@ -238,6 +268,49 @@ async fn run_node(args: &NodeArgs) -> Result<(), CliError> {
         _ = wait_for_signal() => tracing::info!("stopped at once"),
     }
     Ok(())
+}
+
+async fn run_service(command: ServiceCommand) -> Result<(), CliError> {
+    use crate::service;
+    match command {
+        ServiceCommand::Install { no_start, flags } => {
+            let done = service::install(&flags, no_start)?;
+            let mut s = format!("wrote {}\n", done.unit.display());
+            match done.started {
+                Ok(()) => s.push_str(&format!(
+                    "started: the node runs in the background\n  state   corvid status --data-dir {d}\n  logs    journalctl --user -u corvid -f\n  to keep it running while you are logged out: loginctl enable-linger $USER\n",
+                    d = done.data_dir.display()
+                )),
+                Err(why) => s.push_str(&format!(
+                    "not started ({why}); in your login session run\n  systemctl --user daemon-reload && systemctl --user enable --now {}\n",
+                    service::UNIT
+                )),
+            }
+            out(s)
+        }
+        ServiceCommand::Uninstall => match service::uninstall()? {
+            Some(unit) => out(format!("stopped and removed {}\n", unit.display())),
+            None => out("no corvid service was installed\n".into()),
+        },
+        ServiceCommand::Status => {
+            let Some((unit, data_dir, active)) = service::state()? else {
+                return Err(CliError::NotInstalled);
+            };
+            let mut s = format!("service      {}: {active}\n", unit.display());
+            let target = ControlArgs {
+                control: None,
+                data_dir: data_dir.clone(),
+            };
+            match control_target(&target) {
+                Ok((_, addr)) => match control::get_json::<Status>(addr, "/status").await {
+                    Ok(status) => s.push_str(&status_summary(&status, addr)),
+                    Err(e) => s.push_str(&format!("the node does not answer at {addr}: {e}\n")),
+                },
+                Err(e) => s.push_str(&format!("the node is not running: {e}\n")),
+            }
+            out(s)
+        }
+    }
 }
 
 /// How long a stopping node lets the tasks it holds finish (`--stop-grace`).
@@ -391,10 +464,8 @@ async fn set_paused<B: Serialize>(
         ))
     })?;
     let status: Status = control::post_json(addr, path, token.trim(), body).await?;
-    out(match &status.paused {
-        Some(why) => {
-            format!("paused ({why}): no new tasks, running ones finish; `corvid resume` to go on\n")
-        }
+    out(match status.pause_line() {
+        Some(line) => format!("{line}\n  (no new tasks; running ones finish)\n"),
         None => format!(
             "taking tasks again: {} of {} slots free\n",
             status.advert.slots_free, status.advert.slots_total
@@ -415,10 +486,8 @@ async fn run_status(target: &ControlArgs, json: bool) -> Result<(), CliError> {
 pub fn status_summary(status: &Status, control: SocketAddr) -> String {
     let me = &status.advert;
     let mut s = format!("corvid node {}\n", status.peer_id);
-    s.push_str(&match &status.paused {
-        Some(why) => {
-            format!("  state        paused ({why}); `corvid resume` to take tasks again\n")
-        }
+    s.push_str(&match status.pause_line() {
+        Some(line) => format!("  state        {line}\n"),
         None if me.contributes => format!(
             "  state        taking tasks, {} of {} slots free\n",
             me.slots_free, me.slots_total
@@ -520,10 +589,8 @@ pub fn peer_table(status: &Status, peers: &[PeerInfo]) -> String {
             }
         ),
     });
-    if let Some(why) = &status.paused {
-        s.push_str(&format!(
-            "paused ({why}): no new tasks; `corvid resume` to go on\n"
-        ));
+    if let Some(line) = status.pause_line() {
+        s.push_str(&format!("{line}\n"));
     }
     let punches = status.hole_punches;
     if punches.succeeded + punches.failed > 0 {

@@ -36,6 +36,7 @@ pub mod requester;
 pub mod rules;
 #[cfg(target_os = "linux")]
 pub mod sandbox;
+pub mod service;
 mod status;
 #[cfg(feature = "fault-injection")]
 #[doc(hidden)]

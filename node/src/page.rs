@@ -40,7 +40,13 @@ pub fn render(status: &Status, peers: &[PeerInfo]) -> String {
                 h1 { "corvid node " code { (short(&status.peer_id)) } }
                 p.state {
                     @match &status.paused {
-                        Some(why) => { span.paused { "Paused: " (why) } " — " code { "corvid resume" } " to take tasks again" }
+                        Some(why) => {
+                            span.paused { "Paused: " (why) }
+                            @match status.pause_cause {
+                                Some(crate::status::PauseCause::Owner) | None => { " — " code { "corvid resume" } " to take tasks again" }
+                                Some(c) => { " — " (c.ends()) }
+                            }
+                        }
                         None if me.contributes => { span.ok { "Taking tasks" } " — " (me.slots_free) " of " (me.slots_total) " slots free" }
                         None => { span { "Requester only: takes no tasks" } }
                     }

@@ -37,6 +37,9 @@ pub struct Status {
     /// rule, or stopping. The first cause in [`PauseCause`] order is shown.
     #[serde(default)]
     pub paused: Option<String>,
+    /// The cause of that pause.
+    #[serde(default)]
+    pub pause_cause: Option<PauseCause>,
     /// Tasks from peers queued or running here now.
     #[serde(default)]
     pub tasks_in_hand: usize,
@@ -79,6 +82,29 @@ pub enum PauseCause {
     Battery,
     /// Other programs use the CPUs.
     BusyMachine,
+}
+
+impl PauseCause {
+    /// What ends a pause of this cause, for the owner to read.
+    pub fn ends(self) -> &'static str {
+        match self {
+            PauseCause::Stopping => "the node is stopping",
+            PauseCause::Owner => "`corvid resume` to take tasks again",
+            PauseCause::Battery => "resumes on mains power",
+            PauseCause::BusyMachine => "resumes once the machine is quiet",
+        }
+    }
+}
+
+impl Status {
+    /// "paused (why); what ends it", if paused.
+    pub fn pause_line(&self) -> Option<String> {
+        let why = self.paused.as_ref()?;
+        Some(match self.pause_cause {
+            Some(c) => format!("paused ({why}); {}", c.ends()),
+            None => format!("paused ({why})"),
+        })
+    }
 }
 
 /// Whether other peers can dial this node, as AutoNAT v2 probes by other peers found.

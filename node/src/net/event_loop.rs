@@ -1236,6 +1236,7 @@ impl EventLoop {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             tasks_answered: self.tasks_answered,
             paused: self.paused().map(str::to_string),
+            pause_cause: self.pauses.keys().next().copied(),
             tasks_in_hand: self.queued.values().sum::<usize>() + self.answering,
             gossip_scores: self.low_scores(),
             reachability: self.nat.reachability().clone(),

@@ -15,6 +15,7 @@ mod nat;
 mod page;
 mod process;
 mod requester;
+mod service;
 mod stepping_aside;
 mod swarm;
 mod swarm_exec;
