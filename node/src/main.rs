@@ -6,6 +6,7 @@ use clap::Parser;
 use corvid_node::cli::{Cli, init_tracing, run};
 
 fn main() -> ExitCode {
+    quiet_device_select();
     let cli = Cli::parse();
     init_tracing(&cli.log);
     // The executor confines itself while it is still one thread: before any runtime starts.
@@ -25,6 +26,23 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Mesa's Vulkan device-selection layer (an implicit layer every Vulkan program loads) connects
+/// to a Wayland display to find the default GPU, and libwayland prints "XDG_RUNTIME_DIR is
+/// invalid" on a machine without a desktop session, twice per start. Corvid picks its adapter
+/// itself, so the layer has nothing to do here: it is turned off, the way its manifest
+/// provides, unless the user set the variable.
+fn quiet_device_select() {
+    const VAR: &str = "NODEVICE_SELECT";
+    if std::env::var_os(VAR).is_none() {
+        // SAFETY: the first thing `main` does, while this process has one thread: nothing can
+        // read the environment concurrently. The executor processes inherit it.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var(VAR, "1");
         }
     }
 }
