@@ -495,15 +495,26 @@ pub fn status_summary(status: &Status, control: SocketAddr) -> String {
         None => "  state        requester only\n".to_string(),
     });
     s.push_str(&format!(
-        "  backend      {} ({})\n  scores       {:.1} GFLOP/s matmul, {:.2} GB/s elementwise\n  memory       {} offered\n  tasks        {} answered\n  up           {} s\n",
+        "  backend      {} ({})\n  scores       {:.1} GFLOP/s matmul, {:.2} GB/s elementwise\n  memory       {} offered\n  tasks        {} answered, {} in hand\n  contributed  {}\n  up           {} s\n",
         me.backend,
         printable(&me.adapter, 60),
         me.matmul_gflops,
         me.elementwise_gbps,
         bytesize::ByteSize(me.memory_bytes).display().iec(),
         status.tasks_answered,
+        status.tasks_in_hand,
+        status.contributed,
         status.uptime_ms / 1000,
     ));
+    if let Some(e) = status.recent_errors.first() {
+        s.push_str(&format!(
+            "  last error   {} from {}: {} ({} recent)\n",
+            e.kind,
+            printable(&e.peer, 60),
+            printable(&e.error, 120),
+            status.recent_errors.len()
+        ));
+    }
     s.push_str(&match &status.reachability {
         Reachability::Checking => "  reachable    still checking\n".to_string(),
         Reachability::Reachable { addrs } => format!("  reachable    at {}\n", addrs.join(", ")),

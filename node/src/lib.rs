@@ -41,6 +41,7 @@ mod status;
 #[cfg(feature = "fault-injection")]
 #[doc(hidden)]
 pub mod sybil;
+pub mod tally;
 mod task_error;
 pub mod trust;
 mod worker;

@@ -18,9 +18,23 @@ pub struct Outcome {
     pub outcome: String,
 }
 
-/// Corvid's own series (under `corvid_`), updated by the event loop and at each scrape.
+/// How a requester checked a result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Check {
+    /// `freivalds`, `sampled_rows`, `recomputed`, `canary` or `replica`.
+    pub check: String,
+}
+
+/// Corvid's own series (under `corvid_`), updated by the event loop, the requester's jobs and
+/// at each scrape.
 #[derive(Clone, Debug, Default)]
 pub struct NodeMetrics {
+    /// Results this node's jobs checked, by how.
+    pub checks: Family<Check, Counter>,
+    /// Results refused as wrong, replicas that disagreed, peers banned.
+    pub results_refused: Counter,
+    pub disputes: Counter,
+    pub bans: Counter,
     pub tasks: Family<Outcome, Counter>,
     pub task_bytes_in: Counter,
     pub task_bytes_out: Counter,
@@ -35,6 +49,26 @@ impl NodeMetrics {
     /// Registers every series in `registry` (give it a `corvid` prefix).
     pub fn register(&self, registry: &mut Registry) {
         registry.register("tasks", "Tasks from peers, by outcome", self.tasks.clone());
+        registry.register(
+            "results_checked",
+            "Results of this node's jobs checked, by how",
+            self.checks.clone(),
+        );
+        registry.register(
+            "results_refused",
+            "Results of this node's jobs refused as wrong",
+            self.results_refused.clone(),
+        );
+        registry.register(
+            "replica_disputes",
+            "Replicas of this node's jobs that disagreed with the accepted result",
+            self.disputes.clone(),
+        );
+        registry.register(
+            "peers_banned",
+            "Peers this node's jobs banned for a proven lie",
+            self.bans.clone(),
+        );
         registry.register(
             "task_bytes_in",
             "Bytes of tensors received with tasks",
@@ -79,6 +113,30 @@ impl NodeMetrics {
                 outcome: outcome.to_string(),
             })
             .inc();
+    }
+}
+
+impl NodeMetrics {
+    /// Counts the checks of a finished job.
+    pub fn job_checked(&self, v: &crate::requester::VerifySummary) {
+        for (check, n) in [
+            ("freivalds", v.freivalds),
+            ("sampled_rows", v.sampled_rows),
+            ("recomputed", v.recomputed),
+            ("canary", v.canaries),
+            ("replica", v.replicated),
+        ] {
+            if n > 0 {
+                self.checks
+                    .get_or_create(&Check {
+                        check: check.to_string(),
+                    })
+                    .inc_by(n as u64);
+            }
+        }
+        self.results_refused.inc_by(v.detections.len() as u64);
+        self.disputes.inc_by(v.disputes as u64);
+        self.bans.inc_by(v.bans.len() as u64);
     }
 }
 

@@ -111,6 +111,7 @@ impl Node {
             let mut swarm = build_swarm(&key, &config, codec, &mut registry)?;
             let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
             let node_metrics = crate::metrics::NodeMetrics::default();
+            let metrics_handle = node_metrics.clone();
             node_metrics.register(registry.sub_registry_with_prefix("corvid"));
             node_metrics.memory_cap_bytes.set(
                 i64::try_from(limits.memory).unwrap_or(i64::MAX),
@@ -219,6 +220,9 @@ impl Node {
                     answers,
                     metrics: node_metrics,
                     libp2p_metrics,
+                    ledger: crate::tally::Ledger::open(
+                        config.data_dir.as_ref().map(|d| d.join(crate::tally::TALLY_FILE)),
+                    ),
                 },
             );
             let task = tokio::spawn(event_loop.run(cancel.clone()).in_current_span());
@@ -237,6 +241,7 @@ impl Node {
                 control_file,
                 bench,
                 limits,
+                metrics: metrics_handle,
                 cancel,
                 tasks,
             })
@@ -456,6 +461,7 @@ pub struct NodeHandle {
     control_file: Option<PathBuf>,
     bench: BenchReport,
     limits: Limits,
+    metrics: crate::metrics::NodeMetrics,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -498,6 +504,11 @@ impl NodeHandle {
     /// What one task from a peer may use here.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The node's own series, shared with `GET /metrics`.
+    pub(crate) fn metrics(&self) -> &crate::metrics::NodeMetrics {
+        &self.metrics
     }
 
     pub fn client(&self) -> NodeClient {

@@ -23,6 +23,12 @@ fn uptime(ms: u64) -> String {
     format!("{}h {:02}m {:02}s", s / 3600, s / 60 % 60, s % 60)
 }
 
+/// `hh:mm:ss` of a Unix time, UTC.
+fn clock(unix_secs: u64) -> String {
+    let s = unix_secs % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
 /// The page for this node's `status` and the `peers` it knows.
 pub fn render(status: &Status, peers: &[PeerInfo]) -> String {
     let me = &status.advert;
@@ -60,7 +66,8 @@ pub fn render(status: &Status, peers: &[PeerInfo]) -> String {
                         @if let Some(l) = &status.limits {
                             tr { th { "One task at most" } td { (gib(l.task.max_peak_bytes)) ", " (format!("{:.0}", l.task.max_flops as f64 / 1e9)) " GFLOP" } }
                         }
-                        tr { th { "Tasks answered" } td.tasks { (status.tasks_answered) } }
+                        tr { th { "Tasks answered" } td.tasks { (status.tasks_answered) " (" (status.tasks_in_hand) " in hand now)" } }
+                        tr { th { "Contributed" } td.contributed { (status.contributed) } }
                         tr { th { "Up" } td { (uptime(status.uptime_ms)) } }
                     }
                 }
@@ -101,6 +108,34 @@ pub fn render(status: &Status, peers: &[PeerInfo]) -> String {
                                     td { (p.path.map_or("—".to_string(), |p| p.to_string())) }
                                     td { (ago(p.last_seen_ms)) }
                                 }
+                            }
+                        }
+                    }
+                }
+                @if !status.recent_errors.is_empty() {
+                    section {
+                        h2 { "Recent task errors and refusals" }
+                        table.errors {
+                            tr { th { "When (UTC)" } th { "Requester" } th { "What" } th { "Why" } }
+                            @for e in &status.recent_errors {
+                                tr {
+                                    td { (clock(e.unix_secs)) }
+                                    td { code title=(e.peer) { (short(&e.peer)) } }
+                                    td { (e.kind) }
+                                    td { (e.error) }
+                                }
+                            }
+                        }
+                    }
+                }
+                @let shunned: Vec<_> = status.gossip_scores.iter().filter(|(_, s)| *s < crate::net::GRAYLIST_SCORE).collect();
+                @if !shunned.is_empty() {
+                    section {
+                        h2 { "Peers shunned" }
+                        p { "Their gossip scores fell below " (crate::net::GRAYLIST_SCORE) ": their messages are dropped unread." }
+                        table.kv {
+                            @for (peer, score) in shunned {
+                                tr { th { code title=(peer) { (short(peer)) } } td { (format!("{score:.1}")) } }
                             }
                         }
                     }
@@ -163,7 +198,10 @@ mod tests {
                 "slots_free": 1, "contributes": true, "seq": 1, "last_seen_ms": 0
             },
             "adverts_published": 1, "rejections": {}, "bootstrap": [], "uptime_ms": 61000,
-            "paused": "<b>lunch</b>"
+            "paused": "<b>lunch</b>",
+            "recent_errors": [{"unix_secs": 3723, "peer": "12D3KooWPeer1111111111111111111111111111111111111111",
+                "kind": "refused", "error": "<i>too large</i>"}],
+            "contributed": {"total": {"tasks": 7, "gflop": 12.25}, "today": {"tasks": 2, "gflop": 0.5}, "day": 0}
         }))
         .unwrap();
         let mut peer = status.advert.clone();
@@ -178,5 +216,12 @@ mod tests {
         assert!(page.contains("Paused: &lt;b&gt;lunch&lt;/b&gt;"), "{page}");
         assert!(page.contains("12D3KooW…111111"), "{page}");
         assert!(page.contains("0h 01m 01s"), "{page}");
+        // The requester's error text is theirs: escaped too.
+        assert!(page.contains("&lt;i&gt;too large&lt;/i&gt;"), "{page}");
+        assert!(page.contains("01:02:03"), "{page}");
+        assert!(
+            page.contains("today 2 tasks, 0.5 GFLOP · in all 7 tasks, 12.2 GFLOP"),
+            "{page}"
+        );
     }
 }

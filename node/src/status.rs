@@ -43,6 +43,13 @@ pub struct Status {
     /// Tasks from peers queued or running here now.
     #[serde(default)]
     pub tasks_in_hand: usize,
+    /// Tasks done for peers and their arithmetic, today (UTC) and in all (across restarts,
+    /// with a data dir).
+    #[serde(default)]
+    pub contributed: crate::tally::Tally,
+    /// The latest task failures and refusals here, newest first.
+    #[serde(default)]
+    pub recent_errors: Vec<crate::tally::TaskEvent>,
     /// Tasks from peers this node has answered (done or failed).
     #[serde(default)]
     pub tasks_answered: u64,

@@ -209,6 +209,11 @@ pub struct ResultCache {
     cap: u64,
 }
 
+/// What the cache charges for an entry's bookkeeping (its key in the map and the queue, the
+/// vector), and for each tensor's (its `Data` and shape), beyond the tensor bytes.
+const ENTRY_BYTES: u64 = 160;
+const TENSOR_BYTES: u64 = 128;
+
 impl ResultCache {
     /// An empty cache holding at most `cap` bytes of tensors.
     pub fn new(cap: u64) -> Self {
@@ -224,9 +229,14 @@ impl ResultCache {
         self.map.get(id).cloned()
     }
 
-    /// Keeps `v` under `id`, evicting the oldest entries to stay under the byte cap.
+    /// Keeps `v` under `id`, evicting the oldest entries to stay under the byte cap. Each entry
+    /// is charged its bookkeeping as well as its tensors' bytes, so that a stream of tiny
+    /// results cannot hold many times the cap.
     pub fn put(&mut self, id: SubgraphId, v: Arc<Vec<Arc<Data>>>) {
-        let size: u64 = v.iter().map(|t| t.meta().bytes()).sum();
+        let size: u64 = ENTRY_BYTES
+            + v.iter()
+                .map(|t| t.meta().bytes() + TENSOR_BYTES)
+                .sum::<u64>();
         if size > self.cap || self.map.contains_key(&id) {
             return;
         }
@@ -268,6 +278,24 @@ mod tests {
 
     use super::*;
     use corvid_kernels::{Op, Program, TensorMeta, UnaryOp};
+
+    /// Tiny results are charged their bookkeeping: a stream of them cannot hold many times
+    /// the cap (a worker's cache is a share of its `--max-memory`).
+    #[test]
+    fn tiny_results_count_their_bookkeeping_against_the_cap() {
+        let mut c = ResultCache::new(1 << 20);
+        let empty = Arc::new(vec![Arc::new(Data::full(vec![0], 0.0))]);
+        for i in 0..100_000u32 {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            c.put(SubgraphId(id), empty.clone());
+        }
+        assert_eq!(c.len() as u64, (1 << 20) / (ENTRY_BYTES + TENSOR_BYTES));
+        // A cache of no bytes keeps nothing, not even empty results.
+        let mut none = ResultCache::new(0);
+        none.put(SubgraphId([1; 32]), empty);
+        assert!(none.is_empty());
+    }
 
     /// The same subgraph id over other values: a caching executor answers from its cache, one
     /// without a cache computes what it was given.

@@ -131,6 +131,8 @@ pub(crate) struct Extras {
     /// Corvid's series and libp2p's, for `GET /metrics`.
     pub metrics: crate::metrics::NodeMetrics,
     pub libp2p_metrics: libp2p::metrics::Metrics,
+    /// What this node has contributed, and its recent task errors.
+    pub ledger: crate::tally::Ledger,
 }
 
 /// Where the answer to a task this node sent goes.
@@ -290,6 +292,7 @@ impl EventLoop {
                 _ = &mut summary, if !self.summary_logged => self.log_summary(),
             }
         }
+        self.extras.ledger.save();
         tracing::info!(peers = self.table.len(), "node stopped");
     }
 
@@ -452,8 +455,16 @@ impl EventLoop {
                 m.task("done");
                 m.task_bytes_out
                     .inc_by(outputs.iter().map(|d| d.meta().bytes()).sum());
+                self.extras.ledger.done(done.flops);
             }
-            TaskResponse::Failed { .. } => m.task("failed"),
+            TaskResponse::Failed { error, .. } => {
+                m.task("failed");
+                if !matches!(error, TaskError::Cancelled | TaskError::Busy) {
+                    self.extras
+                        .ledger
+                        .event(&done.peer, "failed", error.to_string());
+                }
+            }
             TaskResponse::Missing { .. } => m.task("missing_inputs"),
         }
         m.queue_depth
@@ -551,11 +562,14 @@ impl EventLoop {
                     m.queue_depth
                         .set(self.queued.values().sum::<usize>() as i64);
                     if let Some((channel, error)) = refusal {
-                        m.task(if matches!(error, TaskError::Busy) {
-                            "busy"
+                        if matches!(error, TaskError::Busy) {
+                            m.task("busy");
                         } else {
-                            "refused"
-                        });
+                            m.task("refused");
+                            self.extras
+                                .ledger
+                                .event(&peer, "refused", error.to_string());
+                        }
                         tracing::debug!(%peer, task, %error, "task refused");
                         let r = TaskResponse::Failed { task, error };
                         let _ = self.swarm.behaviour_mut().task.send_response(channel, r);
@@ -1238,6 +1252,8 @@ impl EventLoop {
             paused: self.paused().map(str::to_string),
             pause_cause: self.pauses.keys().next().copied(),
             tasks_in_hand: self.queued.values().sum::<usize>() + self.answering,
+            contributed: self.extras.ledger.tally(),
+            recent_errors: self.extras.ledger.recent(),
             gossip_scores: self.low_scores(),
             reachability: self.nat.reachability().clone(),
             relay_addrs: self

@@ -169,6 +169,7 @@ impl Client {
             cids: Arc::default(),
             trust: Arc::new(Mutex::new(trust)),
             checks: std::sync::atomic::AtomicBool::new(true),
+            metrics: requester.metrics().clone(),
         });
         Ok(Client {
             runtime,

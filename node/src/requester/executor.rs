@@ -96,6 +96,8 @@ pub struct SwarmExecutor {
     pub(super) cids: Arc<ContentIds>,
     pub(super) trust: Arc<Mutex<Trust>>,
     pub(super) checks: std::sync::atomic::AtomicBool,
+    /// The requester node's metrics, where each job's checks are counted.
+    pub(super) metrics: crate::metrics::NodeMetrics,
 }
 
 impl SwarmExecutor {
@@ -173,6 +175,7 @@ impl Executor for SwarmExecutor {
         let (result, summary) = rx.recv().map_err(|_| EvalError::Requester {
             reason: "the client stopped during the job".into(),
         })?;
+        self.metrics.job_checked(&summary.verify);
         *lock(&self.last) = Some(summary);
         result
     }

@@ -63,6 +63,8 @@ pub(crate) struct Finished {
     pub peer: PeerId,
     pub channel: ResponseChannel<TaskResponse>,
     pub response: TaskResponse,
+    /// The arithmetic of the task's program (0 if it never got that far).
+    pub flops: u64,
 }
 
 /// Everything the worker task owns.
@@ -116,13 +118,18 @@ impl Engine {
 struct Results {
     outputs: ResultCache,
     hashes: HashMap<SubgraphId, Arc<Vec<ContentId>>>,
+    /// What `hashes` takes, charged like the cache charges its entries.
+    hash_bytes: u64,
 }
 
 /// A task's outputs and the hash of every op's output, shared with the cache.
 type Ran = (Arc<Vec<Arc<Data>>>, Arc<Vec<ContentId>>);
 
-/// Per-op hash lists kept at most; the table is cleared past this.
-const MAX_TRACES: usize = 100_000;
+/// The share of the cache's memory the per-op hash lists may take: the table is cleared
+/// past it (a result whose hashes are gone runs again).
+const TRACE_SHARE: u64 = 8;
+/// What a hash list's entry costs beyond its hashes.
+const TRACE_ENTRY_BYTES: u64 = 96;
 
 /// What running tasks share.
 struct Shared {
@@ -151,8 +158,11 @@ impl Worker {
             finished,
             shared: Shared {
                 results: Mutex::new(Results {
-                    outputs: ResultCache::new(limits.cache_bytes),
+                    outputs: ResultCache::new(
+                        limits.cache_bytes - limits.cache_bytes / TRACE_SHARE,
+                    ),
                     hashes: HashMap::new(),
+                    hash_bytes: 0,
                 }),
                 engine,
                 key,
@@ -215,14 +225,14 @@ pub(crate) async fn run(worker: Worker, cancel: CancellationToken) {
                     if f.refuses() {
                         let error = TaskError::Failed("refused (a test fault)".into());
                         let response = TaskResponse::Failed { task: work.request.task, error };
-                        let _ = finished.send(Finished { peer: work.peer, channel: work.channel, response }).await;
+                        let _ = finished.send(Finished { peer: work.peer, channel: work.channel, response, flops: 0 }).await;
                         continue;
                     }
                 }
                 let key = (work.peer, work.request.task);
                 if early.remove(&key) {
                     let response = TaskResponse::Failed { task: key.1, error: TaskError::Cancelled };
-                    let _ = finished.send(Finished { peer: key.0, channel: work.channel, response }).await;
+                    let _ = finished.send(Finished { peer: key.0, channel: work.channel, response, flops: 0 }).await;
                     continue;
                 }
                 let flag = Cancel::none();
@@ -234,20 +244,20 @@ pub(crate) async fn run(worker: Worker, cancel: CancellationToken) {
                     let task = request.task;
                     // A tiny task runs right here: the hop to the blocking pool and back
                     // would cost more than it does.
-                    let response = if shared.is_tiny(&request) {
+                    let (response, flops) = if shared.is_tiny(&request) {
                         shared.execute(peer, request, flag)
                     } else {
                         tokio::task::spawn_blocking(move || shared.execute(peer, request, flag))
                             .await
-                            .unwrap_or_else(|e| TaskResponse::Failed {
+                            .unwrap_or_else(|e| (TaskResponse::Failed {
                                 task,
                                 error: TaskError::Failed(format!("worker panicked: {e}")),
-                            })
+                            }, 0))
                     };
                     if let TaskResponse::Failed { error, .. } = &response {
                         tracing::warn!(%peer, task, %error, "task failed");
                     }
-                    let _ = finished.send(Finished { peer, channel, response }).await;
+                    let _ = finished.send(Finished { peer, channel, response, flops }).await;
                     drop(lease);
                     (peer, task)
                 });
@@ -331,7 +341,20 @@ impl Shared {
     }
 
     /// Checks, runs and signs one request; `flag` is raised if the requester cancels it.
-    fn execute(&self, peer: PeerId, request: TaskRequest, flag: Cancel) -> TaskResponse {
+    /// Returns the answer and the program's arithmetic (once it passed the static checks).
+    fn execute(&self, peer: PeerId, request: TaskRequest, flag: Cancel) -> (TaskResponse, u64) {
+        let mut flops = 0;
+        let response = self.answer(peer, request, flag, &mut flops);
+        (response, flops)
+    }
+
+    fn answer(
+        &self,
+        peer: PeerId,
+        request: TaskRequest,
+        flag: Cancel,
+        flops: &mut u64,
+    ) -> TaskResponse {
         let task = request.task;
         let received = Instant::now();
         let fail = |error: TaskError| TaskResponse::Failed { task, error };
@@ -355,6 +378,7 @@ impl Shared {
             Err(ProgramError::TooLarge(t)) => return fail(TaskError::TooLarge(t)),
             Err(e) => return invalid(e.to_string()),
         };
+        *flops = footprint.flops;
         let n = request.program.inputs.len();
         if request.inputs.len() != n || request.input_ids.len() != n {
             return invalid(format!(
@@ -533,10 +557,14 @@ impl Shared {
         let (outputs, hashes) = (Arc::new(outputs), Arc::new(hashes));
         let mut r = self.results.lock().unwrap_or_else(|p| p.into_inner());
         r.outputs.put(key, outputs.clone());
-        if r.hashes.len() >= MAX_TRACES {
+        let cost = TRACE_ENTRY_BYTES + 32 * hashes.len() as u64;
+        if r.hash_bytes + cost > self.limits.cache_bytes / TRACE_SHARE {
             r.hashes.clear();
+            r.hash_bytes = 0;
         }
-        r.hashes.insert(key, hashes.clone());
+        if r.hashes.insert(key, hashes.clone()).is_none() {
+            r.hash_bytes += cost;
+        }
         Ok((outputs, hashes))
     }
 }

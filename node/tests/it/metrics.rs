@@ -89,6 +89,23 @@ fn metrics_parse_and_count_the_tasks_workers_ran() {
         );
     }
     let s = client.last_summary().unwrap();
+    // The requester counts its job's checks.
+    let (code, body) = get(client.requester().control_addr(), "/metrics");
+    assert_eq!(code, 200);
+    let checked = |how: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(&format!("corvid_results_checked_total{{check=\"{how}\"}}")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let v = &s.verify;
+    assert!(v.freivalds + v.sampled_rows + v.recomputed > 0, "{s}");
+    assert_eq!(checked("freivalds"), v.freivalds as f64, "{body}");
+    assert_eq!(checked("sampled_rows"), v.sampled_rows as f64, "{body}");
+    assert_eq!(checked("recomputed"), v.recomputed as f64, "{body}");
+    assert_eq!(checked("canary"), v.canaries as f64, "{body}");
+    assert_eq!(checked("replica"), v.replicated as f64, "{body}");
+    assert!(body.contains("corvid_peers_banned_total 0"), "{body}");
     let tasks: usize = s.places.values().map(|p| p.tasks).sum();
     assert!(
         done >= 1.0,

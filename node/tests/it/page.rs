@@ -87,6 +87,28 @@ fn the_status_page_renders_in_a_browser_with_the_nodes_peers() {
             .then_some(())
     });
 
+    // Work for a, so that the page has a contribution to show.
+    let client = corvid_node::Client::connect([boot.as_str()])
+        .unwrap()
+        .with_settings(corvid_sdk::Settings {
+            block: 64,
+            ..corvid_sdk::Settings::default()
+        });
+    client.wait_for_workers(2, Duration::from_secs(60)).unwrap();
+    let mut seed = 0;
+    let tally = wait_until("a to do a task", Duration::from_secs(120), || {
+        seed += 2;
+        let g = corvid_sdk::Graph::new("page").with_executor(client.executor());
+        g.random(&[256, 64], -1.0, 1.0, seed)
+            .matmul(&g.random(&[64, 256], -1.0, 1.0, seed + 1))
+            .unwrap()
+            .eval_data()
+            .unwrap();
+        let v = json(&["status", "--json", "--data-dir", a.to_str()?])?;
+        let tasks = v["contributed"]["total"]["tasks"].as_u64()?;
+        (tasks > 0).then_some(tasks)
+    });
+
     let control = std::fs::read_to_string(a.join("control.addr")).unwrap();
     let url = format!("http://{}/", control.trim());
     let profile = dir.path().join("chromium");
@@ -99,6 +121,10 @@ fn the_status_page_renders_in_a_browser_with_the_nodes_peers() {
         "the page lists peer {short_b}:\n{dom}"
     );
     assert!(dom.contains("GFLOP/s"), "{dom}");
+    assert!(
+        dom.contains(&format!("in all {tally} tasks")),
+        "the page shows what a contributed ({tally} tasks):\n{dom}"
+    );
 
     let shot = dir.path().join("status.png");
     chromium(
