@@ -60,6 +60,18 @@ impl<P: Ord> Default for Knowledge<P> {
 }
 
 impl<P: Ord + Clone> Knowledge<P> {
+    /// Takes back what a job learned, the job having started from this knowledge (its
+    /// measurements, and who holds `read`: the values it read) with nothing checked in since:
+    /// for those values and for every peer's measurements its view is the newest; what else
+    /// it learned is added.
+    pub fn check_in(&mut self, job: Knowledge<P>, read: &[ValueId]) {
+        for id in read {
+            self.held.remove(id);
+        }
+        self.measured = BTreeMap::new();
+        self.merge(job);
+    }
+
     /// Adds what `newer` knows; what it measured wins, what it did not measure is kept.
     pub fn merge(&mut self, newer: Knowledge<P>) {
         for (id, holders) in newer.held {
@@ -414,6 +426,28 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         s.held = knowledge.held;
         s.measured_before = knowledge.measured;
         s
+    }
+
+    /// Like [`Scheduler::resume`], but copying from `known` only who holds the values this
+    /// plan reads ([`Scheduler::input_ids`]): a requester's table of held values grows with
+    /// every job, and copying all of it for each job made every job slower than the last.
+    pub fn resume_from(plan: &Plan, cfg: SchedConfig, known: &Knowledge<P>) -> Self {
+        let mut s = Scheduler::new(plan, cfg);
+        for id in s.input_ids() {
+            if let Some(holders) = known.held.get(&id) {
+                s.held.insert(id, holders.clone());
+            }
+        }
+        s.measured_before = known.measured.clone();
+        s
+    }
+
+    /// Every value a subgraph of this plan reads, once each.
+    pub fn input_ids(&self) -> Vec<ValueId> {
+        let mut ids: Vec<ValueId> = self.inputs.iter().flatten().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// What this job learned, with what it started from, for the next job.
@@ -1110,6 +1144,31 @@ mod tests {
         };
         let c = data([64, 40], 1).matmul(&data([40, 64], 2)).unwrap();
         g.plan(&[&c]).unwrap()
+    }
+
+    /// A job checks out only who holds the values it reads, and checks in its view of those
+    /// (a holder it found gone is forgotten) and what it learned, keeping the rest.
+    #[test]
+    fn a_job_copies_only_the_holders_of_what_it_reads() {
+        let p = plan();
+        let mut known: Knowledge<&str> = Knowledge::default();
+        for i in 0..10_000u32 {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            known.held.insert(ValueId(id), BTreeSet::from(["elsewhere"]));
+        }
+        let read = Scheduler::<&str>::new(&p, no_local()).input_ids();
+        assert!(!read.is_empty());
+        for id in &read {
+            known.held.insert(*id, BTreeSet::from(["a", "b"]));
+        }
+        let mut s = Scheduler::resume_from(&p, no_local(), &known);
+        assert_eq!(s.held().len(), read.len(), "only what the plan reads");
+        s.not_held_by(&"b", &read[..1]);
+        known.check_in(s.knowledge(), &read);
+        assert_eq!(known.held.len(), 10_000 + read.len(), "the rest is kept");
+        assert_eq!(known.held[&read[0]], BTreeSet::from(["a"]), "b's copy is gone");
+        assert_eq!(known.held[&read[1]], BTreeSet::from(["a", "b"]));
     }
 
     /// Everything on peers, assembly too; no subgraph counts as small (this plan's tiles are

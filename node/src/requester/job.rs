@@ -64,11 +64,14 @@ pub(super) async fn run_job(
     checks: bool,
 ) -> (Result<Vec<Arc<Data>>, EvalError>, JobSummary) {
     // The scheduler owns who holds what and measured speeds for the job's run.
-    let (knowledge, since) = {
+    let (mut sched, since) = {
         let mem = lock(&memory);
-        (mem.knowledge.clone(), mem.check_ins)
+        (
+            Scheduler::<PeerId>::resume_from(&plan, cfg, &mem.knowledge),
+            mem.check_ins,
+        )
     };
-    let mut sched: Scheduler<PeerId> = Scheduler::resume(&plan, cfg, knowledge);
+    let read = sched.input_ids();
     let mut peer_class = HashMap::new();
     let pool;
     match remote.node.peers().await {
@@ -109,7 +112,7 @@ pub(super) async fn run_job(
             }
         }
         Err(e) => {
-            check_in(&memory, sched.knowledge(), since);
+            check_in(&memory, sched.knowledge(), &read, since);
             return (
                 Err(EvalError::Requester {
                     reason: format!("cannot list the swarm's peers: {e}"),
@@ -178,7 +181,7 @@ pub(super) async fn run_job(
     job.replicas.abort_all();
     job.canaries.abort_all();
     job.progress.finish_and_clear();
-    check_in(&job.memory, job.sched.knowledge(), since);
+    check_in(&job.memory, job.sched.knowledge(), &read, since);
     let outputs = result.map(|()| {
         job.remember();
         job.plan
@@ -796,10 +799,15 @@ impl Job {
 
 /// Returns a job's knowledge to the requester's memory: it replaces what is there, unless
 /// another job checked in since this one started (`since`), when the two are merged.
-fn check_in(memory: &Mutex<Memory>, knowledge: Knowledge<PeerId>, since: u64) {
+fn check_in(
+    memory: &Mutex<Memory>,
+    knowledge: Knowledge<PeerId>,
+    read: &[corvid_sdk::ValueId],
+    since: u64,
+) {
     let mut mem = lock(memory);
     if mem.check_ins == since {
-        mem.knowledge = knowledge;
+        mem.knowledge.check_in(knowledge, read);
     } else {
         mem.knowledge.merge(knowledge);
     }
