@@ -1155,7 +1155,9 @@ mod tests {
         for i in 0..10_000u32 {
             let mut id = [0u8; 32];
             id[..4].copy_from_slice(&i.to_le_bytes());
-            known.held.insert(ValueId(id), BTreeSet::from(["elsewhere"]));
+            known
+                .held
+                .insert(ValueId(id), BTreeSet::from(["elsewhere"]));
         }
         let read = Scheduler::<&str>::new(&p, no_local()).input_ids();
         assert!(!read.is_empty());
@@ -1167,7 +1169,11 @@ mod tests {
         s.not_held_by(&"b", &read[..1]);
         known.check_in(s.knowledge(), &read);
         assert_eq!(known.held.len(), 10_000 + read.len(), "the rest is kept");
-        assert_eq!(known.held[&read[0]], BTreeSet::from(["a"]), "b's copy is gone");
+        assert_eq!(
+            known.held[&read[0]],
+            BTreeSet::from(["a"]),
+            "b's copy is gone"
+        );
         assert_eq!(known.held[&read[1]], BTreeSet::from(["a", "b"]));
     }
 

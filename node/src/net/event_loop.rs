@@ -323,12 +323,12 @@ impl EventLoop {
                     Some(why) => self.pauses.insert(cause, why),
                     None => self.pauses.remove(&cause),
                 };
-                match (was, self.paused()) {
-                    (_, Some(why)) => {
+                match self.paused() {
+                    now if now == was.as_deref() => {}
+                    Some(why) => {
                         tracing::info!(reason = %why, "paused: no new tasks from peers (running ones finish)")
                     }
-                    (Some(_), None) => tracing::info!("resumed: taking tasks from peers"),
-                    (None, None) => {}
+                    None => tracing::info!("resumed: taking tasks from peers"),
                 }
                 self.advertise_slots();
                 let _ = reply.send(());
