@@ -495,7 +495,7 @@ pub fn status_summary(status: &Status, control: SocketAddr) -> String {
         None => "  state        requester only\n".to_string(),
     });
     s.push_str(&format!(
-        "  backend      {} ({})\n  scores       {:.1} GFLOP/s matmul, {:.2} GB/s elementwise\n  memory       {} offered\n  tasks        {} answered, {} in hand\n  contributed  {}\n  up           {} s\n",
+        "  backend      {} ({})\n  scores       {:.1} GFLOP/s matmul, {:.2} GB/s elementwise\n  memory       {} offered\n  tasks        {} answered, {} in hand\n  contributed  {}\n  caps         {}\n  up           {} s\n",
         me.backend,
         printable(&me.adapter, 60),
         me.matmul_gflops,
@@ -504,6 +504,7 @@ pub fn status_summary(status: &Status, control: SocketAddr) -> String {
         status.tasks_answered,
         status.tasks_in_hand,
         status.contributed,
+        status.caps,
         status.uptime_ms / 1000,
     ));
     if let Some(e) = status.recent_errors.first() {

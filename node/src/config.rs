@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::identity::IdentitySource;
 use crate::identity::{IdentityError, Psk};
-use crate::rules::PauseRules;
 
 /// Largest config file we read.
 const MAX_CONFIG_BYTES: u64 = 64 * 1024;
@@ -190,6 +189,45 @@ impl Default for RelayLimits {
     }
 }
 
+/// Where Linux lists power supplies.
+pub const POWER_SUPPLY_DIR: &str = "/sys/class/power_supply";
+
+/// When a node pauses by itself (the rules are applied by [`crate::rules`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PauseRules {
+    /// Pause while other programs use more than this share (0–1] of all CPUs.
+    pub when_busy: Option<f64>,
+    /// Pause while the machine runs on battery.
+    pub on_battery: bool,
+    /// The power-supply class directory read for the battery rule.
+    pub power_supply: PathBuf,
+}
+
+impl Default for PauseRules {
+    fn default() -> Self {
+        PauseRules {
+            when_busy: None,
+            on_battery: true,
+            power_supply: PathBuf::from(POWER_SUPPLY_DIR),
+        }
+    }
+}
+
+impl PauseRules {
+    /// No rule: the node pauses only when its owner says so.
+    pub fn none() -> PauseRules {
+        PauseRules {
+            when_busy: None,
+            on_battery: false,
+            power_supply: PathBuf::from(POWER_SUPPLY_DIR),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.when_busy.is_none() && !self.on_battery
+    }
+}
+
 /// Where a worker runs tasks from peers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExecutorMode {
@@ -335,7 +373,7 @@ impl NodeConfig {
             power_supply: args
                 .power_supply_dir
                 .clone()
-                .unwrap_or_else(|| PathBuf::from(crate::rules::POWER_SUPPLY_DIR)),
+                .unwrap_or_else(|| PathBuf::from(POWER_SUPPLY_DIR)),
         };
         let psk = match args.psk.as_ref().or(file.psk.as_ref()) {
             Some(p) => Some(Psk::load(p)?),

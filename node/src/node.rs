@@ -220,6 +220,11 @@ impl Node {
                     answers,
                     metrics: node_metrics,
                     libp2p_metrics,
+                    caps: crate::status::Caps {
+                        cpus: config.cpus,
+                        pause_when_busy: config.pause.when_busy,
+                        pause_on_battery: config.pause.on_battery,
+                    },
                     ledger: crate::tally::Ledger::open(
                         config.data_dir.as_ref().map(|d| d.join(crate::tally::TALLY_FILE)),
                     ),

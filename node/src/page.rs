@@ -64,6 +64,7 @@ pub fn render(status: &Status, peers: &[PeerInfo]) -> String {
                         tr { th { "Scores" } td { (format!("{:.1}", me.matmul_gflops)) " GFLOP/s matmul, " (format!("{:.2}", me.elementwise_gbps)) " GB/s elementwise" } }
                         tr { th { "Memory offered" } td { (gib(me.memory_bytes)) } }
                         @if let Some(l) = &status.limits {
+                            tr { th { "Caps" } td.caps { (status.caps) } }
                             tr { th { "One task at most" } td { (gib(l.task.max_peak_bytes)) ", " (format!("{:.0}", l.task.max_flops as f64 / 1e9)) " GFLOP" } }
                         }
                         tr { th { "Tasks answered" } td.tasks { (status.tasks_answered) " (" (status.tasks_in_hand) " in hand now)" } }
@@ -201,7 +202,13 @@ mod tests {
             "paused": "<b>lunch</b>",
             "recent_errors": [{"unix_secs": 3723, "peer": "12D3KooWPeer1111111111111111111111111111111111111111",
                 "kind": "refused", "error": "<i>too large</i>"}],
-            "contributed": {"total": {"tasks": 7, "gflop": 12.25}, "today": {"tasks": 2, "gflop": 0.5}, "day": 0}
+            "contributed": {"total": {"tasks": 7, "gflop": 12.25}, "today": {"tasks": 2, "gflop": 0.5}, "day": 0},
+            "limits": {"memory": 1073741824u64, "slots": 1,
+                "task": {"max_nodes": 4096, "max_program_bytes": 1048576, "max_tensor_bytes": 268435456u64,
+                    "max_peak_bytes": 268435456u64, "max_flops": 1000000000000u64},
+                "inbound_bytes": 1, "held_bytes": 1, "cache_bytes": 1,
+                "max_task_time": {"secs": 300, "nanos": 0}, "flops_per_sec": 1e9, "bytes_per_sec": 1e9},
+            "caps": {"cpus": 2, "pause_when_busy": 0.5, "pause_on_battery": true}
         }))
         .unwrap();
         let mut peer = status.advert.clone();
@@ -221,6 +228,10 @@ mod tests {
         assert!(page.contains("01:02:03"), "{page}");
         assert!(
             page.contains("today 2 tasks, 0.5 GFLOP · in all 7 tasks, 12.2 GFLOP"),
+            "{page}"
+        );
+        assert!(
+            page.contains("2 core(s); pauses when others use over 50% of the CPUs and on battery"),
             "{page}"
         );
     }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+pub use crate::config::{POWER_SUPPLY_DIR, PauseRules};
 use crate::node_client::NodeClient;
 use crate::status::PauseCause;
 
@@ -25,45 +26,6 @@ pub const BUSY_SAMPLES: u32 = 3;
 pub const IDLE_SAMPLES: u32 = 5;
 /// How often the rules are checked.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
-/// Where Linux lists power supplies.
-pub const POWER_SUPPLY_DIR: &str = "/sys/class/power_supply";
-
-/// When a node pauses by itself.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PauseRules {
-    /// Pause while other programs use more than this share (0–1] of all CPUs.
-    pub when_busy: Option<f64>,
-    /// Pause while the machine runs on battery.
-    pub on_battery: bool,
-    /// The power-supply class directory read for the battery rule.
-    pub power_supply: PathBuf,
-}
-
-impl Default for PauseRules {
-    fn default() -> Self {
-        PauseRules {
-            when_busy: None,
-            on_battery: true,
-            power_supply: PathBuf::from(POWER_SUPPLY_DIR),
-        }
-    }
-}
-
-impl PauseRules {
-    /// No rule: the node pauses only when its owner says so.
-    pub fn none() -> PauseRules {
-        PauseRules {
-            when_busy: None,
-            on_battery: false,
-            power_supply: PathBuf::from(POWER_SUPPLY_DIR),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.when_busy.is_none() && !self.on_battery
-    }
-}
-
 /// CPU time of the whole machine, in clock ticks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MachineTicks {

@@ -71,10 +71,48 @@ pub struct Status {
     /// What one task from a peer may use here (contributing nodes).
     #[serde(default)]
     pub limits: Option<Limits>,
+    /// The owner's caps and pause rules in force.
+    #[serde(default)]
+    pub caps: Caps,
     /// Where peers' tasks run: the executor process and its protections (`None`: in the node
     /// process, or not contributing).
     #[serde(default)]
     pub executor: Option<ExecutorStatus>,
+}
+
+/// The caps and pause rules a node's owner set, as the node applies them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Caps {
+    /// Cores the kernels may use (`None`: all).
+    pub cpus: Option<usize>,
+    /// Pause while other programs use more than this share of the CPUs.
+    pub pause_when_busy: Option<f64>,
+    pub pause_on_battery: bool,
+}
+
+impl std::fmt::Display for Caps {
+    /// "2 cores; pauses when others use over 50% of the CPUs, and on battery".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.cpus {
+            Some(n) => write!(f, "{n} core(s)")?,
+            None => write!(f, "all cores")?,
+        }
+        let mut rules = Vec::new();
+        if let Some(s) = self.pause_when_busy {
+            rules.push(format!(
+                "when others use over {:.0}% of the CPUs",
+                s * 100.0
+            ));
+        }
+        if self.pause_on_battery {
+            rules.push("on battery".to_string());
+        }
+        if rules.is_empty() {
+            write!(f, "; no pause rule")
+        } else {
+            write!(f, "; pauses {}", rules.join(" and "))
+        }
+    }
 }
 
 /// Why a node pauses, most important first: each cause holds or releases its own pause.

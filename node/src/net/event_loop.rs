@@ -133,6 +133,8 @@ pub(crate) struct Extras {
     pub libp2p_metrics: libp2p::metrics::Metrics,
     /// What this node has contributed, and its recent task errors.
     pub ledger: crate::tally::Ledger,
+    /// The owner's caps and pause rules, for the status.
+    pub caps: crate::status::Caps,
 }
 
 /// Where the answer to a task this node sent goes.
@@ -1267,6 +1269,7 @@ impl EventLoop {
                 HolePunches { succeeded, failed }
             },
             limits: self.extras.limits.clone(),
+            caps: self.extras.caps.clone(),
             #[cfg(target_os = "linux")]
             executor: self.extras.executor.as_ref().and_then(|p| p.status()),
             #[cfg(not(target_os = "linux"))]
