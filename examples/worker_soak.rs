@@ -174,7 +174,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     let start = Instant::now();
-    let mut peak = vec![0u64; WORKERS];
+    let mut peak = [0u64; WORKERS];
     let mut last = (0u64, Instant::now());
     println!(
         "{:>6} {:>9} {:>7} {}",
