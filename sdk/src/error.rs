@@ -95,6 +95,9 @@ pub enum EvalError {
     },
     #[error("the tensor to evaluate is {got}, not {expected}")]
     DType { expected: String, got: TensorMeta },
+    /// The job was cancelled through its [`crate::JobHandle`].
+    #[error("the job was cancelled")]
+    Cancelled,
 }
 
 /// Why a graph cannot be partitioned.

@@ -19,6 +19,14 @@ pub trait Executor: Send + Sync + fmt::Debug {
     fn settings(&self) -> Settings;
     /// Runs the plan and returns its outputs in order.
     fn execute(&self, plan: &Plan) -> Result<Vec<Arc<Data>>, EvalError>;
+
+    /// Starts running the plan on the executor's own threads or runtime, reporting progress
+    /// to `job` and stopping when it is cancelled, and returns where the outcome will arrive.
+    /// `None` (the default): the caller runs [`Executor::execute`] on a thread of its own.
+    fn start(&self, plan: &Plan, job: &Arc<crate::job::JobState>) -> Option<crate::job::Pending> {
+        let _ = (plan, job);
+        None
+    }
 }
 
 /// Default cap on cached results, in bytes.

@@ -12,7 +12,7 @@ use crate::error::{BuildError, EvalError, Site};
 use crate::exec::{Executor, default_executor};
 use crate::ids::{ValueId, op_value_id};
 use crate::partition::{PartitionError, partition};
-use crate::plan::Leaf;
+use crate::plan::{Leaf, Plan};
 use crate::report::{Failure, Report};
 use crate::tensor::Tensor;
 
@@ -304,6 +304,58 @@ impl Graph {
 
     /// Evaluates several tensors at once, sharing their common work.
     pub fn eval(&self, outputs: &[&Tensor]) -> Result<Vec<Data>, EvalError> {
+        let result = self
+            .planned(outputs)
+            .and_then(|(executor, plan)| executor.execute(&plan));
+        match result {
+            Ok(values) => Ok(values.iter().map(|v| (**v).clone()).collect()),
+            Err(e) => {
+                self.record(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts evaluating `outputs` and returns at once: wait on the handle (or `.await` it),
+    /// poll it, cancel it or read its progress; several jobs run at the same time. Errors in
+    /// building or partitioning come back here, before anything runs.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use corvid_sdk::{Graph, LocalExecutor, kernels::{Backend, CpuBackend}};
+    /// let g = Graph::new("jobs").with_executor(Arc::new(LocalExecutor::new(Backend::Cpu(CpuBackend::new()))));
+    /// let a = g.random(&[64, 64], -1.0, 1.0, 1);
+    /// let first = g.submit(&[&a.matmul(&a)?])?;
+    /// let second = g.submit(&[&a.relu()?])?;
+    /// for (i, out) in corvid_sdk::as_completed([first, second]) {
+    ///     println!("job {i}: {:?}", out?[0].meta());
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn submit(&self, outputs: &[&Tensor]) -> Result<crate::JobHandle, EvalError> {
+        let (executor, plan) = self.planned(outputs).inspect_err(|e| self.record(e))?;
+        let state = Arc::new(crate::JobState::default());
+        state.set_total(plan.subgraphs.len());
+        let rx = match executor.start(&plan, &state) {
+            Some(rx) => rx,
+            None => {
+                let (tx, rx) = futures::channel::oneshot::channel();
+                let job = state.clone();
+                std::thread::spawn(move || {
+                    let outcome = executor.execute(&plan);
+                    if outcome.is_ok() {
+                        job.set_done(plan.subgraphs.len());
+                    }
+                    let _ = tx.send(outcome);
+                });
+                rx
+            }
+        };
+        Ok(crate::JobHandle::new(rx, state, self.clone()))
+    }
+
+    /// The executor and the plan it would run for `outputs`.
+    fn planned(&self, outputs: &[&Tensor]) -> Result<(Arc<dyn Executor>, Plan), EvalError> {
         let executor = self.executor();
         let plan = {
             let inner = self.inner();
@@ -324,23 +376,21 @@ impl Graph {
             }
             partition(&inner.nodes, &roots, &executor.settings())
         };
-        let result = plan
-            .map_err(|e| match e {
-                PartitionError::Build(error) => EvalError::Build {
-                    graph: self.name().into(),
-                    error,
-                },
-                e @ PartitionError::TooLarge { .. } => EvalError::Partition(e),
-            })
-            .and_then(|plan| executor.execute(&plan));
-        match result {
-            Ok(values) => Ok(values.iter().map(|v| (**v).clone()).collect()),
-            Err(e) => {
-                if !matches!(e, EvalError::Build { .. }) {
-                    self.inner().failures.push(Failure::eval(&e));
-                }
-                Err(e)
-            }
+        let plan = plan.map_err(|e| match e {
+            PartitionError::Build(error) => EvalError::Build {
+                graph: self.name().into(),
+                error,
+            },
+            e @ PartitionError::TooLarge { .. } => EvalError::Partition(e),
+        })?;
+        Ok((executor, plan))
+    }
+
+    /// Keeps an evaluation's failure for [`Graph::end`] (build errors were kept when they
+    /// happened).
+    pub(crate) fn record(&self, e: &EvalError) {
+        if !matches!(e, EvalError::Build { .. }) {
+            self.inner().failures.push(Failure::eval(e));
         }
     }
 

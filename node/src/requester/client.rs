@@ -164,7 +164,7 @@ impl Client {
             local: Arc::new(LocalExecutor::new(local).without_cache()),
             settings: Mutex::new(Settings::default()),
             sched,
-            last: Mutex::new(None),
+            last: Arc::new(Mutex::new(None)),
             memory: Arc::new(Mutex::new(Memory::default())),
             cids: Arc::default(),
             trust: Arc::new(Mutex::new(trust)),

@@ -91,7 +91,7 @@ pub struct SwarmExecutor {
     pub(super) local: Arc<LocalExecutor>,
     pub(super) settings: Mutex<Settings>,
     pub(super) sched: SchedConfig,
-    pub(super) last: Mutex<Option<JobSummary>>,
+    pub(super) last: Arc<Mutex<Option<JobSummary>>>,
     pub(super) memory: Arc<Mutex<Memory>>,
     pub(super) cids: Arc<ContentIds>,
     pub(super) trust: Arc<Mutex<Trust>>,
@@ -154,7 +154,24 @@ impl Executor for SwarmExecutor {
 
     fn execute(&self, plan: &Plan) -> Result<Vec<Arc<Data>>, EvalError> {
         // Runs on the client's runtime; this thread only waits (it may be any thread).
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let pending = self.spawn(plan, Arc::new(JobState::default()));
+        futures::executor::block_on(pending).unwrap_or_else(|_| {
+            Err(EvalError::Requester {
+                reason: "the client stopped during the job".into(),
+            })
+        })
+    }
+
+    fn start(&self, plan: &Plan, job: &Arc<JobState>) -> Option<Pending> {
+        Some(self.spawn(plan, job.clone()))
+    }
+}
+
+impl SwarmExecutor {
+    /// Runs `plan` as a job on the client's runtime, reporting to `state`; the outcome
+    /// arrives on the receiver, the summary in `last` (and the checks in the metrics).
+    fn spawn(&self, plan: &Plan, state: Arc<JobState>) -> Pending {
+        let (tx, rx) = futures::channel::oneshot::channel();
         let checks = self.checks.load(std::sync::atomic::Ordering::Relaxed);
         let job = run_job(
             plan.clone(),
@@ -168,16 +185,16 @@ impl Executor for SwarmExecutor {
             self.memory.clone(),
             self.trust.clone(),
             checks,
+            state,
         );
+        let (metrics, last) = (self.metrics.clone(), self.last.clone());
         self.handle.spawn(async move {
-            let _ = tx.send(job.await);
+            let (result, summary) = job.await;
+            metrics.job_checked(&summary.verify);
+            *lock(&last) = Some(summary);
+            let _ = tx.send(result);
         });
-        let (result, summary) = rx.recv().map_err(|_| EvalError::Requester {
-            reason: "the client stopped during the job".into(),
-        })?;
-        self.metrics.job_checked(&summary.verify);
-        *lock(&self.last) = Some(summary);
-        result
+        rx
     }
 }
 

@@ -45,6 +45,8 @@ pub(super) struct Job {
     pub(super) cached: usize,
     pub(super) verify: VerifySummary,
     pub(super) progress: ProgressBar,
+    /// What the job's handle reads (progress) and how it is cancelled.
+    pub(super) state: Arc<JobState>,
     /// What the requester saw of the swarm at the job's start, for a job no worker can run.
     pub(super) pool: String,
     /// Subgraphs run on the requester: with arithmetic (only when local execution is
@@ -62,6 +64,7 @@ pub(super) async fn run_job(
     memory: Arc<Mutex<Memory>>,
     trust: Arc<Mutex<Trust>>,
     checks: bool,
+    state: Arc<JobState>,
 ) -> (Result<Vec<Arc<Data>>, EvalError>, JobSummary) {
     // The scheduler owns who holds what and measured speeds for the job's run.
     let (mut sched, since) = {
@@ -140,6 +143,8 @@ pub(super) async fn run_job(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     progress.set_position(cached as u64);
+    state.set_total(n);
+    state.set_done(cached);
     let mut job = Job {
         results,
         accepted: vec![None; n],
@@ -159,6 +164,7 @@ pub(super) async fn run_job(
         cached,
         verify: VerifySummary::default(),
         progress,
+        state: state.clone(),
         pool,
         local_compute: 0,
         local_moves: 0,
@@ -166,7 +172,17 @@ pub(super) async fn run_job(
     if checks && cached < n {
         job.send_canaries();
     }
-    let result = job.run().await;
+    // A cancel through the job's handle stops it here; the clean-up below cancels what
+    // still runs on peers.
+    let cancelled = tokio_util::sync::CancellationToken::new();
+    state.on_cancel({
+        let c = cancelled.clone();
+        move || c.cancel()
+    });
+    let result = tokio::select! {
+        r = job.run() => r,
+        () = cancelled.cancelled() => Err(EvalError::Cancelled),
+    };
     // Whatever still runs remotely is no longer wanted.
     let still: Vec<u64> = job
         .task_wire
@@ -342,6 +358,7 @@ impl Job {
                     self.dispatch(d);
                 }
                 self.progress.inc(1);
+                self.state.finished_one();
                 self.progress.set_message(self.progress_message());
                 if let Some(p) = peer {
                     let replicate = {
@@ -460,6 +477,7 @@ impl Job {
         for i in reopened {
             if self.results[i].take().is_some() {
                 self.progress.dec(1);
+                self.state.withdrew_one();
             }
             self.accepted[i] = None;
             self.producer[i] = None;

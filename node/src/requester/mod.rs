@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use corvid_kernels::{ContentId, Recipe, Tensor as Data};
+use corvid_sdk::job::{JobState, Pending};
 use corvid_sdk::plan::{Leaf, Plan, Source, Subgraph};
 use corvid_sdk::wire::Input;
 use libp2p::PeerId;

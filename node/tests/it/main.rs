@@ -7,8 +7,10 @@ mod bootstrap_errors;
 mod connections;
 mod demo;
 mod forged_adverts;
+
 mod fuzz_corpus;
 mod hostile;
+mod jobs;
 mod kill_worker;
 mod metrics;
 mod nat;
