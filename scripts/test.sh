@@ -36,3 +36,24 @@ export CORVID_REQUIRE_GPU=1
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
 cargo test --workspace --all-features "$@"
+
+# The Python SDK, built by its documented install command (`pip install ./python`) into a
+# fresh virtual environment (the dev profile here: the tests need it built, not fast), then
+# its pytest suite. Arguments to this script filter the Rust tests only.
+if [ "$#" -eq 0 ]; then
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        echo "installing python3-venv and python3-pip (the Python SDK's tests)" >&2
+        sudo=""
+        if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv python3-pip >/dev/null
+    fi
+    venv=target/python-venv
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check numpy pytest
+    MATURIN_PEP517_ARGS="--profile dev" "$venv/bin/pip" install -q --disable-pip-version-check ./python
+    # From the top: in python/ the source package (without its extension) would shadow the
+    # installed one.
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider python/tests
+fi
