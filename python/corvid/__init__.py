@@ -19,18 +19,22 @@ import concurrent.futures
 import sys
 import threading
 import time
+
+import numpy as np
 from typing import Iterable, Iterator, List, Optional, Sequence
 
 from . import _corvid
 from ._corvid import (
     BuildError,
     Cancelled,
-    Client,
     ClientError,
     CorvidError,
     EvalError,
+    Model,
     Tensor,
     ops,
+    save_npy,
+    save_safetensors,
 )
 
 __all__ = [
@@ -38,13 +42,17 @@ __all__ = [
     "Cancelled",
     "Client",
     "ClientError",
+    "Computation",
     "CorvidError",
     "EvalError",
     "Graph",
     "Job",
+    "Model",
     "Tensor",
     "as_completed",
     "ops",
+    "save_npy",
+    "save_safetensors",
 ]
 
 
@@ -72,6 +80,10 @@ class Job(concurrent.futures.Future):
 
     def progress(self) -> tuple:
         return self._handle.progress()
+
+    def summary(self) -> Optional[str]:
+        """What the job did on the swarm (peers, bytes, checks), once it ended."""
+        return self._handle.summary()
 
     def __await__(self):
         return asyncio.wrap_future(self).__await__()
@@ -176,6 +188,138 @@ class _Progress:
             print(self._text(done, total), file=sys.stderr, flush=True)
 
 
+class Client:
+    """A swarm to run graphs on: `Client.local(n)` starts `n` embedded workers (development);
+    `Client.connect(addrs, psk=None, workers=1, timeout=60)` joins a real swarm as a
+    requester and returns once `workers` workers are known (or raises `ClientError`)."""
+
+    def __init__(self, inner: "_corvid.Client"):
+        self._inner = inner
+        self._last_map: List[Job] = []
+
+    @staticmethod
+    def local(n: int) -> "Client":
+        return Client(_corvid.Client.local(n))
+
+    @staticmethod
+    def connect(
+        addrs: Sequence[str], psk: Optional[str] = None, workers: int = 1, timeout: float = 60.0
+    ) -> "Client":
+        if isinstance(addrs, str):
+            addrs = [addrs]
+        return Client(_corvid.Client.connect(list(addrs), psk, workers, timeout))
+
+    def last_summary(self) -> Optional[str]:
+        """What the last job did: which peer ran what, bytes, time, checks."""
+        return self._inner.last_summary()
+
+    def map(self, computation: "Computation", inputs: Iterable, window: int = 16) -> list:
+        """`computation` on each input, one verified job per input (`window` at a time):
+        the results in input order. Raises the first input's error, naming the input."""
+        return list(self.imap(computation, inputs, window))
+
+    def imap(self, computation: "Computation", inputs: Iterable, window: int = 16) -> Iterator:
+        """As `map`, yielding results in input order as soon as each is ready."""
+        for i, job in self._jobs(computation, inputs, window, ordered=True):
+            yield _outputs(i, job)
+
+    def imap_unordered(
+        self, computation: "Computation", inputs: Iterable, window: int = 16
+    ) -> Iterator:
+        """Yields `(input index, result)` as jobs end, whatever their order."""
+        for i, job in self._jobs(computation, inputs, window, ordered=False):
+            yield i, _outputs(i, job)
+
+    def map_summary(self) -> tuple:
+        """The last map's jobs summed: (a table as text, per place {"tasks", "bytes_in",
+        "bytes_out", "failures"}); bytes_in is what was sent to the place."""
+        return _corvid.summarize([j._handle for j in self._last_map if j.done()])
+
+    def _jobs(self, computation, inputs, window, ordered):
+        window = max(1, int(window))
+        self._last_map = []
+        pending = []  # (index, job), oldest first
+        inputs = iter(enumerate(inputs))
+        first = next(inputs, None)
+        if first is None:
+            return
+        # The first job alone: once it ends the requester knows who holds the model.
+        job = computation._submit(self, *first)
+        self._last_map.append(job)
+        concurrent.futures.wait([job])
+        yield first[0], job
+        for i, x in inputs:
+            job = computation._submit(self, i, x)
+            self._last_map.append(job)
+            pending.append((i, job))
+            while len(pending) >= window:
+                yield from _take(pending, ordered)
+        while pending:
+            yield from _take(pending, ordered)
+
+
+def _take(pending: list, ordered: bool):
+    """Removes and yields one ended job of `pending` (the oldest, if `ordered`)."""
+    if ordered:
+        i, job = pending.pop(0)
+        concurrent.futures.wait([job])
+        yield i, job
+        return
+    concurrent.futures.wait([j for _, j in pending], return_when=concurrent.futures.FIRST_COMPLETED)
+    for k, (i, job) in enumerate(pending):
+        if job.done():
+            del pending[k]
+            yield i, job
+            return
+
+
+def _outputs(i: int, job: Job):
+    try:
+        outs = job.result()
+    except CorvidError as e:
+        raise type(e)(f"input {i}: {e}") from e
+    return outs[0] if getattr(job, "_single", False) else outs
+
+
+class Computation:
+    """A computation defined once, run over many inputs with `Client.map`:
+    `fn(*inputs)` or, with a `model`, `fn(*inputs, weights)` (weights: the model's tensors
+    by name) returns a tensor or a list of tensors. The model is sent to a worker once and
+    kept there; `update(model)` replaces it (new content id: new weights go out)."""
+
+    def __init__(self, fn, model: Optional[Model] = None, name: Optional[str] = None):
+        self.fn = fn
+        self.model = model
+        self.name = name or getattr(fn, "__name__", "computation")
+
+    def update(self, model: Model) -> None:
+        self.model = model
+
+    def id(self, *inputs) -> str:
+        """The content id of the computation's graph over zeros shaped like `inputs`."""
+        g = Graph(self.name)
+        self._build(g, [np.zeros(np.shape(x), np.asarray(x).dtype) for x in inputs])
+        return g.id()
+
+    def _build(self, g: "Graph", inputs: list):
+        xs = [g.tensor(x) for x in inputs]
+        args = xs + [g.model(self.model)] if self.model is not None else xs
+        out = self.fn(*args)
+        single = isinstance(out, Tensor)
+        return ([out] if single else list(out)), single
+
+    def _submit(self, client: Client, i: int, x) -> Job:
+        g = Graph(f"{self.name}[{i}]", client)
+        inputs = list(x) if isinstance(x, (tuple, list)) else [x]
+        try:
+            outs, single = self._build(g, inputs)
+            job = g.submit(outs)
+        except CorvidError as e:
+            raise type(e)(f"input {i}: {e}") from e
+        job._single = single
+        return job
+
+
 class Graph(_corvid.Graph):
     """A graph of tensor ops, evaluated on `client`'s swarm (or on this machine without one).
 
@@ -183,6 +327,9 @@ class Graph(_corvid.Graph):
     is a method of `Tensor`. `eval([tensors])` returns NumPy arrays; `submit([tensors])`
     returns a `Job` at once; `end()` raises a `CorvidError` listing every op that failed.
     """
+
+    def __new__(cls, name: str = "graph", client: Optional[Client] = None):
+        return super().__new__(cls, name, client._inner if client is not None else None)
 
     def __init__(self, name: str = "graph", client: Optional[Client] = None):
         self._client = client

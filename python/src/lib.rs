@@ -228,6 +228,20 @@ impl PyGraph {
         })
     }
 
+    /// A model's tensors as constants of this graph, by name (not copied or hashed again).
+    fn model(&self, model: &PyModel) -> std::collections::BTreeMap<String, PyTensor> {
+        self.g
+            .model(&model.m)
+            .into_iter()
+            .map(|(n, t)| (n, PyTensor { t }))
+            .collect()
+    }
+
+    /// The graph's content id (blake3 of its canonical encoding), hex.
+    fn id(&self) -> String {
+        self.g.id().to_string()
+    }
+
     /// `parts` joined along `axis`.
     fn concat(
         &self,
@@ -686,6 +700,11 @@ impl PyJob {
         self.state.is_cancelled()
     }
 
+    /// What the job did (which peer ran what, bytes, checks), once it ended on a swarm.
+    fn summary(&self) -> Option<String> {
+        corvid_node::JobSummary::of_state(&self.state).map(|s| s.to_string())
+    }
+
     fn progress(&self) -> (usize, usize) {
         let p = self.state.progress();
         (p.done, p.total)
@@ -743,6 +762,171 @@ fn wait_any(py: Python<'_>, handles: Vec<Py<PyJob>>, timeout: f64) -> Vec<usize>
     })
 }
 
+/// A named set of tensors identified by its content hash: `Model.load(path)` reads `.npy`,
+/// `.npz` or `.safetensors`; `Model(name, {"w": array, ...})` makes one from NumPy arrays.
+#[pyclass(frozen, name = "Model", module = "corvid")]
+struct PyModel {
+    m: corvid_sdk::Model,
+}
+
+#[pymethods]
+impl PyModel {
+    #[new]
+    fn new(
+        name: &str,
+        tensors: std::collections::BTreeMap<String, Bound<'_, PyAny>>,
+    ) -> PyResult<PyModel> {
+        let mut out = Vec::with_capacity(tensors.len());
+        for (n, a) in tensors {
+            out.push((n, from_numpy(&a)?));
+        }
+        Ok(PyModel {
+            m: corvid_sdk::Model::new(name, out),
+        })
+    }
+
+    #[staticmethod]
+    fn load(py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyModel> {
+        py.detach(|| corvid_sdk::Model::load(&path))
+            .map(|m| PyModel { m })
+            .map_err(|e| CorvidError::new_err(e.to_string()))
+    }
+
+    #[getter]
+    fn name(&self) -> String {
+        self.m.name().to_string()
+    }
+
+    /// blake3 over the tensors' names and content ids, hex.
+    #[getter]
+    fn id(&self) -> String {
+        self.m.id().to_string()
+    }
+
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.m.bytes()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.m.names().map(String::from).collect()
+    }
+
+    fn __getitem__<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        match self.m.get(name) {
+            Some(d) => to_numpy(py, d),
+            None => Err(pyo3::exceptions::PyKeyError::new_err(format!(
+                "model '{}' has no tensor '{name}'",
+                self.m.name()
+            ))),
+        }
+    }
+
+    fn __len__(&self) -> usize {
+        self.m.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<corvid.Model '{}' {} tensors, {} bytes, id {}>",
+            self.m.name(),
+            self.m.len(),
+            self.m.bytes(),
+            &self.m.id().to_string()[..12]
+        )
+    }
+
+    fn save_safetensors(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
+        py.detach(|| self.m.save_safetensors(&path))
+            .map_err(|e| CorvidError::new_err(e.to_string()))
+    }
+}
+
+/// A NumPy array (or anything `numpy.asarray` takes) as a node's tensor: int arrays become
+/// i32, anything else f32.
+fn from_numpy(a: &Bound<'_, PyAny>) -> PyResult<Data> {
+    if let Ok(a) = a.extract::<PyReadonlyArrayDyn<'_, f32>>() {
+        return Ok(Data::from_array(a.as_array().to_owned()));
+    }
+    if let Ok(a) = a.extract::<PyReadonlyArrayDyn<'_, i32>>() {
+        return Ok(Data::from_array_i32(a.as_array().to_owned()));
+    }
+    let np = a.py().import("numpy")?;
+    let kind: String = np
+        .call_method1("asarray", (a,))?
+        .getattr("dtype")?
+        .getattr("kind")?
+        .extract()?;
+    let dtype = if kind == "i" || kind == "u" || kind == "b" {
+        "int32"
+    } else {
+        "float32"
+    };
+    let conv = np.call_method1("ascontiguousarray", (a, dtype))?;
+    from_numpy(&conv)
+}
+
+/// Writes an array as `.npy` (f32 or i32).
+#[pyfunction]
+fn save_npy(path: std::path::PathBuf, array: &Bound<'_, PyAny>) -> PyResult<()> {
+    corvid_sdk::model::save_npy(&path, &from_numpy(array)?)
+        .map_err(|e| CorvidError::new_err(e.to_string()))
+}
+
+/// Writes named arrays as one `.safetensors` file.
+#[pyfunction]
+fn save_safetensors(
+    path: std::path::PathBuf,
+    tensors: std::collections::BTreeMap<String, Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let mut data = Vec::with_capacity(tensors.len());
+    for (n, a) in tensors {
+        data.push((n, from_numpy(&a)?));
+    }
+    corvid_sdk::model::save_safetensors(&path, data.iter().map(|(n, d)| (n.as_str(), d)))
+        .map_err(|e| CorvidError::new_err(e.to_string()))
+}
+
+/// Several ended swarm jobs as one summary: (the table as text, per place
+/// `{"tasks", "bytes_in", "bytes_out", "failures"}`); places are peer ids or "requester".
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn summarize(
+    handles: Vec<Py<PyJob>>,
+) -> (
+    String,
+    std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, u64>>,
+) {
+    let jobs: Vec<corvid_node::JobSummary> = handles
+        .iter()
+        .filter_map(|h| corvid_node::JobSummary::of_state(&h.get().state))
+        .collect();
+    let mut total = corvid_node::JobSummary::total(&jobs);
+    let redispatched = std::mem::take(&mut total.redispatches).len();
+    let places = total
+        .places
+        .iter()
+        .map(|(p, s)| {
+            let name = match p {
+                corvid_sdk::sched::Place::Local => "requester".to_string(),
+                corvid_sdk::sched::Place::Peer(id) => id.clone(),
+            };
+            let v = std::collections::BTreeMap::from([
+                ("tasks", s.tasks as u64),
+                ("bytes_in", s.bytes_in),
+                ("bytes_out", s.bytes_out),
+                ("failures", s.failures as u64),
+            ]);
+            (name, v)
+        })
+        .collect();
+    let text = format!(
+        "{} jobs ({redispatched} tasks sent again); summed:\n{total}",
+        jobs.len()
+    );
+    (text, places)
+}
+
 /// The ops `Tensor` has by name: `{"unary": [...], "binary": [...], "reduce": [...]}`.
 #[pyfunction]
 fn ops() -> std::collections::BTreeMap<&'static str, Vec<&'static str>> {
@@ -762,6 +946,10 @@ fn _corvid(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyJob>()?;
     m.add_function(wrap_pyfunction!(wait_any, m)?)?;
     m.add_function(wrap_pyfunction!(ops, m)?)?;
+    m.add_function(wrap_pyfunction!(save_npy, m)?)?;
+    m.add_function(wrap_pyfunction!(save_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(summarize, m)?)?;
+    m.add_class::<PyModel>()?;
     m.add("CorvidError", py.get_type::<CorvidError>())?;
     m.add("BuildError", py.get_type::<BuildError>())?;
     m.add("EvalError", py.get_type::<EvalError>())?;

@@ -1,6 +1,6 @@
 //! The graph: a lazy, shape-checked DAG of ops over constant leaves.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::Location;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -120,6 +120,21 @@ impl Graph {
             id,
             Site(Location::caller()),
         )
+    }
+
+    /// A model's tensors as constants of this graph, by name: not copied and not hashed
+    /// again, so using the same model in many graphs costs nothing per graph, and workers
+    /// that hold its tensors are sent their ids only.
+    #[track_caller]
+    pub fn model(&self, model: &crate::Model) -> BTreeMap<String, Tensor> {
+        let at = Site(Location::caller());
+        model
+            .entries()
+            .map(|(name, data, id)| {
+                let leaf = NodeKind::Leaf(Arc::new(Leaf::data(data.clone())));
+                (name.to_string(), self.add_node(leaf, data.meta(), id, at))
+            })
+            .collect()
     }
 
     /// A 1-D f32 tensor, like RavOp's `R.t([1, 2, 3])`.

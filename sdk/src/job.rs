@@ -38,6 +38,9 @@ pub struct JobState {
     on_cancel: Mutex<Vec<Canceller>>,
     /// The task waiting on the handle, woken by a cancel.
     waiter: AtomicWaker,
+    /// What the executor reports about the job once it ended (the swarm client: its
+    /// `JobSummary`).
+    report: Mutex<Option<Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for JobState {
@@ -82,6 +85,21 @@ impl JobState {
             done: self.done.load(Ordering::Relaxed),
             total: self.total.load(Ordering::Relaxed),
         }
+    }
+
+    /// Keeps the executor's report of the job (set once it ended).
+    pub fn set_report(&self, report: Arc<dyn std::any::Any + Send + Sync>) {
+        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+    }
+
+    /// The executor's report of the job, if it made one and it is a `T`.
+    pub fn report<T: std::any::Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        let r = self
+            .report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        r.downcast::<T>().ok()
     }
 
     pub fn is_cancelled(&self) -> bool {

@@ -169,7 +169,8 @@ impl Executor for SwarmExecutor {
 
 impl SwarmExecutor {
     /// Runs `plan` as a job on the client's runtime, reporting to `state`; the outcome
-    /// arrives on the receiver, the summary in `last` (and the checks in the metrics).
+    /// arrives on the receiver, the summary in `last` and in the job's state (and the checks
+    /// in the metrics).
     fn spawn(&self, plan: &Plan, state: Arc<JobState>) -> Pending {
         let (tx, rx) = futures::channel::oneshot::channel();
         let checks = self.checks.load(std::sync::atomic::Ordering::Relaxed);
@@ -185,12 +186,13 @@ impl SwarmExecutor {
             self.memory.clone(),
             self.trust.clone(),
             checks,
-            state,
+            state.clone(),
         );
         let (metrics, last) = (self.metrics.clone(), self.last.clone());
         self.handle.spawn(async move {
             let (result, summary) = job.await;
             metrics.job_checked(&summary.verify);
+            state.set_report(Arc::new(summary.clone()));
             *lock(&last) = Some(summary);
             let _ = tx.send(result);
         });

@@ -751,6 +751,23 @@ impl Job {
                 } else {
                     trust::SAMPLE_ROWS_ALONE
                 };
+                // The job's constants sent now are held by the peer from now on, for the
+                // jobs that start meanwhile too: they name them rather than send them again
+                // (shared weights cross once per worker, not once per concurrent job). A
+                // worker named a value it has not received yet says so, and it is sent.
+                let sent: Vec<corvid_sdk::ValueId> = sg
+                    .input_ids
+                    .iter()
+                    .zip(&held)
+                    .filter(|(id, h)| !**h && self.plan.leaf_ids.contains(id))
+                    .map(|(id, _)| *id)
+                    .collect();
+                if !sent.is_empty() {
+                    let mut mem = lock(&self.memory);
+                    for id in sent {
+                        mem.knowledge.held.entry(id).or_default().insert(peer);
+                    }
+                }
                 let remote = self.remote.clone();
                 self.running.spawn(async move {
                     let r = remote

@@ -146,3 +146,53 @@ impl std::fmt::Display for JobSummary {
         Ok(())
     }
 }
+
+impl JobSummary {
+    /// The summary of a job started with `Graph::submit` on a swarm client, once it ended.
+    pub fn of(job: &corvid_sdk::JobHandle) -> Option<JobSummary> {
+        job.state().report::<JobSummary>().map(|s| (*s).clone())
+    }
+
+    /// The summary of the job whose state this is (see [`JobSummary::of`]).
+    pub fn of_state(state: &corvid_sdk::JobState) -> Option<JobSummary> {
+        state.report::<JobSummary>().map(|s| (*s).clone())
+    }
+
+    /// Several jobs as one: counts, bytes and times summed per place and check (wall times
+    /// too, so for jobs that ran at once the wall is their sum, not the time they took).
+    pub fn total<'a>(jobs: impl IntoIterator<Item = &'a JobSummary>) -> JobSummary {
+        let mut t = JobSummary::default();
+        for j in jobs {
+            t.subgraphs += j.subgraphs;
+            t.cached += j.cached;
+            t.wall += j.wall;
+            t.local_compute += j.local_compute;
+            t.local_moves += j.local_moves;
+            t.redispatches.extend(j.redispatches.iter().cloned());
+            for (place, s) in &j.places {
+                let p = t.places.entry(place.clone()).or_default();
+                p.tasks += s.tasks;
+                p.flops += s.flops;
+                p.bytes_in += s.bytes_in;
+                p.bytes_out += s.bytes_out;
+                p.busy += s.busy;
+                p.failures += s.failures;
+                p.path = s.path.or(p.path);
+            }
+            let (v, w) = (&mut t.verify, &j.verify);
+            v.freivalds += w.freivalds;
+            v.sampled_rows += w.sampled_rows;
+            v.recomputed += w.recomputed;
+            v.canaries += w.canaries;
+            v.replicated += w.replicated;
+            v.replicas_agreed += w.replicas_agreed;
+            v.disputes += w.disputes;
+            v.detections.extend(w.detections.iter().cloned());
+            v.bans.extend(w.bans.iter().cloned());
+            v.reopened += w.reopened;
+            v.check_time += w.check_time;
+            v.extra_remote_flops += w.extra_remote_flops;
+        }
+        t
+    }
+}
