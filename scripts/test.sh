@@ -54,6 +54,7 @@ if [ "$#" -eq 0 ]; then
     "$venv/bin/pip" install -q --disable-pip-version-check numpy pytest
     MATURIN_PEP517_ARGS="--profile dev" "$venv/bin/pip" install -q --disable-pip-version-check ./python
     # From the top: in python/ the source package (without its extension) would shadow the
-    # installed one.
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider python/tests
+    # installed one. The node-process tests run the `corvid` binary the Rust tests built.
+    CORVID_BIN="${CORVID_BIN:-$(realpath "${CARGO_TARGET_DIR:-target}")/debug/corvid}" \
+        "$venv/bin/python" -m pytest -q -p no:cacheprovider python/tests
 fi

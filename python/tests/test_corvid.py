@@ -156,3 +156,31 @@ def test_structural_ops_match_numpy():
     assert "exp" in table, table
     with pytest.raises(corvid.BuildError, match="cast"):
         x.cast("f64")
+
+
+def test_jupyter_sees_a_progress_line_updated_in_place(monkeypatch):
+    import sys
+    import types
+
+    shown = []
+
+    class Handle:
+        def update(self, text):
+            shown.append(text)
+
+    ipython = types.ModuleType("IPython")
+    ipython.get_ipython = lambda: object()
+    display = types.ModuleType("IPython.display")
+    display.display = lambda text, display_id=False: shown.append(text) or Handle()
+    ipython.display = display
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "IPython.display", display)
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+
+    client = corvid.Client.local(1)
+    g = corvid.Graph("notebook", client)
+    (out,) = g.eval([(g.random([64, 64], seed=1) @ g.random([64, 64], seed=2)).relu()])
+    assert out.shape == (64, 64)
+    assert shown and all("graph 'notebook'" in t for t in shown), shown
+    done, total = map(int, shown[-1].split(": ")[2].split(" ")[0].split("/"))
+    assert done == total > 0, shown

@@ -410,6 +410,19 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         }
     }
 
+    /// Adds holders of `id` learned elsewhere (jobs running alongside sent it to them);
+    /// only peers of this job count.
+    pub fn learn_held<'a>(&mut self, id: ValueId, peers: impl IntoIterator<Item = &'a P>)
+    where
+        P: 'a,
+    {
+        for p in peers {
+            if self.peers.contains_key(p) {
+                self.held.entry(id).or_default().insert(p.clone());
+            }
+        }
+    }
+
     /// Forgets who holds value `id` (it turned out wrong; no copy of it may be reused).
     pub fn forget(&mut self, id: &ValueId) {
         self.held.remove(id);

@@ -27,6 +27,9 @@ pub(super) struct Memory {
     /// Check-ins so far: a job that finds none since its start replaces the knowledge (what it
     /// forgot stays forgotten); otherwise it merges into what a job that ran alongside left.
     pub(super) check_ins: u64,
+    /// Bumped whenever a job marks a constant it sends as held by the peer (or unmarks one a
+    /// peer did not hold), so that running jobs know when to look again.
+    pub(super) marks: u64,
     /// Cached results that only a sample vouched for, and their producer: dropped if it is
     /// banned later.
     pub(super) sampled_from: HashMap<corvid_sdk::SubgraphId, PeerId>,
@@ -38,6 +41,7 @@ impl Default for Memory {
             cache: ResultCache::new(CACHE_BYTES),
             knowledge: Knowledge::default(),
             check_ins: 0,
+            marks: 0,
             sampled_from: HashMap::new(),
         }
     }

@@ -53,6 +53,8 @@ pub(super) struct Job {
     /// allowed), and pure data movement (assembly, slicing).
     pub(super) local_compute: usize,
     pub(super) local_moves: usize,
+    /// The requester memory's `marks` when the job last looked at who holds its constants.
+    pub(super) marks_seen: u64,
 }
 
 /// Runs `plan` on the swarm through `remote`, with the requester's memory and trust.
@@ -168,6 +170,7 @@ pub(super) async fn run_job(
         pool,
         local_compute: 0,
         local_moves: 0,
+        marks_seen: u64::MAX,
     };
     if checks && cached < n {
         job.send_canaries();
@@ -229,12 +232,29 @@ impl Job {
         self.started.elapsed().as_secs_f64()
     }
 
+    /// Who holds the job's constants as jobs running alongside have marked since it last
+    /// looked (they sent them): shared weights one job sent are named by the others, not
+    /// sent again.
+    fn learn_holders(&mut self) {
+        let mem = lock(&self.memory);
+        if mem.marks == self.marks_seen {
+            return;
+        }
+        self.marks_seen = mem.marks;
+        for id in &self.plan.leaf_ids {
+            if let Some(holders) = mem.knowledge.held.get(id) {
+                self.sched.learn_held(*id, holders);
+            }
+        }
+    }
+
     async fn run(&mut self) -> Result<(), EvalError> {
         let mut tick = tokio::time::interval(TICK);
         // Done when every subgraph has a result and every replica has reported: a replica
         // may still prove a result wrong.
         // (Canaries only build trust: the job does not wait for them.)
         while !self.sched.finished() || !self.replicas.is_empty() {
+            self.learn_holders();
             for d in self.sched.schedule(self.now()) {
                 self.dispatch(d);
             }
@@ -392,6 +412,14 @@ impl Job {
                             .copied()
                             .collect();
                         self.sched.not_held_by(&peer, &stale);
+                        // Nor may other jobs name them there.
+                        let mut mem = lock(&self.memory);
+                        for id in &stale {
+                            if let Some(h) = mem.knowledge.held.get_mut(id) {
+                                h.remove(&peer);
+                            }
+                        }
+                        mem.marks += 1;
                     }
                     _ => {}
                 }
@@ -767,6 +795,7 @@ impl Job {
                     for id in sent {
                         mem.knowledge.held.entry(id).or_default().insert(peer);
                     }
+                    mem.marks += 1;
                 }
                 let remote = self.remote.clone();
                 self.running.spawn(async move {
