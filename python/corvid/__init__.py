@@ -20,9 +20,9 @@ import itertools
 import sys
 import threading
 import time
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
-from typing import Iterable, Iterator, List, Optional, Sequence
 
 from . import _corvid
 from ._corvid import (
@@ -196,7 +196,7 @@ class Client:
 
     def __init__(self, inner: "_corvid.Client"):
         self._inner = inner
-        self._last_map: List[Job] = []
+        self._map_totals = _corvid.Totals()
 
     @staticmethod
     def local(n: int) -> "Client":
@@ -243,13 +243,13 @@ class Client:
     def map_summary(self) -> tuple:
         """The last map's jobs summed: (a table as text, per place {"tasks", "bytes_in",
         "bytes_out", "failures"}); bytes_in is what was sent to the place."""
-        return _corvid.summarize([j._handle for j in self._last_map if j.done()])
+        return self._map_totals.summary()
 
     def _jobs(self, computation, inputs, window, ordered, batch):
         """(chunk, job) for each job: a chunk is the inputs' indices and, when batched,
         their row counts."""
         window = max(1, int(window))
-        self._last_map = []
+        totals = self._map_totals = _corvid.Totals()
         pending = []  # (chunk, job), oldest first
         chunks = _chunks(inputs, max(1, int(batch)))
         first = next(chunks, None)
@@ -257,17 +257,15 @@ class Client:
             return
         # The first job alone: once it ends the requester knows who holds the model.
         job = computation._submit(self, *first)
-        self._last_map.append(job)
         concurrent.futures.wait([job])
+        totals.add(job._handle)
         yield first[0], job
         for chunk, x in chunks:
-            job = computation._submit(self, chunk, x)
-            self._last_map.append(job)
-            pending.append((chunk, job))
+            pending.append((chunk, computation._submit(self, chunk, x)))
             while len(pending) >= window:
-                yield from _take(pending, ordered)
+                yield from _take(pending, ordered, totals)
         while pending:
-            yield from _take(pending, ordered)
+            yield from _take(pending, ordered, totals)
 
 
 def _chunks(inputs: Iterable, batch: int):
@@ -287,19 +285,19 @@ def _chunks(inputs: Iterable, batch: int):
         yield ([i for i, _ in group], rows), joined
 
 
-def _take(pending: list, ordered: bool):
-    """Removes and yields one ended job of `pending` (the oldest, if `ordered`)."""
+def _take(pending: list, ordered: bool, totals):
+    """Removes and yields one ended job of `pending` (the oldest, if `ordered`), its summary
+    added to `totals`."""
     if ordered:
         chunk, job = pending.pop(0)
         concurrent.futures.wait([job])
-        yield chunk, job
-        return
-    concurrent.futures.wait([j for _, j in pending], return_when=concurrent.futures.FIRST_COMPLETED)
-    for k, (chunk, job) in enumerate(pending):
-        if job.done():
-            del pending[k]
-            yield chunk, job
-            return
+    else:
+        futures = [j for _, j in pending]
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        k = next(k for k, j in enumerate(futures) if j.done())
+        chunk, job = pending.pop(k)
+    totals.add(job._handle)
+    yield chunk, job
 
 
 def _label(chunk) -> str:

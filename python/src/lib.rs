@@ -887,44 +887,69 @@ fn save_safetensors(
         .map_err(|e| CorvidError::new_err(e.to_string()))
 }
 
-/// Several ended swarm jobs as one summary: (the table as text, per place
-/// `{"tasks", "bytes_in", "bytes_out", "failures"}`); places are peer ids or "requester".
-#[pyfunction]
-#[allow(clippy::type_complexity)]
-fn summarize(
-    handles: Vec<Py<PyJob>>,
-) -> (
-    String,
-    std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, u64>>,
-) {
-    let jobs: Vec<corvid_node::JobSummary> = handles
-        .iter()
-        .filter_map(|h| corvid_node::JobSummary::of_state(&h.get().state))
-        .collect();
-    let mut total = corvid_node::JobSummary::total(&jobs);
-    let redispatched = std::mem::take(&mut total.redispatches).len();
-    let places = total
-        .places
-        .iter()
-        .map(|(p, s)| {
-            let name = match p {
-                corvid_sdk::sched::Place::Local => "requester".to_string(),
-                corvid_sdk::sched::Place::Peer(id) => id.clone(),
-            };
-            let v = std::collections::BTreeMap::from([
-                ("tasks", s.tasks as u64),
-                ("bytes_in", s.bytes_in),
-                ("bytes_out", s.bytes_out),
-                ("failures", s.failures as u64),
-            ]);
-            (name, v)
-        })
-        .collect();
-    let text = format!(
-        "{} jobs ({redispatched} tasks sent again); summed:\n{total}",
-        jobs.len()
-    );
-    (text, places)
+/// Ended swarm jobs summed as they are added (a map's summary), keeping their summaries'
+/// sums, not the jobs.
+#[pyclass(frozen, name = "Totals", module = "corvid._corvid")]
+#[derive(Default)]
+struct PyTotals {
+    /// Jobs added, tasks sent again, and the sum of their summaries.
+    sum: Mutex<(usize, usize, corvid_node::JobSummary)>,
+}
+
+#[pymethods]
+impl PyTotals {
+    #[new]
+    fn new() -> PyTotals {
+        PyTotals::default()
+    }
+
+    /// Adds an ended job's summary; false if it has none (not a swarm job, or not ended).
+    fn add(&self, handle: &PyJob) -> bool {
+        let Some(job) = corvid_node::JobSummary::of_state(&handle.state) else {
+            return false;
+        };
+        let mut sum = self.sum.lock().unwrap_or_else(|p| p.into_inner());
+        let (jobs, again, total) = &mut *sum;
+        let mut added = corvid_node::JobSummary::total([&*total, &job]);
+        *again += std::mem::take(&mut added.redispatches).len();
+        *jobs += 1;
+        *total = added;
+        true
+    }
+
+    /// (the summed table as text, per place `{"tasks", "bytes_in", "bytes_out",
+    /// "failures"}`); places are peer ids or "requester".
+    #[allow(clippy::type_complexity)]
+    fn summary(
+        &self,
+    ) -> (
+        String,
+        std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, u64>>,
+    ) {
+        let sum = self.sum.lock().unwrap_or_else(|p| p.into_inner());
+        let (jobs, again, total) = &*sum;
+        let places = total
+            .places
+            .iter()
+            .map(|(p, s)| {
+                let name = match p {
+                    corvid_sdk::sched::Place::Local => "requester".to_string(),
+                    corvid_sdk::sched::Place::Peer(id) => id.clone(),
+                };
+                let v = std::collections::BTreeMap::from([
+                    ("tasks", s.tasks as u64),
+                    ("bytes_in", s.bytes_in),
+                    ("bytes_out", s.bytes_out),
+                    ("failures", s.failures as u64),
+                ]);
+                (name, v)
+            })
+            .collect();
+        (
+            format!("{jobs} jobs ({again} tasks sent again); summed:\n{total}"),
+            places,
+        )
+    }
 }
 
 /// The ops `Tensor` has by name: `{"unary": [...], "binary": [...], "reduce": [...]}`.
@@ -948,7 +973,7 @@ fn _corvid(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ops, m)?)?;
     m.add_function(wrap_pyfunction!(save_npy, m)?)?;
     m.add_function(wrap_pyfunction!(save_safetensors, m)?)?;
-    m.add_function(wrap_pyfunction!(summarize, m)?)?;
+    m.add_class::<PyTotals>()?;
     m.add_class::<PyModel>()?;
     m.add("CorvidError", py.get_type::<CorvidError>())?;
     m.add("BuildError", py.get_type::<BuildError>())?;

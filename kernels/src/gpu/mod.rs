@@ -100,12 +100,34 @@ struct Job {
     reply: mpsc::SyncSender<Reply>,
 }
 
-/// Handle to the GPU thread. Cloning shares the thread; it stops when the last handle drops.
+/// Handle to the GPU thread. Cloning shares the thread; it stops when the last handle drops,
+/// and that drop waits (a bounded time) for the thread to release the device.
 #[derive(Clone, Debug)]
 pub struct GpuBackend {
+    // Dropped first: with the last sender gone the thread stops, then `_stopped` waits for it.
     jobs: mpsc::SyncSender<Job>,
     adapter: AdapterSummary,
     class: DeterminismClass,
+    _stopped: Arc<Stopped>,
+}
+
+/// How long the last handle's drop waits for the GPU thread to release its device.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Closed when the GPU thread has ended. A process that exits while a Vulkan driver is still
+/// tearing a device down on another thread can crash in the driver (seen with lavapipe at the
+/// end of a test binary), so the last handle waits for it.
+#[derive(Debug)]
+struct Stopped(std::sync::Mutex<mpsc::Receiver<()>>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let done = self.0.get_mut().unwrap_or_else(|p| p.into_inner());
+        // The thread sends nothing: it ends, and its end disconnects the channel.
+        if let Err(mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(STOP_WAIT) {
+            tracing::warn!("the gpu thread did not release its device within {STOP_WAIT:?}");
+        }
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -119,9 +141,12 @@ impl GpuBackend {
     pub fn new(allow_software: bool) -> Result<Self, BackendError> {
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let (jobs, rx) = mpsc::sync_channel::<Job>(16);
+        let (ended, stopped) = mpsc::channel::<()>();
         thread::Builder::new()
             .name("corvid-gpu".into())
             .spawn(move || {
+                // Dropped when the thread ends, device released: the last handle waits for it.
+                let _ended = ended;
                 let (adapter, gpu) = match open(allow_software) {
                     Ok((adapter, gpu, summary)) => {
                         let _ = ready_tx.send(Ok(summary));
@@ -148,6 +173,7 @@ impl GpuBackend {
             jobs,
             adapter,
             class,
+            _stopped: Arc::new(Stopped(std::sync::Mutex::new(stopped))),
         })
     }
 
