@@ -720,6 +720,7 @@ impl PyJob {
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
         let ended = py.detach(|| {
+            let mut nap = Nap::default();
             loop {
                 if self.poll() {
                     return true;
@@ -727,7 +728,7 @@ impl PyJob {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     return false;
                 }
-                std::thread::sleep(Duration::from_micros(200));
+                nap.take();
             }
         });
         if !ended {
@@ -750,6 +751,7 @@ impl PyJob {
 fn wait_any(py: Python<'_>, handles: Vec<Py<PyJob>>, timeout: f64) -> Vec<usize> {
     let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
     py.detach(|| {
+        let mut nap = Nap::default();
         loop {
             let ended: Vec<usize> = (0..handles.len())
                 .filter(|&i| handles[i].get().poll())
@@ -757,9 +759,26 @@ fn wait_any(py: Python<'_>, handles: Vec<Py<PyJob>>, timeout: f64) -> Vec<usize>
             if !ended.is_empty() || Instant::now() >= deadline {
                 return ended;
             }
-            std::thread::sleep(Duration::from_micros(200));
+            nap.take();
         }
     })
+}
+
+/// The pause between polls of running jobs: short at first (small jobs end in
+/// milliseconds), growing to 2 ms so that waiting on a long job costs next to no CPU.
+struct Nap(Duration);
+
+impl Default for Nap {
+    fn default() -> Self {
+        Nap(Duration::from_micros(50))
+    }
+}
+
+impl Nap {
+    fn take(&mut self) {
+        std::thread::sleep(self.0);
+        self.0 = (self.0 * 2).min(Duration::from_millis(2));
+    }
 }
 
 /// A named set of tensors identified by its content hash: `Model.load(path)` reads `.npy`,
