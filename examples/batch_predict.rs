@@ -97,13 +97,18 @@ fn main() -> anyhow::Result<()> {
     // counted, not listed.
     let redispatched = std::mem::take(&mut total.redispatches).len();
     let sent: u64 = total.places.values().map(|p| p.bytes_in).sum();
+    let workers = total
+        .places
+        .keys()
+        .filter(|p| **p != corvid::sdk::sched::Place::Local)
+        .count();
     println!(
         "{} jobs, {redispatched} tasks sent again; {sent} bytes sent to workers in all: inputs {} \
          and the model ({} bytes) once per worker would be {}\n{total}",
         summaries.len(),
         n * 64 * 4,
         model.bytes(),
-        n as u64 * 64 * 4 + total.places.len() as u64 * model.bytes()
+        n as u64 * 64 * 4 + workers as u64 * model.bytes()
     );
     Ok(())
 }

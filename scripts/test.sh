@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || ! ldconfig -p | grep -q libvulkan.so.1; then
     echo "installing mesa-vulkan-drivers and libvulkan1 (lavapipe software Vulkan)" >&2
     sudo=""
-    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo -n"; fi
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
 fi
@@ -44,17 +44,24 @@ if [ "$#" -eq 0 ]; then
     if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
         echo "installing python3-venv and python3-pip (the Python SDK's tests)" >&2
         sudo=""
-        if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+        if [ "$(id -u)" -ne 0 ]; then sudo="sudo -n"; fi
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv python3-pip >/dev/null
     fi
-    venv=target/python-venv
+    # maturin builds from python/: a relative target directory must not resolve there.
+    if [ -n "${CARGO_TARGET_DIR:-}" ]; then
+        mkdir -p "$CARGO_TARGET_DIR"
+        CARGO_TARGET_DIR=$(realpath "$CARGO_TARGET_DIR")
+        export CARGO_TARGET_DIR
+    fi
+    target="${CARGO_TARGET_DIR:-$PWD/target}"
+    venv="$target/python-venv"
     rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check numpy pytest
     MATURIN_PEP517_ARGS="--profile dev" "$venv/bin/pip" install -q --disable-pip-version-check ./python
     # From the top: in python/ the source package (without its extension) would shadow the
     # installed one. The node-process tests run the `corvid` binary the Rust tests built.
-    CORVID_BIN="${CORVID_BIN:-$(realpath "${CARGO_TARGET_DIR:-target}")/debug/corvid}" \
+    CORVID_BIN="${CORVID_BIN:-$target/debug/corvid}" \
         "$venv/bin/python" -m pytest -q -p no:cacheprovider python/tests
 fi

@@ -61,8 +61,8 @@ class Job(concurrent.futures.Future):
     """A job started by `Graph.submit`: a `concurrent.futures.Future` whose result is the list
     of output arrays, which can also be awaited (`await job`).
 
-    `cancel()` stops it where it runs (its tasks on workers are cancelled); `progress()` is
-    (subgraphs done, subgraphs in all). Until it ends, `running()` is true.
+    `cancel()` stops it where it runs (its tasks on workers are cancelled), whether or not
+    it has started; `progress()` is (subgraphs done, subgraphs in all).
     """
 
     def __init__(self, handle: "_corvid.Handle"):
@@ -75,9 +75,6 @@ class Job(concurrent.futures.Future):
             self._handle.cancel()
             return True
         return False
-
-    def running(self) -> bool:
-        return not self.done()
 
     def progress(self) -> tuple:
         return self._handle.progress()
@@ -94,7 +91,8 @@ class Job(concurrent.futures.Future):
         if not self.set_running_or_notify_cancel():
             return  # cancelled here first: the future already says so
         try:
-            self.set_result(self._handle.result(0))
+            # Taken out of the handle: the outputs are kept once, here.
+            self.set_result(self._handle.take_result())
         except BaseException as e:  # the job's error, for whoever waits
             self.set_exception(e)
 
@@ -115,20 +113,33 @@ class _Waiter:
 
     def _run(self) -> None:
         while True:
-            with self._lock:
-                jobs = list(self._jobs)
-            if not jobs:
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            ended = _corvid.wait_any([j._handle for j in jobs], 0.05)
-            if not ended:
-                continue
-            done = {id(jobs[i]) for i in ended}
-            with self._lock:
-                self._jobs = [j for j in self._jobs if id(j) not in done]
-            for i in ended:
-                jobs[i]._settle()
+            try:
+                self._once()
+            except BaseException as e:  # never let the thread die: every job would hang
+                print(f"corvid: the job waiter thread: {e!r}", file=sys.stderr)
+                time.sleep(0.01)
+
+    def _once(self) -> None:
+        with self._lock:
+            jobs = list(self._jobs)
+        if not jobs:
+            self._wake.wait()
+            self._wake.clear()
+            return
+        ended = _corvid.wait_any([j._handle for j in jobs], 0.05)
+        if not ended:
+            return
+        done = {id(jobs[i]) for i in ended}
+        with self._lock:
+            self._jobs = [j for j in self._jobs if id(j) not in done]
+        for i in ended:
+            job = jobs[i]
+            if job._done_callbacks:
+                # Callbacks run where the result is set: on a thread of their own, so that
+                # one waiting on another job cannot stop this thread settling it.
+                threading.Thread(target=job._settle, name="corvid-callbacks", daemon=True).start()
+            else:
+                job._settle()
 
 
 _waiter_lock = threading.Lock()
@@ -260,12 +271,17 @@ class Client:
         concurrent.futures.wait([job])
         totals.add(job._handle)
         yield first[0], job
-        for chunk, x in chunks:
-            pending.append((chunk, computation._submit(self, chunk, x)))
-            while len(pending) >= window:
+        try:
+            for chunk, x in chunks:
+                pending.append((chunk, computation._submit(self, chunk, x)))
+                while len(pending) >= window:
+                    yield from _take(pending, ordered, totals)
+            while pending:
                 yield from _take(pending, ordered, totals)
-        while pending:
-            yield from _take(pending, ordered, totals)
+        finally:
+            # A map given up (an error raised, a loop left early): its jobs stop too.
+            for _, job in pending:
+                job.cancel()
 
 
 def _chunks(inputs: Iterable, batch: int):
@@ -279,10 +295,16 @@ def _chunks(inputs: Iterable, batch: int):
             i, x = group[0]
             yield (i, None), x
             continue
-        args = [list(x) if isinstance(x, (tuple, list)) else [x] for _, x in group]
-        rows = [np.shape(a[0])[0] if np.ndim(a[0]) else 1 for a in args]
+        index = [i for i, _ in group]
+        args = [list(x) if isinstance(x, tuple) else [x] for _, x in group]
+        label = f"inputs {index[0]}-{index[-1]}"
+        if any(len(a) != len(args[0]) for a in args):
+            raise CorvidError(f"{label}: inputs with different numbers of arguments")
+        if any(np.ndim(v) == 0 for a in args for v in a):
+            raise CorvidError(f"{label}: a batched map joins inputs on axis 0; a scalar has none")
+        rows = [np.shape(a[0])[0] for a in args]
         joined = [np.concatenate([np.asarray(a[k]) for a in args]) for k in range(len(args[0]))]
-        yield ([i for i, _ in group], rows), joined
+        yield (index, rows), tuple(joined)
 
 
 def _take(pending: list, ordered: bool, totals):
@@ -332,8 +354,9 @@ def _results(chunk, job: Job):
 class Computation:
     """A computation defined once, run over many inputs with `Client.map`:
     `fn(*inputs)` or, with a `model`, `fn(*inputs, weights)` (weights: the model's tensors
-    by name) returns a tensor or a list of tensors. The model is sent to a worker once and
-    kept there; `update(model)` replaces it (new content id: new weights go out)."""
+    by name) returns a tensor or a list of tensors. An input is an array, or a tuple of
+    arrays for a function of several. The model is sent to a worker once and kept there;
+    `update(model)` replaces it (new content id: new weights go out)."""
 
     def __init__(self, fn, model: Optional[Model] = None, name: Optional[str] = None):
         self.fn = fn
@@ -359,7 +382,7 @@ class Computation:
     def _submit(self, client: Client, chunk, x) -> Job:
         i = chunk[0] if chunk[1] is None else f"{chunk[0][0]}-{chunk[0][-1]}"
         g = Graph(f"{self.name}[{i}]", client)
-        inputs = list(x) if isinstance(x, (tuple, list)) else [x]
+        inputs = list(x) if isinstance(x, tuple) else [x]
         try:
             outs, single = self._build(g, inputs)
             job = g.submit(outs)

@@ -336,6 +336,38 @@ impl PyTensor {
     }
 }
 
+/// The arguments of a by-name op call, in the order of `params` (positional first, then by
+/// keyword; `axis` is another name for `axes`); anything else is a `TypeError`.
+fn bind<'py, const N: usize>(
+    name: &str,
+    args: &Bound<'py, PyTuple>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+    params: &[&str; N],
+) -> PyResult<[Option<Bound<'py, PyAny>>; N]> {
+    let type_error = |m: String| pyo3::exceptions::PyTypeError::new_err(format!("{name}(): {m}"));
+    if args.len() > N {
+        return Err(type_error(format!(
+            "takes at most {N} argument(s) ({}), {} given",
+            params.join(", "),
+            args.len()
+        )));
+    }
+    let mut out: [Option<Bound<'py, PyAny>>; N] = std::array::from_fn(|i| args.get_item(i).ok());
+    if let Some(kwargs) = kwargs {
+        for (k, v) in kwargs.iter() {
+            let k: String = k.extract()?;
+            let key = if k == "axis" { "axes" } else { k.as_str() };
+            let Some(i) = params.iter().position(|p| *p == key) else {
+                return Err(type_error(format!("no argument '{k}'")));
+            };
+            if out[i].replace(v).is_some() {
+                return Err(type_error(format!("'{k}' given twice")));
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn unary_op(name: &str) -> Option<UnaryOp> {
     UnaryOp::ALL.iter().copied().find(|o| o.name() == name)
 }
@@ -385,50 +417,55 @@ impl PyTensor {
                 "corvid.Tensor has no attribute or op '{name}'"
             ))
         };
-        if let Some(op) = unary_op(name) {
-            return PyCFunction::new_closure(
-                py,
-                None,
-                None,
-                move |args: &Bound<'_, PyTuple>, _: Option<&Bound<'_, PyDict>>| {
-                    let py = args.py();
-                    me.get().apply(py, Op::Unary(op), &[])
-                },
-            );
-        }
-        if let Some(op) = binary_op(name) {
-            return PyCFunction::new_closure(
-                py,
-                None,
-                None,
-                move |args: &Bound<'_, PyTuple>, _: Option<&Bound<'_, PyDict>>| {
-                    let py = args.py();
-                    let other = args.get_item(0)?;
-                    me.get().binary(py, op, &other, false)
-                },
-            );
-        }
-        if let Some(op) = reduce_op(name) {
+        let name = name.to_string();
+        if let Some(op) = unary_op(&name) {
             return PyCFunction::new_closure(
                 py,
                 None,
                 None,
                 move |args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>| {
-                    let py = args.py();
+                    bind(&name, args, kwargs, &[])?;
+                    me.get().apply(args.py(), Op::Unary(op), &[])
+                },
+            );
+        }
+        if let Some(op) = binary_op(&name) {
+            return PyCFunction::new_closure(
+                py,
+                None,
+                None,
+                move |args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>| {
+                    let [other] = bind(&name, args, kwargs, &["other"])?;
+                    let other = other.ok_or_else(|| {
+                        pyo3::exceptions::PyTypeError::new_err(format!(
+                            "{name}() needs another operand"
+                        ))
+                    })?;
+                    me.get().binary(args.py(), op, &other, false)
+                },
+            );
+        }
+        if let Some(op) = reduce_op(&name) {
+            return PyCFunction::new_closure(
+                py,
+                None,
+                None,
+                move |args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>| {
                     let me = me.get();
-                    let axes: Vec<usize> = match args.get_item(0) {
-                        Ok(a) => a.extract()?,
-                        Err(_) => (0..me.t.shape().len()).collect(),
+                    let [axes, keepdims] = bind(&name, args, kwargs, &["axes", "keepdims"])?;
+                    // `axes`: a list, one axis, or None (all of them); NumPy's `axis` works too.
+                    let axes: Vec<usize> = match axes.filter(|a| !a.is_none()) {
+                        None => (0..me.t.shape().len()).collect(),
+                        Some(a) => match a.extract::<usize>() {
+                            Ok(one) => vec![one],
+                            Err(_) => a.extract()?,
+                        },
                     };
-                    let keepdims: bool =
-                        match kwargs.and_then(|k| k.get_item("keepdims").ok().flatten()) {
-                            Some(v) => v.extract()?,
-                            None => match args.get_item(1) {
-                                Ok(v) => v.extract()?,
-                                Err(_) => false,
-                            },
-                        };
-                    me.apply(py, Op::Reduce { op, axes, keepdims }, &[])
+                    let keepdims = match keepdims {
+                        Some(k) => k.extract()?,
+                        None => false,
+                    };
+                    me.apply(args.py(), Op::Reduce { op, axes, keepdims }, &[])
                 },
             );
         }
@@ -743,6 +780,16 @@ impl PyJob {
             JobSlot::Running(_) => Err(CorvidError::new_err("the job has not ended")),
         }
     }
+
+    /// As `result(0)`, handing the outputs over: the handle keeps none (`corvid.Job` holds
+    /// them once).
+    fn take_result<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let out = self.result(py, Some(0.0))?;
+        if let JobSlot::Ended(Ok(values), _) = &mut *self.slot() {
+            values.clear();
+        }
+        Ok(out)
+    }
 }
 
 /// Waits up to `timeout` seconds (releasing the GIL) until one of `handles` has ended; the
@@ -960,6 +1007,7 @@ impl PyTotals {
                     ("bytes_in", s.bytes_in),
                     ("bytes_out", s.bytes_out),
                     ("failures", s.failures as u64),
+                    ("resent", s.resent),
                 ]);
                 (name, v)
             })

@@ -183,16 +183,38 @@ impl Computation {
     }
 }
 
-async fn run(
+fn run(
     i: usize,
     job: Result<crate::JobHandle, EvalError>,
-) -> (usize, MapOutcome, Option<Arc<crate::JobState>>) {
-    match job {
-        Ok(h) => {
-            let state = h.state().clone();
-            (i, h.await, Some(state))
+) -> impl std::future::Future<Output = (usize, MapOutcome, Option<Arc<crate::JobState>>)> {
+    // Made before the first poll: a map dropped before this job ended (its caller stopped
+    // iterating) cancels it, polled or not.
+    let guard = CancelOnDrop(job.as_ref().ok().map(|h| h.state().clone()));
+    async move {
+        match job {
+            Ok(h) => {
+                let outcome = h.await;
+                (i, outcome, guard.disarm())
+            }
+            Err(e) => (i, Err(e), None),
         }
-        Err(e) => (i, Err(e), None),
+    }
+}
+
+/// Cancels a job when dropped, unless disarmed first.
+struct CancelOnDrop(Option<Arc<crate::JobState>>);
+
+impl CancelOnDrop {
+    fn disarm(mut self) -> Option<Arc<crate::JobState>> {
+        self.0.take()
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(state) = self.0.take() {
+            state.cancel();
+        }
     }
 }
 
@@ -245,6 +267,65 @@ mod tests {
             assert!(!std::mem::replace(&mut seen[i], true), "input {i} twice");
         }
         assert!(seen.iter().all(|s| *s));
+    }
+
+    /// A started job, and the sender of its outcome if it never ends.
+    type Started = (
+        Arc<crate::JobState>,
+        Option<futures::channel::oneshot::Sender<crate::job::Outcome>>,
+    );
+
+    /// Runs the first `done` jobs it is given and keeps every later one running forever.
+    #[derive(Debug)]
+    struct Stalls {
+        local: LocalExecutor,
+        done: usize,
+        started: std::sync::Mutex<Vec<Started>>,
+    }
+
+    impl Executor for Stalls {
+        fn settings(&self) -> crate::Settings {
+            self.local.settings()
+        }
+        fn execute(&self, plan: &crate::Plan) -> Result<Vec<Arc<Data>>, EvalError> {
+            self.local.execute(plan)
+        }
+        fn start(
+            &self,
+            plan: &crate::Plan,
+            job: &Arc<crate::JobState>,
+        ) -> Option<crate::job::Pending> {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            let mut started = self.started.lock().unwrap();
+            if started.len() < self.done {
+                let _ = tx.send(self.local.execute(plan));
+                started.push((job.clone(), None));
+            } else {
+                started.push((job.clone(), Some(tx)));
+            }
+            Some(rx)
+        }
+    }
+
+    #[test]
+    fn a_map_left_early_cancels_the_jobs_it_started() {
+        let stalls = Arc::new(Stalls {
+            local: LocalExecutor::new(Backend::Cpu(CpuBackend::new())),
+            done: 2,
+            started: Default::default(),
+        });
+        let c = affine();
+        {
+            let mut jobs = c.map(stalls.clone(), (0..40).map(input), 8);
+            assert!(jobs.next().unwrap().is_ok());
+            assert!(jobs.next().unwrap().is_ok());
+        }
+        let started = stalls.started.lock().unwrap();
+        // The first alone, then a window of 8: jobs 1 to 8 started, 2 to 8 never end.
+        assert_eq!(started.len(), 9);
+        for (k, (state, _)) in started.iter().enumerate() {
+            assert_eq!(state.is_cancelled(), k >= 2, "job {k}");
+        }
     }
 
     #[test]

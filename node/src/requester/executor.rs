@@ -185,6 +185,7 @@ impl SwarmExecutor {
                 local: self.local.clone(),
                 cids: self.cids.clone(),
                 verifier: Arc::new(Verifier::with_checks(self.local.clone(), checks)),
+                resent: Arc::default(),
             },
             self.sched.clone(),
             self.memory.clone(),

@@ -55,6 +55,8 @@ pub(super) struct Job {
     pub(super) local_moves: usize,
     /// The requester memory's `marks` when the job last looked at who holds its constants.
     pub(super) marks_seen: u64,
+    /// Tasks that carried constants their peer was marked as holding, until they answer.
+    pub(super) carrying: BTreeMap<u64, (PeerId, Vec<corvid_sdk::ValueId>)>,
 }
 
 /// Runs `plan` on the swarm through `remote`, with the requester's memory and trust.
@@ -171,6 +173,7 @@ pub(super) async fn run_job(
         local_compute: 0,
         local_moves: 0,
         marks_seen: u64::MAX,
+        carrying: BTreeMap::new(),
     };
     if checks && cached < n {
         job.send_canaries();
@@ -355,6 +358,17 @@ impl Job {
         }
         if !self.sched.knows(task) {
             return Ok(()); // expired or cancelled: its subgraph went elsewhere
+        }
+        // A task that carried constants and failed (a busy worker turns tasks away unread):
+        // the peer does not hold them after all.
+        if let (Some((peer, sent)), Err(_)) = (self.carrying.remove(&task), &outcome) {
+            let mut mem = lock(&self.memory);
+            for id in &sent {
+                if let Some(h) = mem.knowledge.held.get_mut(id) {
+                    h.remove(&peer);
+                }
+            }
+            mem.marks += 1;
         }
         match outcome {
             Ok(a) => {
@@ -780,9 +794,11 @@ impl Job {
                     trust::SAMPLE_ROWS_ALONE
                 };
                 // The job's constants sent now are held by the peer from now on, for the
-                // jobs that start meanwhile too: they name them rather than send them again
-                // (shared weights cross once per worker, not once per concurrent job). A
-                // worker named a value it has not received yet says so, and it is sent.
+                // jobs running alongside too: they name them rather than send them again
+                // (shared weights cross once per worker, not once per running job). Marked
+                // at once, not on the answer: that would leave every job placed meanwhile
+                // sending them (5 to 13 copies measured). A worker named a value before the
+                // task carrying it landed answers Missing, and gets it again (counted).
                 let sent: Vec<corvid_sdk::ValueId> = sg
                     .input_ids
                     .iter()
@@ -792,10 +808,11 @@ impl Job {
                     .collect();
                 if !sent.is_empty() {
                     let mut mem = lock(&self.memory);
-                    for id in sent {
-                        mem.knowledge.held.entry(id).or_default().insert(peer);
+                    for id in &sent {
+                        mem.knowledge.held.entry(*id).or_default().insert(peer);
                     }
                     mem.marks += 1;
+                    self.carrying.insert(task, (peer, sent));
                 }
                 let remote = self.remote.clone();
                 self.running.spawn(async move {
@@ -834,16 +851,22 @@ impl Job {
 
     fn summary(&self) -> JobSummary {
         let mut places = BTreeMap::new();
+        let resent = lock(&self.remote.resent);
         for (place, s) in self.sched.stats() {
+            let again = match place {
+                Place::Peer(p) => resent.get(p).copied().unwrap_or(0),
+                Place::Local => 0,
+            };
             places.insert(
                 place.clone().map(|p| p.to_string()),
                 PlaceSummary {
                     tasks: s.tasks,
                     flops: s.flops,
-                    bytes_in: s.bytes_in,
+                    bytes_in: s.bytes_in + again,
                     bytes_out: s.bytes_out,
                     busy: Duration::from_secs_f64(s.busy_secs),
                     failures: s.failures,
+                    resent: again,
                     path: None,
                 },
             );

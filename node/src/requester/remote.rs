@@ -2,8 +2,9 @@
 //! by work and canaries ([`Remote::run`], which opens and checks the answer) and by replicas
 //! ([`Remote::replica`], which judges it against the accepted one).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corvid_kernels::{ContentId, Tensor as Data};
@@ -26,6 +27,9 @@ pub(super) struct Remote {
     pub(super) cids: Arc<ContentIds>,
     pub(super) verifier: Arc<Verifier>,
     pub(super) local: Arc<LocalExecutor>,
+    /// Bytes sent a second time to each peer, in full, because it did not hold what it was
+    /// named (it evicted it, or the task that carried it had not reached it yet).
+    pub(super) resent: Arc<Mutex<HashMap<PeerId, u64>>>,
 }
 
 /// A worker's signed answer, not yet opened.
@@ -57,6 +61,14 @@ impl Remote {
             let mut response = self.node.run_task(peer, request).await;
             if let (Ok(TaskResponse::Missing { .. }), Some(mut again)) = (&response, again) {
                 used_held.store(false, Ordering::Relaxed);
+                let bytes: u64 = full
+                    .iter()
+                    .map(|i| match i {
+                        Input::Data(d) => d.meta().bytes(),
+                        Input::Recipe(_) | Input::Held => 0,
+                    })
+                    .sum();
+                *lock(&self.resent).entry(peer).or_default() += bytes;
                 again.inputs = full;
                 response = self.node.run_task(peer, again).await;
             }

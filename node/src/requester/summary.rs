@@ -14,6 +14,9 @@ pub struct PlaceSummary {
     pub bytes_out: u64,
     pub busy: Duration,
     pub failures: usize,
+    /// Of `bytes_in`, bytes sent a second time in full because the peer did not hold
+    /// values it was named (evicted, or not arrived yet).
+    pub resent: u64,
     /// How the requester was connected to the peer at the end of the job (direct,
     /// hole-punched or relayed); `None` for the requester itself or a peer gone.
     pub path: Option<crate::peers::PeerPath>,
@@ -97,6 +100,14 @@ impl std::fmt::Display for JobSummary {
                 s.path.map_or(String::new(), |p| p.to_string())
             )?;
         }
+        let resent: u64 = self.places.values().map(|p| p.resent).sum();
+        if resent > 0 {
+            writeln!(
+                f,
+                "{resent} bytes sent again in full to workers that did not hold what they were \
+                 named (in MiB in)"
+            )?;
+        }
         if self.local_moves > 0 {
             writeln!(
                 f,
@@ -177,6 +188,7 @@ impl JobSummary {
                 p.bytes_out += s.bytes_out;
                 p.busy += s.busy;
                 p.failures += s.failures;
+                p.resent += s.resent;
                 p.path = s.path.or(p.path);
             }
             let (v, w) = (&mut t.verify, &j.verify);

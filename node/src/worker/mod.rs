@@ -479,6 +479,14 @@ impl Shared {
         // Cache by the task key: the subgraph id *and* the content of the inputs, so a
         // requester cannot plant a result under an id that other requesters will ask for.
         let key = task_key(&request.subgraph, &input_cids);
+        // Held from now on, before computing: a task of another job naming them may arrive
+        // while this one runs (the requester marks them held when it sends them).
+        {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            for ((id, t), cid) in request.input_ids.iter().zip(&inputs).zip(&input_cids) {
+                held.put(peer, *id, t.clone(), *cid);
+            }
+        }
         let started = Instant::now();
         let guard = Guard::new(
             self.limits.task.clone(),
@@ -491,12 +499,6 @@ impl Shared {
             };
         let compute_micros = started.elapsed().as_micros() as u64;
         let computed = received.elapsed();
-        {
-            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-            for ((id, t), cid) in request.input_ids.iter().zip(&inputs).zip(&input_cids) {
-                held.put(peer, *id, t.clone(), *cid);
-            }
-        }
         let out_cids = output_cids(&request.program, &outputs, &op_hashes);
         {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
