@@ -75,6 +75,11 @@ fn build_err(py: Python<'_>, e: corvid_sdk::BuildError) -> PyErr {
     BuildError::new_err(format!("{text} (at {})", caller(py)))
 }
 
+/// A built tensor, or the op's error at the Python line that built it.
+fn built(py: Python<'_>, r: Result<Tensor, corvid_sdk::BuildError>) -> PyResult<PyTensor> {
+    r.map(|t| PyTensor { t }).map_err(|e| build_err(py, e))
+}
+
 fn eval_err(e: SdkEvalError) -> PyErr {
     match e {
         SdkEvalError::Cancelled => Cancelled::new_err(e.to_string()),
@@ -250,18 +255,12 @@ impl PyGraph {
         axis: usize,
     ) -> PyResult<PyTensor> {
         let parts: Vec<&Tensor> = parts.iter().map(|t| &t.t).collect();
-        self.g
-            .concat(&parts, axis)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.g.concat(&parts, axis))
     }
 
     /// A constant from a `.npy` file.
     fn load_npy(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyTensor> {
-        self.g
-            .load_npy(path)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.g.load_npy(path))
     }
 
     /// The partition the executor would run for `outputs`, without running it: a table of
@@ -296,11 +295,7 @@ impl PyTensor {
     fn apply(&self, py: Python<'_>, op: Op, others: &[&Tensor]) -> PyResult<PyTensor> {
         let mut args = vec![&self.t];
         args.extend_from_slice(others);
-        self.t
-            .graph()
-            .apply(op, &args)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.graph().apply(op, &args))
     }
 
     /// `other` as a tensor of this graph: a tensor, or a number (a scalar constant).
@@ -478,60 +473,36 @@ impl PyTensor {
     }
 
     fn softmax(&self, py: Python<'_>, axis: usize) -> PyResult<PyTensor> {
-        self.t
-            .softmax(axis)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.softmax(axis))
     }
 
     fn log_softmax(&self, py: Python<'_>, axis: usize) -> PyResult<PyTensor> {
-        self.t
-            .log_softmax(axis)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.log_softmax(axis))
     }
 
     fn transpose(&self, py: Python<'_>) -> PyResult<PyTensor> {
-        self.t
-            .transpose()
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.transpose())
     }
 
     fn reshape(&self, py: Python<'_>, shape: Vec<usize>) -> PyResult<PyTensor> {
-        self.t
-            .reshape(&shape)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.reshape(&shape))
     }
 
     fn permute(&self, py: Python<'_>, axes: Vec<usize>) -> PyResult<PyTensor> {
-        self.t
-            .permute(&axes)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.permute(&axes))
     }
 
     fn broadcast_to(&self, py: Python<'_>, shape: Vec<usize>) -> PyResult<PyTensor> {
-        self.t
-            .broadcast_to(&shape)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.broadcast_to(&shape))
     }
 
     fn clamp(&self, py: Python<'_>, min: f32, max: f32) -> PyResult<PyTensor> {
-        self.t
-            .clamp(min, max)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.clamp(min, max))
     }
 
     #[pyo3(signature = (axis, keepdims = false))]
     fn argmax(&self, py: Python<'_>, axis: usize, keepdims: bool) -> PyResult<PyTensor> {
-        self.t
-            .argmax(axis, keepdims)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.argmax(axis, keepdims))
     }
 
     fn layer_norm(
@@ -541,10 +512,7 @@ impl PyTensor {
         beta: PyRef<'_, PyTensor>,
         eps: f32,
     ) -> PyResult<PyTensor> {
-        self.t
-            .layer_norm(&gamma.t, &beta.t, eps)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.layer_norm(&gamma.t, &beta.t, eps))
     }
 
     /// `cond.select(a, b)`: `a` where `cond` is non-zero, else `b` (NumPy's `where`).
@@ -555,10 +523,7 @@ impl PyTensor {
         b: &Bound<'_, PyAny>,
     ) -> PyResult<PyTensor> {
         let (a, b) = (self.operand(a)?, self.operand(b)?);
-        self.t
-            .select(&a, &b)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.select(&a, &b))
     }
 
     /// Converts to `"f32"` or `"i32"` (NumPy names work too).
@@ -573,28 +538,19 @@ impl PyTensor {
                 )));
             }
         };
-        self.t
-            .cast(to)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.cast(to))
     }
 
     /// One `(start, end, step)` per axis.
     fn slice(&self, py: Python<'_>, ranges: Vec<(usize, usize, usize)>) -> PyResult<PyTensor> {
-        self.t
-            .slice(&ranges)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.slice(&ranges))
     }
 
     /// One `(before, after)` per axis, filled with `value`.
     #[pyo3(signature = (pads, value = 0.0))]
     fn pad(&self, py: Python<'_>, pads: Vec<(usize, usize)>, value: f32) -> PyResult<PyTensor> {
         let pads: Vec<[usize; 2]> = pads.into_iter().map(|(a, b)| [a, b]).collect();
-        self.t
-            .pad(&pads, value)
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(py, self.t.pad(&pads, value))
     }
 
     /// NCHW input, OIHW weight.
@@ -606,10 +562,11 @@ impl PyTensor {
         stride: (usize, usize),
         padding: (usize, usize),
     ) -> PyResult<PyTensor> {
-        self.t
-            .conv2d(&weight.t, [stride.0, stride.1], [padding.0, padding.1])
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        built(
+            py,
+            self.t
+                .conv2d(&weight.t, [stride.0, stride.1], [padding.0, padding.1]),
+        )
     }
 
     /// NCHW input; the stride is the kernel's unless given.
@@ -622,14 +579,12 @@ impl PyTensor {
         padding: (usize, usize),
     ) -> PyResult<PyTensor> {
         let stride = stride.unwrap_or(kernel);
-        self.t
-            .max_pool2d(
-                [kernel.0, kernel.1],
-                [stride.0, stride.1],
-                [padding.0, padding.1],
-            )
-            .map(|t| PyTensor { t })
-            .map_err(|e| build_err(py, e))
+        let pool = [kernel.0, kernel.1];
+        built(
+            py,
+            self.t
+                .max_pool2d(pool, [stride.0, stride.1], [padding.0, padding.1]),
+        )
     }
 
     fn __add__(&self, py: Python<'_>, o: &Bound<'_, PyAny>) -> PyResult<PyTensor> {

@@ -239,8 +239,17 @@ fn any_dtype(
     }
 }
 
+/// Array `i` of an `.npz`, read as `T`.
+fn npz_entry<T: ndarray_npy::ReadableElement>(
+    npz: &std::cell::RefCell<&mut ndarray_npy::NpzReader<std::fs::File>>,
+    i: usize,
+) -> Result<ndarray::ArrayD<T>, String> {
+    npz.borrow_mut()
+        .by_index::<ndarray::OwnedRepr<T>, ndarray::IxDyn>(i)
+        .map_err(|e| e.to_string())
+}
+
 fn read_npz(path: &Path) -> Result<Vec<(String, Data)>, String> {
-    use ndarray::{IxDyn, OwnedRepr};
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut npz = ndarray_npy::NpzReader::new(file).map_err(|e| format!("not an .npz: {e}"))?;
     let names = npz.names().map_err(|e| e.to_string())?;
@@ -248,26 +257,10 @@ fn read_npz(path: &Path) -> Result<Vec<(String, Data)>, String> {
     for (i, name) in names.into_iter().enumerate() {
         let npz = std::cell::RefCell::new(&mut npz);
         let data = any_dtype(
-            || {
-                let mut r = npz.borrow_mut();
-                r.by_index::<OwnedRepr<f32>, IxDyn>(i)
-                    .map_err(|e| e.to_string())
-            },
-            || {
-                let mut r = npz.borrow_mut();
-                r.by_index::<OwnedRepr<i32>, IxDyn>(i)
-                    .map_err(|e| e.to_string())
-            },
-            || {
-                let mut r = npz.borrow_mut();
-                r.by_index::<OwnedRepr<f64>, IxDyn>(i)
-                    .map_err(|e| e.to_string())
-            },
-            || {
-                let mut r = npz.borrow_mut();
-                r.by_index::<OwnedRepr<i64>, IxDyn>(i)
-                    .map_err(|e| e.to_string())
-            },
+            || npz_entry(&npz, i),
+            || npz_entry(&npz, i),
+            || npz_entry(&npz, i),
+            || npz_entry(&npz, i),
         )
         .map_err(|e| format!("{name}: {e}"))?;
         out.push((name, data));
