@@ -29,6 +29,11 @@ fn weights(seed: u64) -> Vec<(&'static str, Data)> {
 }
 
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     let n: usize = std::env::args()
         .nth(1)
         .map(|a| a.parse())

@@ -38,6 +38,8 @@ const COMMAND_QUEUE: usize = 64;
 /// Cancels of tasks queued for the worker at most (more are dropped: the task then runs to
 /// its deadline).
 const CANCEL_QUEUE: usize = 256;
+/// Tasks turned away busy whose data waits for the worker to keep it.
+const KEEP_QUEUE: usize = 64;
 /// Answers the worker has ready for the event loop at most (the worker then waits).
 const FINISHED_QUEUE: usize = 64;
 /// How often a stopping node checks whether its tasks are done.
@@ -177,6 +179,7 @@ impl Node {
                 // `SchedConfig::small_queue_depth`) plus its checks (canaries, replicas).
                 let (work_tx, work_rx) = mpsc::channel(2 * slots.max(1) + 16);
                 let (cancel_tx, cancel_rx) = mpsc::channel(CANCEL_QUEUE);
+                let (keep_tx, keep_rx) = mpsc::channel(KEEP_QUEUE);
                 let (finished_tx, finished_rx) = mpsc::channel(FINISHED_QUEUE);
                 let engine = engine(&config, &limits, &bench, backend).await?;
                 #[cfg(target_os = "linux")]
@@ -186,6 +189,7 @@ impl Node {
                 let worker = crate::worker::Worker::new(
                     work_rx,
                     cancel_rx,
+                    keep_rx,
                     finished_tx,
                     engine,
                     key.clone(),
@@ -198,6 +202,7 @@ impl Node {
                 Some(WorkQueues {
                     tasks: work_tx,
                     cancels: cancel_tx,
+                    keeps: keep_tx,
                     finished: finished_rx,
                 })
             } else {

@@ -77,13 +77,11 @@ def test_a_map_over_1000_inputs_sends_the_weights_once_per_worker():
     assert sum(s["tasks"] for s in workers.values()) >= 1000, places
     input_bytes = 64 * 4
     for peer, s in workers.items():
-        weights_sent = s["bytes_in"] - s["tasks"] * input_bytes
-        # Not once per input (1000 copies): once in most runs, a copy more for each task
-        # that named them to a worker before the one carrying them landed or after it was
-        # turned away busy (the worker answered Missing and got them again; `resent` counts
-        # it, and it is in bytes_in). Measured over 8 worker-runs: once in 5, twice in 3.
-        assert weights_sent < 12 * model.nbytes, (peer, s, model.nbytes)
-        assert s["resent"] <= s["bytes_in"], (peer, s)
+        # Beyond the inputs of its tasks: the model once, give or take the inputs of tasks it
+        # turned away busy (sent again, here or elsewhere, or kept and then named).
+        beyond = s["bytes_in"] - s["tasks"] * input_bytes
+        assert abs(beyond - model.nbytes) <= s["failures"] * input_bytes, (peer, s, model.nbytes)
+        assert s["resent"] == 0, (peer, s)
     assert "1000 jobs" in text and "verified" in text, text
 
     seen = {}

@@ -249,6 +249,7 @@ enum State {
 pub struct PlaceStats {
     pub tasks: usize,
     pub flops: u64,
+    /// Bytes sent to it: inputs of its tasks that it did not hold, failed ones included.
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub busy_secs: f64,
@@ -420,6 +421,16 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             if self.peers.contains_key(p) {
                 self.held.entry(id).or_default().insert(p.clone());
             }
+        }
+    }
+
+    /// Input `input` of running `task` turned out held by its peer after all (a job running
+    /// alongside sent it there meanwhile): it travels by id and is not counted as moved.
+    pub fn held_after_all(&mut self, task: TaskId, input: usize) {
+        if let Some(t) = self.tasks.get_mut(&task)
+            && let Some((_, bytes)) = self.inputs[t.subgraph].get(input)
+        {
+            t.moved = t.moved.saturating_sub(*bytes);
         }
     }
 
@@ -1058,7 +1069,13 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
         {
             info.failed += 1;
         }
-        self.stats.entry(t.place.clone()).or_default().failures += 1;
+        let s = self.stats.entry(t.place.clone()).or_default();
+        s.failures += 1;
+        // What it carried crossed the network all the same (a busy worker reads a task
+        // before turning it away), unless the peer could not be reached at all.
+        if matches!(t.place, Place::Peer(_)) && !matches!(error, TaskFailure::Unreachable(_)) {
+            s.bytes_in += t.moved;
+        }
         self.errors[sg].push(AttemptError {
             place: t.place.clone(),
             error: error.clone(),

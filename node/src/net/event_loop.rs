@@ -117,6 +117,8 @@ struct Bootstrap {
 pub(crate) struct WorkQueues {
     pub tasks: mpsc::Sender<Work>,
     pub cancels: mpsc::Sender<(PeerId, u64)>,
+    /// The data of tasks turned away busy, for the worker to keep.
+    pub keeps: mpsc::Sender<crate::worker::Kept>,
     pub finished: mpsc::Receiver<Finished>,
 }
 
@@ -526,20 +528,25 @@ impl EventLoop {
                             })
                             .sum(),
                     );
+                    // A task turned away busy leaves its data with the worker (`busy`), so
+                    // that it crosses the network once.
                     let refusal = match &self.work {
                         // Busy: the requester places it elsewhere, at no cost to its standing.
-                        Some(_) if self.paused().is_some() => Some((channel, TaskError::Busy)),
+                        Some(_) if self.paused().is_some() => {
+                            Some((channel, TaskError::Busy, Some((request, lease))))
+                        }
                         None => Some((
                             channel,
                             TaskError::Invalid(
                                 "this node does not contribute (--no-contribute)".into(),
                             ),
+                            None,
                         )),
                         Some(queues)
                             if self.queued.get(&peer).copied().unwrap_or(0)
                                 >= queues.tasks.max_capacity() * 3 / 4 =>
                         {
-                            Some((channel, TaskError::Busy))
+                            Some((channel, TaskError::Busy, Some((request, lease))))
                         }
                         Some(queues) => match queues.tasks.try_send(Work {
                             peer,
@@ -552,14 +559,39 @@ impl EventLoop {
                                 None
                             }
                             Err(mpsc::error::TrySendError::Full(w)) => {
-                                Some((w.channel, TaskError::Busy))
+                                Some((w.channel, TaskError::Busy, Some((w.request, w.lease))))
                             }
                             Err(mpsc::error::TrySendError::Closed(w)) => Some((
                                 w.channel,
                                 TaskError::Failed("the worker has stopped".into()),
+                                None,
                             )),
                         },
                     };
+                    let refusal = refusal.map(|(channel, error, kept)| {
+                        if let (TaskError::Busy, Some((request, lease)), Some(queues)) =
+                            (&error, kept, &self.work)
+                        {
+                            let values: Vec<_> = request
+                                .inputs
+                                .into_iter()
+                                .zip(request.input_ids)
+                                .filter_map(|(input, id)| match input {
+                                    corvid_sdk::wire::Input::Data(d) => Some((id, d)),
+                                    _ => None,
+                                })
+                                .collect();
+                            // A full inbox drops them: the task sent again carries them again.
+                            if !values.is_empty() {
+                                let _ = queues.keeps.try_send(crate::worker::Kept {
+                                    peer,
+                                    values,
+                                    lease,
+                                });
+                            }
+                        }
+                        (channel, error)
+                    });
                     let m = &self.extras.metrics;
                     m.queue_depth
                         .set(self.queued.values().sum::<usize>() as i64);

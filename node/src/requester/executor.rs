@@ -30,6 +30,10 @@ pub(super) struct Memory {
     /// Bumped whenever a job marks a constant it sends as held by the peer (or unmarks one a
     /// peer did not hold), so that running jobs know when to look again.
     pub(super) marks: u64,
+    /// Constants on their way to a peer: the receiver ends when the task carrying them has
+    /// answered. A task that names one as held there waits for that first, so it cannot
+    /// overtake its carrier (which would cost a Missing and a full resend).
+    pub(super) landing: HashMap<(PeerId, corvid_sdk::ValueId), tokio::sync::watch::Receiver<()>>,
     /// Cached results that only a sample vouched for, and their producer: dropped if it is
     /// banned later.
     pub(super) sampled_from: HashMap<corvid_sdk::SubgraphId, PeerId>,
@@ -42,6 +46,7 @@ impl Default for Memory {
             knowledge: Knowledge::default(),
             check_ins: 0,
             marks: 0,
+            landing: HashMap::new(),
             sampled_from: HashMap::new(),
         }
     }

@@ -359,9 +359,15 @@ impl Job {
         if !self.sched.knows(task) {
             return Ok(()); // expired or cancelled: its subgraph went elsewhere
         }
-        // A task that carried constants and failed (a busy worker turns tasks away unread):
-        // the peer does not hold them after all.
-        if let (Some((peer, sent)), Err(_)) = (self.carrying.remove(&task), &outcome) {
+        // A task that carried constants and failed: the peer does not hold them after all
+        // (unless it was turned away busy: the worker keeps the data of those).
+        let busy = matches!(
+            &outcome,
+            Err(Refusal::Failed(TaskFailure::Worker(
+                corvid_sdk::wire::TaskError::Busy
+            )))
+        );
+        if let (Some((peer, sent)), Err(_), false) = (self.carrying.remove(&task), &outcome, busy) {
             let mut mem = lock(&self.memory);
             for id in &sent {
                 if let Some(h) = mem.knowledge.held.get_mut(id) {
@@ -797,28 +803,70 @@ impl Job {
                 // jobs running alongside too: they name them rather than send them again
                 // (shared weights cross once per worker, not once per running job). Marked
                 // at once, not on the answer: that would leave every job placed meanwhile
-                // sending them (5 to 13 copies measured). A worker named a value before the
-                // task carrying it landed answers Missing, and gets it again (counted).
-                let sent: Vec<corvid_sdk::ValueId> = sg
-                    .input_ids
-                    .iter()
-                    .zip(&held)
-                    .filter(|(id, h)| !**h && self.plan.leaf_ids.contains(id))
-                    .map(|(id, _)| *id)
-                    .collect();
-                if !sent.is_empty() {
+                // sending them (5 to 13 copies measured). A task that names them there
+                // meanwhile waits for the carrier's answer (below); a worker that lost them
+                // anyway answers Missing and gets them again (counted).
+                let mut held = held;
+                // A task naming a constant still on its way there waits for its carrier's
+                // answer: sent at once, it could land first and get a Missing.
+                let (sent, waits, landed) = {
                     let mut mem = lock(&self.memory);
-                    for id in &sent {
-                        mem.knowledge.held.entry(*id).or_default().insert(peer);
+                    let mut sent = Vec::new();
+                    for (i, id) in sg.input_ids.iter().enumerate() {
+                        if held[i] || !self.plan.leaf_ids.contains(id) {
+                            continue;
+                        }
+                        // Another job sent it there since this one last looked.
+                        if mem
+                            .knowledge
+                            .held
+                            .get(id)
+                            .is_some_and(|h| h.contains(&peer))
+                        {
+                            held[i] = true;
+                            self.sched.held_after_all(task, i);
+                        } else {
+                            sent.push(*id);
+                        }
                     }
-                    mem.marks += 1;
+                    let waits: Vec<_> = sg
+                        .input_ids
+                        .iter()
+                        .zip(&held)
+                        .filter(|(_, h)| **h)
+                        .filter_map(|(id, _)| mem.landing.get(&(peer, *id)))
+                        .filter(|rx| rx.has_changed().is_ok())
+                        .cloned()
+                        .collect();
+                    let landed = (!sent.is_empty()).then(|| {
+                        for id in &sent {
+                            mem.knowledge.held.entry(*id).or_default().insert(peer);
+                        }
+                        mem.marks += 1;
+                        if mem.landing.len() > MAX_LANDING {
+                            mem.landing.retain(|_, rx| rx.has_changed().is_ok());
+                        }
+                        let (tx, rx) = tokio::sync::watch::channel(());
+                        for id in &sent {
+                            mem.landing.insert((peer, *id), rx.clone());
+                        }
+                        tx
+                    });
+                    (sent, waits, landed)
+                };
+                if !sent.is_empty() {
                     self.carrying.insert(task, (peer, sent));
                 }
                 let remote = self.remote.clone();
                 self.running.spawn(async move {
+                    for mut carrier in waits {
+                        // Ends (Err) when the carrier's sender is dropped: it has answered.
+                        let _ = carrier.changed().await;
+                    }
                     let r = remote
                         .run(peer, wire, &sg, inputs, held, timeout, rows)
                         .await;
+                    drop(landed);
                     (task, r)
                 });
             }

@@ -68,6 +68,7 @@ impl Remote {
                         Input::Recipe(_) | Input::Held => 0,
                     })
                     .sum();
+                tracing::debug!(%peer, bytes, "the worker did not hold what it was named: sending everything again");
                 *lock(&self.resent).entry(peer).or_default() += bytes;
                 again.inputs = full;
                 response = self.node.run_task(peer, again).await;

@@ -25,7 +25,7 @@ use corvid_kernels::{
 use corvid_sdk::wire::{
     Input, Receipt, TASK_VERSION, TaskError, TaskRequest, TaskResponse, task_key,
 };
-use corvid_sdk::{ResultCache, SubgraphId};
+use corvid_sdk::{ResultCache, SubgraphId, ValueId};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
@@ -56,6 +56,16 @@ pub(crate) struct Work {
     pub lease: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// The data inputs of a task the node turned away busy, kept as if it had run: the task sent
+/// again (or another naming them) finds them held, so they cross the network once. The lease
+/// holds their bytes against the inbound budget until they are in the store.
+#[derive(Debug)]
+pub(crate) struct Kept {
+    pub peer: PeerId,
+    pub values: Vec<(ValueId, Arc<Data>)>,
+    pub lease: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// The worker's answer to a [`Work`], for the event loop to send back on its channel.
 #[derive(Debug)]
 pub(crate) struct Finished {
@@ -71,6 +81,7 @@ pub(crate) struct Finished {
 pub(crate) struct Worker {
     queue: mpsc::Receiver<Work>,
     cancels: mpsc::Receiver<(PeerId, u64)>,
+    keeps: mpsc::Receiver<Kept>,
     finished: mpsc::Sender<Finished>,
     shared: Shared,
 }
@@ -147,6 +158,7 @@ impl Worker {
     pub fn new(
         queue: mpsc::Receiver<Work>,
         cancels: mpsc::Receiver<(PeerId, u64)>,
+        keeps: mpsc::Receiver<Kept>,
         finished: mpsc::Sender<Finished>,
         engine: Engine,
         key: Keypair,
@@ -155,6 +167,7 @@ impl Worker {
         Worker {
             queue,
             cancels,
+            keeps,
             finished,
             shared: Shared {
                 results: Mutex::new(Results {
@@ -188,6 +201,7 @@ pub(crate) async fn run(worker: Worker, cancel: CancellationToken) {
     let Worker {
         mut queue,
         mut cancels,
+        mut keeps,
         finished,
         shared,
     } = worker;
@@ -214,6 +228,12 @@ pub(crate) async fn run(worker: Worker, cancel: CancellationToken) {
                 }
                 None => early.insert(key),
             },
+            // Before the queue, and waited for: a task sent after the refusal that named
+            // these values must find them.
+            Some(kept) = keeps.recv() => {
+                let shared = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || shared.keep(kept)).await;
+            }
             w = queue.recv(), if tasks.len() < slots => {
                 let Some(work) = w else { break };
                 #[cfg(feature = "fault-injection")]
@@ -330,6 +350,24 @@ const TINY_FLOPS: u64 = 1 << 20;
 const TINY_PEAK_BYTES: u64 = 256 << 10;
 
 impl Shared {
+    /// Keeps the values of a task turned away busy (hashed here: the store names each by its
+    /// content id).
+    fn keep(&self, kept: Kept) {
+        let hashed: Vec<_> = kept
+            .values
+            .into_iter()
+            .map(|(id, t)| {
+                let cid = t.content_id();
+                (id, t, cid)
+            })
+            .collect();
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, t, cid) in hashed {
+            held.put(kept.peer, id, t, cid);
+        }
+        drop(kept.lease);
+    }
+
     /// Whether `request` is tiny enough to run without a hop to the blocking pool: its
     /// program validates within this node's limits at a tiny footprint.
     fn is_tiny(&self, request: &TaskRequest) -> bool {

@@ -114,3 +114,73 @@ fn a_cancelled_job_stops_sending_work() {
 fn common_wait<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
     crate::common::wait_until(what, Duration::from_secs(60), f)
 }
+
+/// A map of a small MLP over many inputs, with more jobs in flight than workers have slots
+/// (busy workers turn tasks away): every worker is sent the weights once, never again,
+/// whatever the order tasks land in.
+#[test]
+fn a_map_sends_shared_weights_once_per_worker() {
+    use corvid_kernels::Tensor as Data;
+    use corvid_node::JobSummary;
+    use corvid_sdk::{Computation, Model};
+
+    let weights = Graph::new("weights");
+    let model = Model::new(
+        "mlp",
+        [
+            ("w1", weights.random(&[64, 256], -0.1, 0.1, 1)),
+            ("b1", weights.random(&[1, 256], -0.1, 0.1, 2)),
+            ("w2", weights.random(&[256, 10], -0.1, 0.1, 3)),
+            ("b2", weights.random(&[1, 10], -0.1, 0.1, 4)),
+        ]
+        .map(|(n, t)| (n, t.eval_data().unwrap())),
+    );
+    let mlp = Computation::new("mlp", |_, x, w| {
+        let h = x[0].matmul(&w["w1"])?.add(&w["b1"])?.relu()?;
+        Ok(vec![h.matmul(&w["w2"])?.add(&w["b2"])?])
+    })
+    .with_model(model.clone());
+    let n = 400;
+    let inputs: Vec<Vec<Data>> = (0..n)
+        .map(|i| {
+            let g = Graph::new("input");
+            vec![g.random(&[1, 64], -1.0, 1.0, 100 + i).eval_data().unwrap()]
+        })
+        .collect();
+    let client = Client::local(2).unwrap();
+    let local: Arc<dyn corvid_sdk::Executor> =
+        Arc::new(LocalExecutor::new(Backend::Cpu(CpuBackend::new())));
+    let want: Vec<_> = mlp.map(local, inputs.clone(), 8).collect();
+    let mut summaries = Vec::new();
+    for (i, outcome, state) in mlp.jobs(client.executor(), inputs, 32, true) {
+        let got = outcome.unwrap();
+        let want = want[i].as_ref().unwrap();
+        let (got, want) = (got[0].as_f32().unwrap(), want[0].as_f32().unwrap());
+        assert!(
+            got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5),
+            "input {i}"
+        );
+        summaries.extend(state.and_then(|s| JobSummary::of_state(&s)));
+    }
+    assert_eq!(summaries.len(), n as usize, "every job left its summary");
+    let total = JobSummary::total(&summaries);
+    let input_bytes = 64 * 4;
+    let mut workers = 0;
+    for (place, s) in &total.places {
+        if s.tasks == 0 || !matches!(place, corvid_sdk::sched::Place::Peer(_)) {
+            continue;
+        }
+        workers += 1;
+        // Beyond the inputs of its tasks: the model, give or take the inputs of tasks it
+        // turned away busy (sent again, here or elsewhere, or kept and then named).
+        let beyond = s.bytes_in as i64 - (s.tasks as u64 * input_bytes) as i64;
+        let slack = (s.failures as u64 * input_bytes) as i64;
+        assert!(
+            (beyond - model.bytes() as i64).abs() <= slack,
+            "{place}: {beyond} bytes beyond the inputs, the model is {} (slack {slack})\n{total}",
+            model.bytes()
+        );
+        assert_eq!(s.resent, 0, "{place}: nothing sent again in full\n{total}");
+    }
+    assert_eq!(workers, 2, "{total}");
+}
