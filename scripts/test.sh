@@ -58,7 +58,7 @@ if [ "$#" -eq 0 ]; then
     venv="$target/python-venv"
     rm -rf "$venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check numpy pytest
+    "$venv/bin/pip" install -q --disable-pip-version-check numpy pytest scikit-learn
     MATURIN_PEP517_ARGS="--profile dev" "$venv/bin/pip" install -q --disable-pip-version-check ./python
     # From the top: in python/ the source package (without its extension) would shadow the
     # installed one. The node-process tests run the `corvid` binary the Rust tests built.

@@ -50,6 +50,7 @@ __all__ = [
     "Job",
     "Model",
     "Tensor",
+    "Trainer",
     "as_completed",
     "ops",
     "save_npy",
@@ -390,6 +391,43 @@ class Computation:
             raise type(e)(f"{_label(chunk)}: {e}") from e
         job._single = single
         return job
+
+
+class Trainer:
+    """Trains a `Model` on a swarm: `loss(*batch, weights)` returns the mean loss over the rows
+    it is given (tensors; weights: the model's tensors by name). Each `step(*arrays)` runs
+    forward, backward (`Graph.grad`) and the optimizer's update (`"adam"` or `"sgd"` with
+    `momentum`) as one verified job and returns the batch's loss; `model` is the parameters as
+    they are now. `shards=k` splits each batch into k gradient branches placed on different
+    peers (data parallel), summed in a fixed order: the same weights wherever they ran."""
+
+    def __init__(
+        self,
+        loss,
+        model: Model,
+        client: Optional[Client] = None,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        shards: int = 1,
+        name: Optional[str] = None,
+    ):
+        self._client = client
+        self._inner = _corvid.Trainer(
+            loss, model, optimizer, lr, momentum, shards, name or getattr(loss, "__name__", "train")
+        )
+
+    def step(self, *batch) -> float:
+        inner = self._client._inner if self._client is not None else None
+        return self._inner.step(*batch, client=inner)
+
+    @property
+    def model(self) -> Model:
+        return self._inner.model
+
+    @property
+    def steps(self) -> int:
+        return self._inner.steps
 
 
 class Graph(_corvid.Graph):

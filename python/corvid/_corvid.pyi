@@ -1,6 +1,6 @@
 """Types of Corvid's extension module (`corvid._corvid`); `corvid` re-exports them."""
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -53,6 +53,8 @@ class Graph:
         """A model's tensors as constants of this graph, by name."""
     def id(self) -> str:
         """The graph's content id (blake3), hex."""
+    def grad(self, loss: "Tensor", params: Sequence["Tensor"]) -> List["Tensor"]:
+        """Gradients of the one-value `loss` for each of `params`, as ops of this graph."""
     def load_npy(self, path: str) -> "Tensor": ...
     def plan(self, outputs: Sequence["Tensor"]) -> str:
         """The partition the executor would run, as a table, without running it."""
@@ -188,6 +190,25 @@ class Model:
     def __getitem__(self, name: str) -> np.ndarray: ...
     def __len__(self) -> int: ...
     def save_safetensors(self, path: str) -> None: ...
+
+class Trainer:
+    """Trains a model: one job per step (forward, backward, update)."""
+
+    def __init__(
+        self,
+        loss: Any,
+        model: Model,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        shards: int = 1,
+        name: str = "train",
+    ) -> None: ...
+    def step(self, *batch: npt.ArrayLike, client: Optional[Client] = None) -> float: ...
+    @property
+    def model(self) -> Model: ...
+    @property
+    def steps(self) -> int: ...
 
 def save_npy(path: str, array: npt.ArrayLike) -> None: ...
 def save_safetensors(path: str, tensors: Dict[str, npt.ArrayLike]) -> None: ...

@@ -242,6 +242,21 @@ impl PyGraph {
             .collect()
     }
 
+    /// The gradients of the one-value `loss` with respect to each of `params`, as tensors of
+    /// this graph (the backward pass is ordinary ops, run and verified like any others).
+    fn grad(
+        &self,
+        py: Python<'_>,
+        loss: &PyTensor,
+        params: Vec<PyRef<'_, PyTensor>>,
+    ) -> PyResult<Vec<PyTensor>> {
+        let ps: Vec<&Tensor> = params.iter().map(|t| &t.t).collect();
+        self.g
+            .grad(&loss.t, &ps)
+            .map(|gs| gs.into_iter().map(|t| PyTensor { t }).collect())
+            .map_err(|e| build_err(py, e))
+    }
+
     /// The graph's content id (blake3 of its canonical encoding), hex.
     fn id(&self) -> String {
         self.g.id().to_string()
@@ -984,6 +999,127 @@ fn ops() -> std::collections::BTreeMap<&'static str, Vec<&'static str>> {
     ])
 }
 
+/// Trains a `Model`: `loss(*batch, weights)` returns the mean loss over the rows it is given
+/// (tensors of the step's graph; weights by name). Each `step` runs forward, backward and the
+/// optimizer's update as one job; `shards=k` splits the batch into k gradient branches (data
+/// parallel, summed in shard order: the same result wherever they ran).
+#[pyclass(frozen, name = "Trainer", module = "corvid._corvid")]
+struct PyTrainer {
+    trainer: Mutex<corvid_sdk::train::Trainer>,
+}
+
+#[pymethods]
+impl PyTrainer {
+    #[new]
+    #[pyo3(signature = (loss, model, optimizer = "adam", lr = 1e-3, momentum = 0.0, shards = 1, name = "train"))]
+    fn new(
+        loss: Py<PyAny>,
+        model: &PyModel,
+        optimizer: &str,
+        lr: f32,
+        momentum: f32,
+        shards: usize,
+        name: &str,
+    ) -> PyResult<PyTrainer> {
+        use corvid_sdk::train::{Optimizer, Trainer};
+        let optimizer = match optimizer {
+            "sgd" => Optimizer::momentum(lr, momentum),
+            "adam" => Optimizer::adam(lr),
+            other => {
+                return Err(CorvidError::new_err(format!(
+                    "unknown optimizer '{other}': 'sgd' or 'adam'"
+                )));
+            }
+        };
+        let trainer = Trainer::new(
+            name,
+            model.m.clone(),
+            optimizer,
+            move |_, batch, weights| {
+                Python::attach(|py| {
+                    let call = || -> PyResult<Tensor> {
+                        let args: Vec<Py<PyTensor>> = batch
+                            .iter()
+                            .map(|t| Py::new(py, PyTensor { t: t.clone() }))
+                            .collect::<PyResult<_>>()?;
+                        let w = pyo3::types::PyDict::new(py);
+                        for (n, t) in weights {
+                            w.set_item(n, Py::new(py, PyTensor { t: t.clone() })?)?;
+                        }
+                        let mut all: Vec<Bound<'_, PyAny>> = args
+                            .into_iter()
+                            .map(|a| a.into_bound(py).into_any())
+                            .collect();
+                        all.push(w.into_any());
+                        let out = loss.call1(py, pyo3::types::PyTuple::new(py, all)?)?;
+                        let t: PyRef<'_, PyTensor> = out.extract(py)?;
+                        Ok(t.t.clone())
+                    };
+                    call().map_err(|e| corvid_sdk::BuildError::Data {
+                        at: corvid_sdk::Site(std::panic::Location::caller()),
+                        reason: format!("the loss function failed: {e}"),
+                    })
+                })
+            },
+        )
+        .with_shards(shards);
+        Ok(PyTrainer {
+            trainer: Mutex::new(trainer),
+        })
+    }
+
+    /// One step over `batch` (arrays with the same number of rows) on `client`'s swarm (or
+    /// this machine without one); returns the batch's mean loss before the update.
+    #[pyo3(signature = (*batch, client = None))]
+    fn step(
+        &self,
+        py: Python<'_>,
+        batch: Vec<Bound<'_, PyAny>>,
+        client: Option<&PyClient>,
+    ) -> PyResult<f32> {
+        let data: Vec<Data> = batch.iter().map(from_numpy).collect::<PyResult<_>>()?;
+        let executor: Arc<dyn corvid_sdk::Executor> = match client {
+            Some(c) => c.client.executor(),
+            None => {
+                let backend = corvid_kernels::Backend::open(corvid_kernels::BackendChoice::Cpu)
+                    .map_err(|e| CorvidError::new_err(e.to_string()))?;
+                Arc::new(LocalExecutor::new(backend))
+            }
+        };
+        let mut trainer = self.trainer.lock().unwrap_or_else(|p| p.into_inner());
+        // Built here (the loss function is Python), run without the GIL.
+        let (g, outs) = trainer.plan_step(&executor, &data).map_err(eval_err)?;
+        let values = py
+            .detach(move || g.eval(&outs.iter().collect::<Vec<_>>()))
+            .map_err(eval_err)?;
+        trainer
+            .finish_step(values)
+            .map(|s| s.loss)
+            .map_err(eval_err)
+    }
+
+    /// The parameters as they are now.
+    #[getter]
+    fn model(&self) -> PyModel {
+        PyModel {
+            m: self
+                .trainer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .model()
+                .clone(),
+        }
+    }
+
+    #[getter]
+    fn steps(&self) -> u64 {
+        self.trainer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .steps()
+    }
+}
+
 #[pymodule]
 fn _corvid(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -997,6 +1133,7 @@ fn _corvid(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(save_safetensors, m)?)?;
     m.add_class::<PyTotals>()?;
     m.add_class::<PyModel>()?;
+    m.add_class::<PyTrainer>()?;
     m.add("CorvidError", py.get_type::<CorvidError>())?;
     m.add("BuildError", py.get_type::<BuildError>())?;
     m.add("EvalError", py.get_type::<EvalError>())?;

@@ -49,6 +49,10 @@ pub enum BuildError {
         path: String,
         reason: String,
     },
+    /// A gradient asked of an op that has no useful derivative, or of something that cannot
+    /// have one (a loss of many values, an i32 parameter).
+    #[error("{at}: no gradient through '{op}': {why}")]
+    NoGradient { at: Site, op: String, why: String },
 }
 
 impl BuildError {
@@ -59,7 +63,8 @@ impl BuildError {
             | BuildError::FailedInput { at, .. }
             | BuildError::MixedGraphs { at, .. }
             | BuildError::Data { at, .. }
-            | BuildError::File { at, .. } => *at,
+            | BuildError::File { at, .. }
+            | BuildError::NoGradient { at, .. } => *at,
         }
     }
 }

@@ -21,6 +21,7 @@
 //! are tiled, cheap ops fused, and the result is the same bits as evaluating the whole graph at
 //! once on the CPU backend.
 
+mod autodiff;
 pub mod error;
 pub mod exec;
 pub mod failure;
@@ -35,6 +36,7 @@ pub mod plan;
 pub mod report;
 pub mod sched;
 pub mod tensor;
+pub mod train;
 pub mod wire;
 
 pub use corvid_kernels as kernels;

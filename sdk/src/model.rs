@@ -116,6 +116,11 @@ impl Model {
         self.tensors.keys().map(String::as_str)
     }
 
+    /// The tensors by name, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Data)> {
+        self.tensors.iter().map(|(n, (t, _))| (n.as_str(), &**t))
+    }
+
     pub fn get(&self, name: &str) -> Option<&Data> {
         self.tensors.get(name).map(|(d, _)| &**d)
     }
