@@ -113,12 +113,23 @@ fn accuracy(m: &Model, points: &[[f32; 2]], labels: &[usize]) -> anyhow::Result<
     Ok(right as f32 / points.len() as f32)
 }
 
+/// Bytes each step sent to workers and received from them, summed over the steps.
+#[derive(Default)]
+struct Moved {
+    steps: u64,
+    to_workers: u64,
+    from_workers: u64,
+    resent: u64,
+}
+
 fn train(
     executor: &Arc<dyn Executor>,
     (x, y): &(Data, Data),
     test: (&[[f32; 2]], &[usize]),
-    print: bool,
+    client: Option<&Client>,
+    moved: &mut Moved,
 ) -> anyhow::Result<Model> {
+    let print = client.is_some();
     let mut t = trainer()?;
     let (rows, batch) = (x.shape()[0], 100);
     for epoch in 1..=30 {
@@ -133,6 +144,16 @@ fn train(
                 )
             };
             losses.push(t.step(executor, &[part(x, 2)?, part(y, CLASSES)?])?.loss);
+            if let Some(s) = client.and_then(Client::last_summary) {
+                moved.steps += 1;
+                for (place, p) in &s.places {
+                    if matches!(place, corvid::sdk::sched::Place::Peer(_)) {
+                        moved.to_workers += p.bytes_in;
+                        moved.from_workers += p.bytes_out;
+                        moved.resent += p.resent;
+                    }
+                }
+            }
         }
         if print && (epoch % 5 == 0 || epoch == 1) {
             println!(
@@ -153,7 +174,18 @@ fn main() -> anyhow::Result<()> {
     let test = (&test_points[..], &test_labels[..]);
 
     let client = Client::local(2)?;
-    let swarm = train(&client.executor(), &data, test, true)?;
+    let mut moved = Moved::default();
+    let swarm = train(&client.executor(), &data, test, Some(&client), &mut moved)?;
+    let model_bytes = swarm.bytes();
+    let batch_bytes = 100 * (2 + CLASSES) as u64 * 4;
+    println!(
+        "per step, on average: {:.0} bytes to workers ({:.0} of them sent again after a \
+         Missing), {:.0} from them; the model is {model_bytes} bytes (Adam's state twice that), \
+         a batch {batch_bytes}",
+        moved.to_workers as f64 / moved.steps as f64,
+        moved.resent as f64 / moved.steps as f64,
+        moved.from_workers as f64 / moved.steps as f64,
+    );
     println!(
         "test accuracy {:.3} after 30 epochs on the swarm; the last step:\n{}",
         accuracy(&swarm, test.0, test.1)?,
@@ -163,7 +195,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     let local: Arc<dyn Executor> = Arc::new(LocalExecutor::new(Backend::Cpu(CpuBackend::new())));
-    let here = train(&local, &data, test, false)?;
+    let here = train(&local, &data, test, None, &mut Moved::default())?;
     anyhow::ensure!(
         here.id() == swarm.id(),
         "the swarm's weights differ from this machine's"

@@ -3,6 +3,7 @@ processes, one of them killed mid-training."""
 
 import pathlib
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -38,12 +39,13 @@ def test_grad_of_a_softmax_regression_matches_numpy():
 
 
 def test_digits_train_across_worker_processes_and_a_killed_worker_changes_nothing(tmp_path):
-    procs = {}
+    procs, ids = {}, {}
     try:
         d0, procs["a"] = start_node(tmp_path, "a")
         boot = bootstrap_of(d0)
         for name in ("b", "c"):
-            _, procs[name] = start_node(tmp_path, name, boot)
+            d, procs[name] = start_node(tmp_path, name, boot)
+            ids[name] = bootstrap_of(d).rsplit("/p2p/", 1)[1]
         client = corvid.Client.connect(boot, workers=3, timeout=60)
         quiet = lambda *_: None  # noqa: E731
 
@@ -53,19 +55,36 @@ def test_digits_train_across_worker_processes_and_a_killed_worker_changes_nothin
         workers = [line.split()[0] for line in summary.splitlines() if line.startswith("12D3")]
         assert len(workers) >= 2, summary
 
-        def kill_c(step):
-            if step == 20:
-                procs["c"].kill()
-                procs["c"].wait()
+        # Again, killing (a few ms into step 21) a worker that ran step 20's tasks.
+        summaries = {}
+        victim = []
 
-        again, acc_again = train_digits.train(client, on_step=kill_c, log=quiet)
-        assert procs["c"].poll() is not None, "the worker was killed"
+        def kill(name):
+            procs[name].kill()
+            procs[name].wait()
+
+        def on_step(step):
+            summaries[step] = client.last_summary()
+            if step == 20:
+                busy = [n for n, i in ids.items() if i in summaries[step]]
+                assert busy, summaries[step]
+                victim.append(busy[0])
+                threading.Timer(0.005, kill, (busy[0],)).start()
+
+        # A new requester: the first one's verified results would answer every step.
+        client = corvid.Client.connect(boot, workers=3, timeout=60)
+        again, acc_again = train_digits.train(client, on_step=on_step, log=quiet)
+        assert "cached) " in summaries[1] and "(0 cached)" in summaries[1], summaries[1]
+        name = victim[0]
+        assert procs[name].poll() is not None, "the worker was killed"
+        later = [summaries[s] for s in summaries if s >= 23]
+        assert later and not any(ids[name] in s for s in later), "the dead worker ran nothing more"
         # Summed in shard order, redone elsewhere: the same weights to the bit.
         assert again.id == model.id, (acc, acc_again)
         local, _ = train_digits.train(None, log=quiet)
         assert local.id == model.id
-        for name in model.names():
-            np.testing.assert_array_equal(again[name], model[name])
+        for n in model.names():
+            np.testing.assert_array_equal(again[n], model[n])
     finally:
         for p in procs.values():
             p.kill()

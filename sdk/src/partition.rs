@@ -9,9 +9,13 @@
 //!    requester, so a tile ships only its blocks; a slice of a recipe (a seeded random tensor)
 //!    is a narrower recipe, so a tile ships a few bytes and its worker makes the block.
 //! 2. **Fusion.** Each op joins the subgraph of its first computed argument when it is that
-//!    value's only consumer and the subgraph stays under `max_subgraph_flops`; otherwise it
-//!    starts a new one. Dependencies between subgraphs always point to earlier ones, so the
-//!    result is a DAG in topological order.
+//!    value's only consumer and the subgraph stays under `max_subgraph_flops`; a subgraph
+//!    under 16 MFLOP also takes any op whose computed arguments it alone holds (a backward
+//!    pass reads the forward's values twice); otherwise the op starts a new one.
+//!    Then a subgraph under 64 kFLOP whose values one later subgraph alone reads joins it (an
+//!    optimizer's `state * beta`, a gradient's seed): a task costs a round trip. Assembly
+//!    (`concat`) is never merged. Dependencies between subgraphs always point to earlier
+//!    ones, so the result is a DAG in topological order.
 //!
 //! Everything is deterministic: the same graph and settings give the same subgraphs and ids.
 
@@ -29,6 +33,14 @@ use crate::plan::{Cost, Leaf, Plan, Settings, Source, Subgraph};
 
 /// Room left in a task budget for what the byte estimates do not count (bookkeeping).
 const GROUP_SLACK: u64 = 1 << 20;
+
+/// An op of constants (or of such ops) at most this large is made by each subgraph that
+/// reads it instead of being a task of its own.
+const TINY_FLOPS: u64 = 64 << 10;
+const TINY_BYTES: u64 = 64 << 10;
+/// A subgraph this small takes every op whose computed arguments it (or earlier subgraphs)
+/// holds, not only the sole consumer of its values: a task costs a round trip.
+const SMALL_GROUP_FLOPS: u64 = 16 << 20;
 
 /// A node of the rewritten graph.
 #[derive(Debug)]
@@ -466,31 +478,68 @@ impl Builder<'_> {
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut group_flops: Vec<u64> = Vec::new();
         let mut group_bytes: Vec<u64> = Vec::new();
+        // Tiny ops of constants (and of such ops) belong to no subgraph: each subgraph that
+        // reads one makes it itself (a gradient's seed, an optimizer's `state * beta`), so
+        // they neither cost a task nor tie independent subgraphs to a shared one.
+        let mut inline = vec![false; n];
+        let mut read_by_concat = vec![false; n];
+        for (i, p) in self.pnodes.iter().enumerate() {
+            if needed[i] && matches!(p.op, Some(Op::Concat { .. })) {
+                for &a in &p.args {
+                    read_by_concat[a] = true;
+                }
+            }
+        }
         for (i, p) in self.pnodes.iter().enumerate() {
             if !needed[i] || p.leaf.is_some() {
                 continue;
             }
             let f = flops(p);
             let pb = bytes(p);
+            let concat = matches!(p.op, Some(Op::Concat { .. }));
+            // Not products (a tile is work to spread) and nothing assembly reads (it runs no
+            // arithmetic).
+            let product = matches!(p.op, Some(Op::MatMul | Op::Conv2d { .. }));
+            if !concat
+                && !product
+                && !read_by_concat[i]
+                && f <= TINY_FLOPS
+                && p.meta.bytes() <= TINY_BYTES
+                && !outs.contains(&i)
+                && p.args
+                    .iter()
+                    .all(|&a| self.pnodes[a].leaf.is_some() || inline[a])
+            {
+                inline[i] = true;
+                continue;
+            }
+            let fits = |g: usize, cap: u64| {
+                group_flops[g].saturating_add(f) <= cap
+                    && group_bytes[g].saturating_add(pb) <= max_bytes
+                    && groups[g].len() < max_nodes
+            };
             let main = p
                 .args
                 .iter()
                 .copied()
-                .find(|&a| self.pnodes[a].leaf.is_none());
+                .find(|&a| self.pnodes[a].leaf.is_none() && !inline[a]);
             let join = main.and_then(|m| {
                 let g = group_of[m]?;
                 let others_ok = p.args.iter().all(|&a| match group_of[a] {
                     None => true,
                     Some(h) => h <= g,
                 });
-                let concat = matches!(p.op, Some(Op::Concat { .. }));
-                (consumers[m] == 1
-                    && others_ok
-                    && !concat
-                    && group_flops[g].saturating_add(f) <= max_flops
-                    && group_bytes[g].saturating_add(pb) <= max_bytes
-                    && groups[g].len() < max_nodes)
-                    .then_some(g)
+                (consumers[m] == 1 && others_ok && !concat && fits(g, max_flops)).then_some(g)
+            });
+            // A small group takes any op whose computed arguments it alone holds (values read
+            // twice, as a backward pass reads the forward's, stay together): splitting it
+            // would cost round trips, not save time. One that also reads other groups' values
+            // (a sum of shards' gradients) waits for them, so it starts its own: the group
+            // stays free to run beside them.
+            let join = join.or_else(|| {
+                let g = group_of[main?]?;
+                let alone = p.args.iter().all(|&a| group_of[a].is_none_or(|h| h == g));
+                (alone && !concat && fits(g, SMALL_GROUP_FLOPS.min(max_flops))).then_some(g)
             });
             let g = join.unwrap_or_else(|| {
                 groups.push(Vec::new());
@@ -521,7 +570,7 @@ impl Builder<'_> {
         // Where each exported pnode ends up: (subgraph, output index).
         let mut located: HashMap<usize, (usize, usize)> = HashMap::new();
         for (g, members) in groups.iter().enumerate() {
-            let sg = self.subgraph(g, members, &group_of, &exported, &located)?;
+            let sg = self.subgraph(g, members, &group_of, &inline, &exported, &located)?;
             for (o, &p) in members.iter().filter(|&&p| exported[p]).enumerate() {
                 located.insert(p, (g, o));
             }
@@ -548,17 +597,34 @@ impl Builder<'_> {
         g: usize,
         members: &[usize],
         group_of: &[Option<usize>],
+        inline: &[bool],
         exported: &[bool],
         located: &HashMap<usize, (usize, usize)>,
     ) -> Result<Subgraph, PartitionError> {
         let limit = self.settings.max_tensor_bytes;
+        // The tiny ops of constants the members read, made here first (in graph order).
+        let mut made = Vec::new();
+        let mut stack: Vec<usize> = members
+            .iter()
+            .flat_map(|&m| &self.pnodes[m].args)
+            .copied()
+            .collect();
+        while let Some(a) = stack.pop() {
+            if inline[a] && !made.contains(&a) {
+                made.push(a);
+                stack.extend(&self.pnodes[a].args);
+            }
+        }
+        made.sort_unstable();
+        let members: Vec<usize> = made.into_iter().chain(members.iter().copied()).collect();
+        let members = &members[..];
         let mut local: HashMap<usize, u32> = HashMap::new();
         let mut inputs = Vec::new();
         let mut input_ids = Vec::new();
         let mut input_metas = Vec::new();
         for &m in members {
             for &a in &self.pnodes[m].args {
-                if group_of[a] == Some(g) || local.contains_key(&a) {
+                if group_of[a] == Some(g) || inline[a] || local.contains_key(&a) {
                     continue;
                 }
                 let pa = &self.pnodes[a];

@@ -30,10 +30,13 @@ pub(super) struct Memory {
     /// Bumped whenever a job marks a constant it sends as held by the peer (or unmarks one a
     /// peer did not hold), so that running jobs know when to look again.
     pub(super) marks: u64,
-    /// Constants on their way to a peer: the receiver ends when the task carrying them has
-    /// answered. A task that names one as held there waits for that first, so it cannot
+    /// Values on their way to a peer (constants, results of earlier subgraphs): the receiver
+    /// ends when the task carrying them has answered. A task that names one as held there waits for that first, so it cannot
     /// overtake its carrier (which would cost a Missing and a full resend).
     pub(super) landing: HashMap<(PeerId, corvid_sdk::ValueId), tokio::sync::watch::Receiver<()>>,
+    /// Peers a task could not reach, and when: later jobs leave them out while they stay
+    /// unconnected (a worker that died is still advertised until its advert expires).
+    pub(super) unreachable: HashMap<PeerId, std::time::Instant>,
     /// Cached results that only a sample vouched for, and their producer: dropped if it is
     /// banned later.
     pub(super) sampled_from: HashMap<corvid_sdk::SubgraphId, PeerId>,
@@ -47,6 +50,7 @@ impl Default for Memory {
             check_ins: 0,
             marks: 0,
             landing: HashMap::new(),
+            unreachable: HashMap::new(),
             sampled_from: HashMap::new(),
         }
     }

@@ -84,9 +84,22 @@ pub(super) async fn run_job(
     match remote.node.peers().await {
         Ok(peers) => {
             let trust = lock(&trust);
+            // Unreachable lately and not connected since: left out (its advert outlives it).
+            let gone: std::collections::HashSet<PeerId> = {
+                let mut mem = lock(&memory);
+                mem.unreachable
+                    .retain(|_, at| at.elapsed() < FORGET_UNREACHABLE);
+                peers
+                    .iter()
+                    .filter(|p| p.path.is_none())
+                    .filter_map(|p| p.peer_id.parse().ok())
+                    .filter(|id| mem.unreachable.contains_key(id))
+                    .collect()
+            };
             let workers: Vec<_> = peers
                 .iter()
                 .filter(|p| p.contributes && p.slots_total > 0)
+                .filter(|p| p.peer_id.parse().is_ok_and(|id| !gone.contains(&id)))
                 .collect();
             let banned = workers
                 .iter()
@@ -386,6 +399,9 @@ impl Job {
                 }
                 let ids = self.plan.subgraphs[sg].output_ids.clone();
                 self.remote.cids.record(&ids, &a.cids);
+                if let Some(p) = peer {
+                    self.held_by_content(sg, p, &a.cids);
+                }
                 let a = Arc::new(a);
                 self.results[sg] = Some(Arc::new(a.outputs.clone()));
                 self.accepted[sg] = Some(a.clone());
@@ -419,6 +435,9 @@ impl Job {
                 match (&error, peer) {
                     (TaskFailure::Unreachable(why), Some(peer)) => {
                         tracing::warn!(%peer, %why, "peer unreachable; no more tasks go to it in this job");
+                        lock(&self.memory)
+                            .unreachable
+                            .insert(peer, std::time::Instant::now());
                         // Counted against the peer first, so the next job knows it fails.
                         let r = self.fail(task, error);
                         self.sched.remove_peer(&peer);
@@ -450,6 +469,31 @@ impl Job {
                 self.fail(task, TaskFailure::Cheated { reason })
             }
         }
+    }
+
+    /// The job's outputs that subgraph `sg` made on `peer` are kept there under their content
+    /// ids too: a later job whose constants have those values (the next training step's
+    /// weights and optimizer state) names them there instead of sending them.
+    fn held_by_content(&mut self, sg: usize, peer: PeerId, cids: &[corvid_kernels::ContentId]) {
+        let finals: Vec<corvid_sdk::ValueId> = self
+            .plan
+            .outputs
+            .iter()
+            .filter_map(|s| match *s {
+                Source::Output { subgraph, output } if subgraph == sg => cids.get(output),
+                _ => None,
+            })
+            .map(|&c| c.into())
+            .collect();
+        if finals.is_empty() {
+            return;
+        }
+        let mut mem = lock(&self.memory);
+        for id in finals {
+            self.sched.learn_held(id, [&peer]);
+            mem.knowledge.held.entry(id).or_default().insert(peer);
+        }
+        mem.marks += 1;
     }
 
     fn progress_message(&self) -> String {
@@ -807,7 +851,7 @@ impl Job {
                 // meanwhile waits for the carrier's answer (below); a worker that lost them
                 // anyway answers Missing and gets them again (counted).
                 let mut held = held;
-                // A task naming a constant still on its way there waits for its carrier's
+                // A task naming a value still on its way there waits for its carrier's
                 // answer: sent at once, it could land first and get a Missing.
                 let (sent, waits, landed) = {
                     let mut mem = lock(&self.memory);
@@ -838,17 +882,29 @@ impl Job {
                         .filter(|rx| rx.has_changed().is_ok())
                         .cloned()
                         .collect();
-                    let landed = (!sent.is_empty()).then(|| {
+                    if !sent.is_empty() {
                         for id in &sent {
                             mem.knowledge.held.entry(*id).or_default().insert(peer);
                         }
                         mem.marks += 1;
+                    }
+                    // Everything it carries, constants or results of earlier subgraphs: the
+                    // scheduler counts them held there from now on, so a task of this job
+                    // may name them before this one lands.
+                    let carried: Vec<corvid_sdk::ValueId> = sg
+                        .input_ids
+                        .iter()
+                        .zip(&held)
+                        .filter(|(_, h)| !**h)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    let landed = (!carried.is_empty()).then(|| {
                         if mem.landing.len() > MAX_LANDING {
                             mem.landing.retain(|_, rx| rx.has_changed().is_ok());
                         }
                         let (tx, rx) = tokio::sync::watch::channel(());
-                        for id in &sent {
-                            mem.landing.insert((peer, *id), rx.clone());
+                        for id in carried {
+                            mem.landing.insert((peer, id), rx.clone());
                         }
                         tx
                     });

@@ -50,6 +50,9 @@ const CACHE_BYTES: u64 = 1 << 30;
 /// Entries of the requester's "who holds what" and content-id tables before they are reset.
 const MAX_TABLE: usize = 100_000;
 
+/// How long a peer a task could not reach stays out of later jobs while it is not connected.
+const FORGET_UNREACHABLE: Duration = Duration::from_secs(60);
+
 /// Constants on their way to peers tracked before the ones that landed are dropped.
 const MAX_LANDING: usize = 1024;
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -542,6 +542,7 @@ impl Shared {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             for ((id, t), cid) in request.output_ids.iter().zip(outputs.iter()).zip(&out_cids) {
                 held.put(peer, *id, t.clone(), *cid);
+                held.alias(peer, *cid, *id);
             }
         }
         let class = self.engine.class();

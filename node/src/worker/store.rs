@@ -24,6 +24,9 @@ struct Entry {
 /// is charged again, whatever its size.
 pub(super) struct Held {
     map: HashMap<(PeerId, ValueId), Entry>,
+    /// Outputs also known by their content id (as a constant with those values is named):
+    /// the id they are kept under. An alias whose value is gone finds nothing.
+    aliases: HashMap<(PeerId, ValueId), ValueId>,
     /// Keys oldest first, with the generation queued (stale entries are skipped).
     order: VecDeque<(PeerId, ValueId, u64)>,
     /// The same, per requester.
@@ -37,6 +40,7 @@ impl Held {
     pub(super) fn new(cap: u64) -> Held {
         Held {
             map: HashMap::new(),
+            aliases: HashMap::new(),
             order: VecDeque::new(),
             by_peer: HashMap::new(),
             bytes: 0,
@@ -51,7 +55,27 @@ impl Held {
     }
 
     pub(super) fn get(&self, peer: PeerId, id: ValueId) -> Option<(Arc<Data>, ContentId)> {
-        self.map.get(&(peer, id)).map(|e| (e.data.clone(), e.cid))
+        let e = self.map.get(&(peer, id)).or_else(|| {
+            let kept = self.aliases.get(&(peer, id))?;
+            self.map.get(&(peer, *kept))
+        })?;
+        Some((e.data.clone(), e.cid))
+    }
+
+    /// Lets `peer` name its value `id` by the content id `cid` too (a later job's constant with
+    /// those values: the next training step's weights). Only content ids are aliases, so what
+    /// an alias finds is exactly what it names.
+    pub(super) fn alias(&mut self, peer: PeerId, cid: ContentId, id: ValueId) {
+        let alias = ValueId::from(cid);
+        if alias == id {
+            return;
+        }
+        // Dangling ones (their value evicted) are dropped once they outnumber the values.
+        if self.aliases.len() > 2 * self.map.len() + 1024 {
+            let map = &self.map;
+            self.aliases.retain(|k, v| map.contains_key(&(k.0, *v)));
+        }
+        self.aliases.insert((peer, alias), id);
     }
 
     /// Bytes held for `peer`, and in all.
