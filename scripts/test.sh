@@ -62,6 +62,8 @@ if [ "$#" -eq 0 ]; then
     MATURIN_PEP517_ARGS="--profile dev" "$venv/bin/pip" install -q --disable-pip-version-check ./python
     # From the top: in python/ the source package (without its extension) would shadow the
     # installed one. The node-process tests run the `corvid` binary the Rust tests built.
+    # They take well under a minute; a hang (a deadlock once) fails in 10 minutes instead of
+    # eating the whole CI budget.
     CORVID_BIN="${CORVID_BIN:-$target/debug/corvid}" \
-        "$venv/bin/python" -m pytest -q -p no:cacheprovider python/tests
+        timeout --kill-after=10 600 "$venv/bin/python" -m pytest -q -p no:cacheprovider python/tests
 fi

@@ -515,6 +515,21 @@ impl PyTensor {
         built(py, self.t.clamp(min, max))
     }
 
+    /// The gradients of this one-value tensor (a loss) for each of `params`:
+    /// `graph.grad(self, params)`.
+    fn backward(
+        &self,
+        py: Python<'_>,
+        params: Vec<PyRef<'_, PyTensor>>,
+    ) -> PyResult<Vec<PyTensor>> {
+        let ps: Vec<&Tensor> = params.iter().map(|t| &t.t).collect();
+        self.t
+            .graph()
+            .grad(&self.t, &ps)
+            .map(|gs| gs.into_iter().map(|t| PyTensor { t }).collect())
+            .map_err(|e| build_err(py, e))
+    }
+
     #[pyo3(signature = (axis, keepdims = false))]
     fn argmax(&self, py: Python<'_>, axis: usize, keepdims: bool) -> PyResult<PyTensor> {
         built(py, self.t.argmax(axis, keepdims))

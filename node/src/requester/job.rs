@@ -83,8 +83,8 @@ pub(super) async fn run_job(
     let pool;
     match remote.node.peers().await {
         Ok(peers) => {
-            let trust = lock(&trust);
             // Unreachable lately and not connected since: left out (its advert outlives it).
+            // (The memory before the trust, as everywhere: jobs run side by side.)
             let gone: std::collections::HashSet<PeerId> = {
                 let mut mem = lock(&memory);
                 mem.unreachable
@@ -96,6 +96,7 @@ pub(super) async fn run_job(
                     .filter(|id| mem.unreachable.contains_key(id))
                     .collect()
             };
+            let trust = lock(&trust);
             let workers: Vec<_> = peers
                 .iter()
                 .filter(|p| p.contributes && p.slots_total > 0)

@@ -23,4 +23,5 @@ mod swarm;
 mod swarm_exec;
 mod sybils;
 mod tasks;
+mod train;
 mod trust;
