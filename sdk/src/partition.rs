@@ -11,11 +11,12 @@
 //! 2. **Fusion.** Each op joins the subgraph of its first computed argument when it is that
 //!    value's only consumer and the subgraph stays under `max_subgraph_flops`; a subgraph
 //!    under 16 MFLOP also takes any op whose computed arguments it alone holds (a backward
-//!    pass reads the forward's values twice); otherwise the op starts a new one.
-//!    Then a subgraph under 64 kFLOP whose values one later subgraph alone reads joins it (an
-//!    optimizer's `state * beta`, a gradient's seed): a task costs a round trip. Assembly
-//!    (`concat`) is never merged. Dependencies between subgraphs always point to earlier
-//!    ones, so the result is a DAG in topological order.
+//!    pass reads the forward's values twice); otherwise the op starts a new one. Tiny ops of
+//!    constants (at most 64 kFLOP and 64 KiB; not products, nothing assembly reads) belong to
+//!    no subgraph: each subgraph that reads one makes it (an optimizer's `state * beta`, a
+//!    gradient's seed), so they cost no task and tie no independent subgraphs together.
+//!    Assembly (`concat`) joins nothing. Dependencies between subgraphs always point to
+//!    earlier ones, so the result is a DAG in topological order.
 //!
 //! Everything is deterministic: the same graph and settings give the same subgraphs and ids.
 
@@ -38,8 +39,8 @@ const GROUP_SLACK: u64 = 1 << 20;
 /// reads it instead of being a task of its own.
 const TINY_FLOPS: u64 = 64 << 10;
 const TINY_BYTES: u64 = 64 << 10;
-/// A subgraph this small takes every op whose computed arguments it (or earlier subgraphs)
-/// holds, not only the sole consumer of its values: a task costs a round trip.
+/// A subgraph this small takes every op whose computed arguments it alone holds, not only
+/// the sole consumer of its values: a task costs a round trip.
 const SMALL_GROUP_FLOPS: u64 = 16 << 20;
 
 /// A node of the rewritten graph.
