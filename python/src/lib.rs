@@ -1020,7 +1020,11 @@ fn ops() -> std::collections::BTreeMap<&'static str, Vec<&'static str>> {
 /// parallel, summed in shard order: the same result wherever they ran).
 #[pyclass(frozen, name = "Trainer", module = "corvid._corvid")]
 struct PyTrainer {
+    /// Held through a step (the GIL is not): another thread's step is refused, not waited
+    /// for, since waiting with the GIL would deadlock the running step.
     trainer: Mutex<corvid_sdk::train::Trainer>,
+    /// The parameters and step count as of the last step, for the getters.
+    now: Mutex<(corvid_sdk::Model, u64)>,
 }
 
 #[pymethods]
@@ -1079,6 +1083,7 @@ impl PyTrainer {
         )
         .with_shards(shards);
         Ok(PyTrainer {
+            now: Mutex::new((model.m.clone(), 0)),
             trainer: Mutex::new(trainer),
         })
     }
@@ -1101,37 +1106,37 @@ impl PyTrainer {
                 Arc::new(LocalExecutor::new(backend))
             }
         };
-        let mut trainer = self.trainer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut trainer = match self.trainer.try_lock() {
+            Ok(t) => t,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(CorvidError::new_err(
+                    "a step of this trainer is already running (steps run one at a time)",
+                ));
+            }
+        };
         // Built here (the loss function is Python), run without the GIL.
         let (g, outs) = trainer.plan_step(&executor, &data).map_err(eval_err)?;
         let values = py
             .detach(move || g.eval(&outs.iter().collect::<Vec<_>>()))
             .map_err(eval_err)?;
-        trainer
-            .finish_step(values)
-            .map(|s| s.loss)
-            .map_err(eval_err)
+        let step = trainer.finish_step(values).map_err(eval_err)?;
+        *self.now.lock().unwrap_or_else(|p| p.into_inner()) =
+            (trainer.model().clone(), trainer.steps());
+        Ok(step.loss)
     }
 
     /// The parameters as they are now.
     #[getter]
     fn model(&self) -> PyModel {
         PyModel {
-            m: self
-                .trainer
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .model()
-                .clone(),
+            m: self.now.lock().unwrap_or_else(|p| p.into_inner()).0.clone(),
         }
     }
 
     #[getter]
     fn steps(&self) -> u64 {
-        self.trainer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .steps()
+        self.now.lock().unwrap_or_else(|p| p.into_inner()).1
     }
 }
 

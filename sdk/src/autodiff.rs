@@ -279,7 +279,7 @@ impl Builder<'_> {
     fn unslice(&self, g: &Tensor, in_shape: &[usize], starts: &[usize], steps: &[usize]) -> Built {
         let mut g = g.clone();
         for (axis, &step) in steps.iter().enumerate() {
-            if step > 1 && g.shape()[axis] > 0 {
+            if step > 1 && g.shape()[axis] > 1 {
                 g = self.interleave(&g, axis, step)?;
             }
         }
@@ -615,7 +615,7 @@ fn conv2d_vjp(
     // The cotangent with stride - 1 zeros between its elements: a stride-1 convolution's.
     let mut gd = g.clone();
     for (axis, s) in [(2, stride[0]), (3, stride[1])] {
-        if s > 1 {
+        if s > 1 && gd.shape()[axis] > 1 {
             gd = b.interleave(&gd, axis, s)?;
         }
     }

@@ -20,7 +20,7 @@
 //!
 //! Everything is deterministic: the same graph and settings give the same subgraphs and ids.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use corvid_kernels::budget::{GEMM_WORKSPACE, workspace_bytes};
@@ -483,6 +483,8 @@ impl Builder<'_> {
         // reads one makes it itself (a gradient's seed, an optimizer's `state * beta`), so
         // they neither cost a task nor tie independent subgraphs to a shared one.
         let mut inline = vec![false; n];
+        // Per group, the tiny ops its subgraph will make (charged to it).
+        let mut charged: Vec<HashSet<usize>> = Vec::new();
         let mut read_by_concat = vec![false; n];
         for (i, p) in self.pnodes.iter().enumerate() {
             if needed[i] && matches!(p.op, Some(Op::Concat { .. })) {
@@ -514,10 +516,33 @@ impl Builder<'_> {
                 inline[i] = true;
                 continue;
             }
+            // The tiny ops it reads, which its subgraph will make: charged to the subgraph
+            // once, like members.
+            let mut made = Vec::new();
+            let mut stack = p.args.clone();
+            while let Some(a) = stack.pop() {
+                if inline[a] && !made.contains(&a) {
+                    made.push(a);
+                    stack.extend(&self.pnodes[a].args);
+                }
+            }
+            let extra = |g: Option<usize>| {
+                made.iter()
+                    .filter(|a| g.is_none_or(|g| !charged[g].contains(*a)))
+                    .fold((f, pb, 1), |(f, b, k), &a| {
+                        let q = &self.pnodes[a];
+                        (
+                            f.saturating_add(flops(q)),
+                            b.saturating_add(bytes(q)),
+                            k + 1,
+                        )
+                    })
+            };
             let fits = |g: usize, cap: u64| {
+                let (f, b, k) = extra(Some(g));
                 group_flops[g].saturating_add(f) <= cap
-                    && group_bytes[g].saturating_add(pb) <= max_bytes
-                    && groups[g].len() < max_nodes
+                    && group_bytes[g].saturating_add(b) <= max_bytes
+                    && groups[g].len() + charged[g].len() + k <= max_nodes
             };
             let main = p
                 .args
@@ -542,15 +567,18 @@ impl Builder<'_> {
                 let alone = p.args.iter().all(|&a| group_of[a].is_none_or(|h| h == g));
                 (alone && !concat && fits(g, SMALL_GROUP_FLOPS.min(max_flops))).then_some(g)
             });
+            let (ef, eb, _) = extra(join);
             let g = join.unwrap_or_else(|| {
                 groups.push(Vec::new());
                 group_flops.push(0);
                 group_bytes.push(0);
+                charged.push(HashSet::new());
                 groups.len() - 1
             });
+            charged[g].extend(made);
             groups[g].push(i);
-            group_flops[g] = group_flops[g].saturating_add(f);
-            group_bytes[g] = group_bytes[g].saturating_add(pb);
+            group_flops[g] = group_flops[g].saturating_add(ef);
+            group_bytes[g] = group_bytes[g].saturating_add(eb);
             group_of[i] = Some(g);
         }
         // Values each group must export: read by a later group, or requested.

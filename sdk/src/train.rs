@@ -304,6 +304,17 @@ impl Trainer {
     /// Takes the values of the tensors [`Trainer::plan_step`] returned.
     pub fn finish_step(&mut self, values: Vec<Data>) -> Result<Step, EvalError> {
         let n = self.model.len();
+        let want = 1 + n + n * self.optimizer.slots();
+        if values.len() != want {
+            return Err(EvalError::Requester {
+                reason: format!(
+                    "a step of '{}' gives {want} values (the loss, {n} parameters and the \
+                     optimizer's state), not {}",
+                    self.name,
+                    values.len()
+                ),
+            });
+        }
         let mut values = values.into_iter();
         let loss = values
             .next()

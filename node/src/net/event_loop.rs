@@ -528,12 +528,13 @@ impl EventLoop {
                             })
                             .sum(),
                     );
-                    // A task turned away busy leaves its data with the worker (`busy`), so
-                    // that it crosses the network once.
+                    // A task turned away because the queue is full leaves its data with the
+                    // worker, so that it crosses the network once.
                     let refusal = match &self.work {
                         // Busy: the requester places it elsewhere, at no cost to its standing.
+                        // (Paused, it keeps nothing: it stays out of its owner's way.)
                         Some(_) if self.paused().is_some() => {
-                            Some((channel, TaskError::Busy, Some((request, lease))))
+                            Some((channel, TaskError::Busy, None))
                         }
                         None => Some((
                             channel,

@@ -874,14 +874,14 @@ impl Job {
                             sent.push(*id);
                         }
                     }
-                    let waits: Vec<_> = sg
+                    let waits: Vec<(usize, _)> = sg
                         .input_ids
                         .iter()
-                        .zip(&held)
-                        .filter(|(_, h)| **h)
-                        .filter_map(|(id, _)| mem.landing.get(&(peer, *id)))
-                        .filter(|rx| rx.has_changed().is_ok())
-                        .cloned()
+                        .enumerate()
+                        .filter(|&(i, _)| held[i])
+                        .filter_map(|(i, id)| Some((i, mem.landing.get(&(peer, *id))?)))
+                        .filter(|(_, rx)| rx.has_changed().is_ok())
+                        .map(|(i, rx)| (i, rx.clone()))
                         .collect();
                     if !sent.is_empty() {
                         for id in &sent {
@@ -916,10 +916,18 @@ impl Job {
                 }
                 let remote = self.remote.clone();
                 self.running.spawn(async move {
-                    for mut carrier in waits {
+                    // At most half the task's time: a carrier slow to answer (queued, or
+                    // computing) has its values sent in full instead.
+                    let waited = std::time::Instant::now();
+                    let mut held = held;
+                    for (i, mut carrier) in waits {
+                        let left = (timeout / 2).saturating_sub(waited.elapsed());
                         // Ends (Err) when the carrier's sender is dropped: it has answered.
-                        let _ = carrier.changed().await;
+                        if tokio::time::timeout(left, carrier.changed()).await.is_err() {
+                            held[i] = false;
+                        }
                     }
+                    let timeout = timeout.saturating_sub(waited.elapsed());
                     let r = remote
                         .run(peer, wire, &sg, inputs, held, timeout, rows)
                         .await;

@@ -57,7 +57,11 @@ impl Held {
     pub(super) fn get(&self, peer: PeerId, id: ValueId) -> Option<(Arc<Data>, ContentId)> {
         let e = self.map.get(&(peer, id)).or_else(|| {
             let kept = self.aliases.get(&(peer, id))?;
-            self.map.get(&(peer, *kept))
+            // Only while the value kept there is still the one the alias names (the same id
+            // may have been given other values since).
+            self.map
+                .get(&(peer, *kept))
+                .filter(|e| ValueId::from(e.cid) == id)
         })?;
         Some((e.data.clone(), e.cid))
     }
@@ -70,10 +74,14 @@ impl Held {
         if alias == id {
             return;
         }
-        // Dangling ones (their value evicted) are dropped once they outnumber the values.
+        // Dangling ones (their value evicted or replaced) are dropped once they outnumber
+        // the values: the live ones are at most one per value.
         if self.aliases.len() > 2 * self.map.len() + 1024 {
             let map = &self.map;
-            self.aliases.retain(|k, v| map.contains_key(&(k.0, *v)));
+            self.aliases.retain(|k, v| {
+                map.get(&(k.0, *v))
+                    .is_some_and(|e| ValueId::from(e.cid) == k.1)
+            });
         }
         self.aliases.insert((peer, alias), id);
     }
@@ -188,6 +196,36 @@ mod tests {
 
     fn id(n: u8) -> ValueId {
         ValueId([n; 32])
+    }
+
+    #[test]
+    fn an_alias_finds_only_the_values_it_names() {
+        let mut h = Held::new(1 << 20);
+        let peer = PeerId::random();
+        let (one, two) = (value(10), Arc::new(Data::full(vec![10], 2.0)));
+        let (c1, c2) = (one.content_id(), two.content_id());
+        h.put(peer, id(1), one, c1);
+        h.alias(peer, c1, id(1));
+        assert!(h.get(peer, ValueId::from(c1)).is_some());
+        // The same id given other values: the old alias finds nothing, the new one finds them.
+        h.put(peer, id(1), two, c2);
+        h.alias(peer, c2, id(1));
+        assert!(h.get(peer, ValueId::from(c1)).is_none());
+        assert_eq!(h.get(peer, ValueId::from(c2)).unwrap().1, c2);
+        // Another requester cannot use them.
+        assert!(h.get(PeerId::random(), ValueId::from(c2)).is_none());
+        // Stale aliases do not pile up.
+        for n in 0..5000u32 {
+            let t = Arc::new(Data::full(vec![1], n as f32));
+            let c = t.content_id();
+            h.put(peer, id(1), t, c);
+            h.alias(peer, c, id(1));
+        }
+        assert!(
+            h.aliases.len() <= 2 * h.map.len() + 1025,
+            "{}",
+            h.aliases.len()
+        );
     }
 
     #[test]
