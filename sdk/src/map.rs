@@ -8,6 +8,10 @@
 //! runs alone, so that the requester knows a holder before the others start.
 //! [`Computation::update`] replaces the model (a new content id, so new weights go out).
 //!
+//! Small inputs cost a round trip each: [`Computation::with_batch`] joins `k` inputs along
+//! axis 0 into one job and splits every output back along axis 0, for computations that treat
+//! rows independently (axis 0 is the batch axis of every input and output).
+//!
 //! ```
 //! # use std::sync::Arc;
 //! use corvid_sdk::{Computation, LocalExecutor, Model, kernels::{Backend, CpuBackend, Tensor as Data}};
@@ -28,7 +32,7 @@ use std::sync::Arc;
 use corvid_kernels::{Tensor as Data, TensorMeta};
 use futures::StreamExt;
 
-use crate::error::{BuildError, EvalError};
+use crate::error::{BuildError, EvalError, Site};
 use crate::exec::Executor;
 use crate::graph::Graph;
 use crate::ids::ValueId;
@@ -49,6 +53,7 @@ pub struct Computation {
     name: String,
     build: Arc<Build>,
     model: Option<Model>,
+    batch: usize,
 }
 
 impl std::fmt::Debug for Computation {
@@ -56,6 +61,7 @@ impl std::fmt::Debug for Computation {
         f.debug_struct("Computation")
             .field("name", &self.name)
             .field("model", &self.model.as_ref().map(|m| (m.name(), m.id())))
+            .field("batch", &self.batch)
             .finish()
     }
 }
@@ -72,7 +78,23 @@ impl Computation {
             name: name.into(),
             build: Arc::new(build),
             model: None,
+            batch: 1,
         }
+    }
+
+    /// Joins up to `k` inputs along axis 0 into one job and splits each output back along
+    /// axis 0, by the rows each input brought: far fewer round trips for small inputs. Only
+    /// for computations whose rows are independent (a row-wise MLP, not a softmax over axis
+    /// 0); inputs that cannot be joined, or outputs without those rows, are an error for every
+    /// input of that job. `k` of 0 or 1 runs one job per input.
+    pub fn with_batch(mut self, k: usize) -> Computation {
+        self.batch = k.max(1);
+        self
+    }
+
+    /// How many inputs one job joins ([`Computation::with_batch`]).
+    pub fn batch(&self) -> usize {
+        self.batch
     }
 
     /// The shared weights every input's job uses.
@@ -112,14 +134,14 @@ impl Computation {
         Ok(g.id())
     }
 
-    /// Starts the job for one input.
+    /// Starts the job of one input, or of several joined, named `label`.
     fn submit(
         &self,
         executor: &Arc<dyn Executor>,
-        i: usize,
+        label: String,
         inputs: Vec<Data>,
     ) -> Result<crate::JobHandle, EvalError> {
-        let g = Graph::new(format!("{}[{i}]", self.name)).with_executor(executor.clone());
+        let g = Graph::new(label).with_executor(executor.clone());
         let xs: Vec<Tensor> = inputs.into_iter().map(|d| g.constant(d)).collect();
         let w = self.model.as_ref().map(|m| g.model(m)).unwrap_or_default();
         let outs = (self.build)(&g, &xs, &w).map_err(|error| EvalError::Build {
@@ -129,8 +151,10 @@ impl Computation {
         g.submit(&outs.iter().collect::<Vec<_>>())
     }
 
-    /// Runs the computation on each input (one `Vec` of tensors per job), up to `window`
-    /// jobs at a time, yielding each input's outcome in input order.
+    /// Runs the computation on each input (one `Vec` of tensors per job, or per `k` joined
+    /// with [`Computation::with_batch`]), up to `window` jobs at a time, yielding each input's
+    /// outcome in input order.
+    #[track_caller]
     pub fn map<'a>(
         &'a self,
         executor: Arc<dyn Executor>,
@@ -142,6 +166,7 @@ impl Computation {
     }
 
     /// As [`Computation::map`], yielding `(input index, outcome)` as jobs end.
+    #[track_caller]
     pub fn map_unordered<'a>(
         &'a self,
         executor: Arc<dyn Executor>,
@@ -152,8 +177,9 @@ impl Computation {
             .map(|(i, outcome, _)| (i, outcome))
     }
 
-    /// Each input's index, outcome and job state (where the executor leaves its report), in
-    /// input order if `ordered`, else as they end.
+    /// Each input's index, outcome and job state (where the executor leaves its report; the
+    /// inputs of a batch share theirs), in input order if `ordered`, else as jobs end.
+    #[track_caller]
     pub fn jobs<'a>(
         &'a self,
         executor: Arc<dyn Executor>,
@@ -161,44 +187,178 @@ impl Computation {
         window: usize,
         ordered: bool,
     ) -> Box<dyn Iterator<Item = (usize, MapOutcome, Option<Arc<crate::JobState>>)> + 'a> {
+        let at = Site(std::panic::Location::caller());
+        let k = self.batch;
         let mut inputs = inputs.into_iter().enumerate();
-        let Some((_, first)) = inputs.next() else {
+        let mut chunks = std::iter::from_fn(move || {
+            let group: Vec<(usize, Vec<Data>)> = inputs.by_ref().take(k).collect();
+            (!group.is_empty()).then_some(group)
+        });
+        let Some(first) = chunks.next() else {
             return Box::new(std::iter::empty());
         };
         // The first job alone: once it ends, the requester knows who holds the model.
         let exec = executor.clone();
         let first = std::iter::once_with(move || {
-            let job = self.submit(&exec, 0, first);
-            futures::executor::block_on(run(0, job))
-        });
+            futures::executor::block_on(self.run_chunk(&exec, first, at))
+        })
+        .flatten();
         let rest =
-            futures::stream::iter(inputs).map(move |(i, x)| run(i, self.submit(&executor, i, x)));
+            futures::stream::iter(chunks).map(move |group| self.run_chunk(&executor, group, at));
         let window = window.max(1);
         let rest: std::pin::Pin<Box<dyn futures::Stream<Item = _> + 'a>> = if ordered {
             Box::pin(rest.buffered(window))
         } else {
             Box::pin(rest.buffer_unordered(window))
         };
-        Box::new(first.chain(futures::executor::block_on_stream(rest)))
+        Box::new(first.chain(futures::executor::block_on_stream(rest).flatten()))
+    }
+
+    /// Starts the job of `group` (one input, or several to join) now and returns a future of
+    /// each input's outcome.
+    fn run_chunk(
+        &self,
+        executor: &Arc<dyn Executor>,
+        group: Vec<(usize, Vec<Data>)>,
+        at: Site,
+    ) -> impl std::future::Future<Output = Vec<(usize, MapOutcome, Option<Arc<crate::JobState>>)>> + use<>
+    {
+        let index: Vec<usize> = group.iter().map(|(i, _)| *i).collect();
+        let (label, job, rows) = if self.batch == 1 {
+            let (i, x) = group.into_iter().next().expect("a group has an input");
+            let label = format!("{}[{i}]", self.name);
+            (label.clone(), self.submit(executor, label, x), None)
+        } else {
+            let label = format!("{}[{}-{}]", self.name, index[0], index[index.len() - 1]);
+            match join(&group) {
+                Ok((joined, rows)) => (
+                    label.clone(),
+                    self.submit(executor, label, joined),
+                    Some(rows),
+                ),
+                Err(reason) => {
+                    let e = batch_error(&label, at, reason);
+                    (label, Err(e), None)
+                }
+            }
+        };
+        // Made before the first poll: a map dropped before this job ended (its caller stopped
+        // iterating) cancels it, polled or not.
+        let guard = CancelOnDrop(job.as_ref().ok().map(|h| h.state().clone()));
+        async move {
+            let (outcome, state) = match job {
+                Ok(h) => {
+                    let outcome = h.await;
+                    (outcome, guard.disarm())
+                }
+                Err(e) => (Err(e), None),
+            };
+            let outcomes: Vec<MapOutcome> = match (outcome, rows) {
+                (Ok(outs), None) => vec![Ok(outs)],
+                (Ok(outs), Some(rows)) => match split(&outs, &rows) {
+                    Ok(parts) => parts.into_iter().map(Ok).collect(),
+                    Err(reason) => vec![Err(batch_error(&label, at, reason)); index.len()],
+                },
+                (Err(e), _) => vec![Err(e); index.len()],
+            };
+            index
+                .into_iter()
+                .zip(outcomes)
+                .map(|(i, o)| (i, o, state.clone()))
+                .collect()
+        }
     }
 }
 
-fn run(
-    i: usize,
-    job: Result<crate::JobHandle, EvalError>,
-) -> impl std::future::Future<Output = (usize, MapOutcome, Option<Arc<crate::JobState>>)> {
-    // Made before the first poll: a map dropped before this job ended (its caller stopped
-    // iterating) cancels it, polled or not.
-    let guard = CancelOnDrop(job.as_ref().ok().map(|h| h.state().clone()));
-    async move {
-        match job {
-            Ok(h) => {
-                let outcome = h.await;
-                (i, outcome, guard.disarm())
+/// A batch that could not be joined or split: every input of it fails with this.
+fn batch_error(label: &str, at: Site, reason: String) -> EvalError {
+    EvalError::Build {
+        graph: label.into(),
+        error: BuildError::Data {
+            at,
+            reason: format!("a batched map ({label}): {reason}"),
+        },
+    }
+}
+
+/// Joins the inputs' tensors position by position along axis 0; the rows each input brought.
+fn join(inputs: &[(usize, Vec<Data>)]) -> Result<(Vec<Data>, Vec<usize>), String> {
+    let (first, head) = (inputs[0].0, &inputs[0].1);
+    if let Some((i, x)) = inputs.iter().find(|(_, x)| x.len() != head.len()) {
+        return Err(format!(
+            "input {i} has {} tensors, input {first} {}",
+            x.len(),
+            head.len()
+        ));
+    }
+    if head.is_empty() {
+        return Err("inputs without tensors have no rows to join".into());
+    }
+    let mut rows = Vec::with_capacity(inputs.len());
+    for (i, x) in inputs {
+        let Some(&r) = x[0].shape().first() else {
+            return Err(format!(
+                "input {i} is a scalar: it has no axis 0 to join on"
+            ));
+        };
+        if let Some((k, t)) = x
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.shape().first() != Some(&r))
+        {
+            return Err(format!(
+                "input {i}'s tensor {k} is {}, its tensor 0 {}: their rows differ",
+                t.meta(),
+                x[0].meta()
+            ));
+        }
+        rows.push(r);
+    }
+    let joined = (0..head.len())
+        .map(|k| {
+            let (dtype, rest) = (head[k].dtype(), &head[k].shape()[1..]);
+            let mut words = Vec::new();
+            for (i, x) in inputs {
+                let t = &x[k];
+                if t.dtype() != dtype || &t.shape()[1..] != rest {
+                    return Err(format!(
+                        "input {i}'s tensor {k} is {}: it cannot join input {first}'s {} along \
+                         axis 0",
+                        t.meta(),
+                        head[k].meta()
+                    ));
+                }
+                words.extend_from_slice(t.words());
             }
-            Err(e) => (i, Err(e), None),
+            let shape = [&[rows.iter().sum()][..], rest].concat();
+            Data::from_word_vec(dtype, shape, words).map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((joined, rows))
+}
+
+/// Splits each output along axis 0 into the inputs' rows: one `Vec` of outputs per input.
+fn split(outputs: &[Data], rows: &[usize]) -> Result<Vec<Vec<Data>>, String> {
+    let total: usize = rows.iter().sum();
+    let mut parts = vec![Vec::with_capacity(outputs.len()); rows.len()];
+    for (k, out) in outputs.iter().enumerate() {
+        if out.shape().first() != Some(&total) {
+            return Err(format!(
+                "output {k} is {} for {total} input rows: every output needs axis 0 to be the \
+                 batch axis",
+                out.meta()
+            ));
+        }
+        let width = out.words().len() / total.max(1);
+        let mut lo = 0;
+        for (n, &r) in rows.iter().enumerate() {
+            let shape = [&[r][..], &out.shape()[1..]].concat();
+            let words = &out.words()[lo * width..(lo + r) * width];
+            parts[n].push(Data::from_words(out.dtype(), shape, words).map_err(|e| e.to_string())?);
+            lo += r;
         }
     }
+    Ok(parts)
 }
 
 /// Cancels a job when dropped, unless disarmed first.
@@ -325,6 +485,75 @@ mod tests {
         assert_eq!(started.len(), 9);
         for (k, (state, _)) in started.iter().enumerate() {
             assert_eq!(state.is_cancelled(), k >= 2, "job {k}");
+        }
+    }
+
+    /// Input `i` with `1 + i % 3` rows: row `r` is `[i + r, 1, 0]`.
+    fn rows(i: usize) -> Vec<Data> {
+        let n = 1 + i % 3;
+        let v = (0..n).flat_map(|r| [(i + r) as f32, 1.0, 0.0]).collect();
+        vec![Data::from_f32([n, 3], v).unwrap()]
+    }
+
+    #[test]
+    fn a_batched_map_joins_inputs_into_fewer_jobs_and_splits_every_result_back() {
+        let one = affine();
+        let batched = affine().with_batch(6);
+        assert_eq!((one.batch(), batched.batch()), (1, 6));
+        let want: Vec<MapOutcome> = one.map(exec(), (0..40).map(rows), 4).collect();
+        let mut jobs = Vec::new();
+        for (i, outcome, state) in batched.jobs(exec(), (0..40).map(rows), 4, true) {
+            let (got, want) = (outcome.unwrap(), want[i].as_ref().unwrap());
+            assert_eq!(got[0].shape(), [1 + i % 3, 2], "input {i}");
+            assert_eq!(
+                got[0].as_f32().unwrap(),
+                want[0].as_f32().unwrap(),
+                "input {i}"
+            );
+            let state = state.expect("a started job has a state");
+            if !jobs.iter().any(|s| Arc::ptr_eq(s, &state)) {
+                jobs.push(state);
+            }
+        }
+        assert_eq!(jobs.len(), 7, "40 inputs, 6 per job");
+        let mut seen = [false; 40];
+        for (i, o) in batched.map_unordered(exec(), (0..40).map(rows), 4) {
+            assert_eq!(o.unwrap()[0].shape(), [1 + i % 3, 2]);
+            assert!(!std::mem::replace(&mut seen[i], true), "input {i} twice");
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn a_batch_that_cannot_join_or_split_fails_its_own_inputs_at_the_callers_line() {
+        // Input 5 has 4 columns: the batch of inputs 4 and 5 cannot be joined.
+        let mut inputs: Vec<Vec<Data>> = (0..6).map(input).collect();
+        inputs[5] = vec![Data::from_f32([1, 4], vec![0.0; 4]).unwrap()];
+        let out: Vec<MapOutcome> = affine().with_batch(2).map(exec(), inputs, 2).collect();
+        let line = line!() - 1;
+        assert!(out[..4].iter().all(|o| o.is_ok()));
+        for o in &out[4..] {
+            let e = o.as_ref().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("map.rs:{line}:")) && e.contains("affine[4-5]"),
+                "{e}"
+            );
+            assert!(
+                e.contains("input 5's tensor 0 is f32[1, 4]: it cannot join input 4's f32[1, 3]"),
+                "{e}"
+            );
+        }
+
+        // A sum over axis 0 mixes the rows: its output has none to split.
+        let total =
+            Computation::new("total", |_, x, _| Ok(vec![x[0].sum(&[0], true)?])).with_batch(3);
+        let out: Vec<MapOutcome> = total.map(exec(), (0..3).map(input), 1).collect();
+        for o in &out {
+            let e = o.as_ref().unwrap_err().to_string();
+            assert!(
+                e.contains("output 0 is f32[1, 3]") && e.contains("total[0-2]"),
+                "{e}"
+            );
         }
     }
 
