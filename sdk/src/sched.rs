@@ -35,6 +35,15 @@ use crate::plan::{Plan, Source};
 /// best free peer would take.
 const WAIT_FOR_BUSY: f64 = 0.5;
 
+/// A peer with room holding most of what a subgraph reads (two thirds of its bytes: weights,
+/// optimizer state, the values an earlier run of the same graph left there) keeps the
+/// subgraph unless another would take less than its time (past the round trip, its queue
+/// included) divided by this. On a fast link moving the data looks almost free to the estimate, so any difference
+/// in measured speed would win: a training step's update wandered between workers taking the
+/// whole optimizer state with it, and a graph run again landed each task on the worker that
+/// did not hold its inputs.
+const STAY_WITH_DATA: f64 = 1.5;
+
 /// A peer that says it is busy is tried again for the same subgraph, up to this many times.
 const BUSY_TRIES: usize = 3;
 
@@ -790,6 +799,16 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
                 best = Some((t, place));
             }
         }
+        // Compared without the round trip both pay (where latency dominates every peer
+        // looks nearly as soon as every other).
+        let base = now + self.cfg.latency;
+        if let Some((t, place)) = self.stay_with_data(sg, now, avoid, depth)
+            && let Some((b, other)) = &best
+            && *other != place
+            && t - base <= STAY_WITH_DATA * (b - base)
+        {
+            best = Some((t, place));
+        }
         // Earliest finish counts queueing: wait for a busy peer that would still finish in
         // less than half the time of the best free one (a slow peer is not worth its slot).
         if let (Some((free, _)), Some(busy)) = (&best, best_busy)
@@ -808,6 +827,44 @@ impl<P: Ord + Clone + fmt::Debug + fmt::Display> Scheduler<P> {
             best = Some((self.estimate(sg, &Place::Local, now), Place::Local));
         }
         best.map(|(_, p)| p)
+    }
+
+    /// The peer with room for `sg` that holds most of its input bytes, if those are two
+    /// thirds of all `sg` reads, and its estimate. The estimate counts the holder's queue, so
+    /// the shards of a batch, which all read the weights one worker holds, still spread.
+    fn stay_with_data(
+        &self,
+        sg: usize,
+        now: f64,
+        avoid: &BTreeSet<Place<P>>,
+        depth: usize,
+    ) -> Option<(f64, Place<P>)> {
+        let total: u64 = self.inputs[sg].iter().map(|(_, b)| b).sum();
+        // Most held bytes; of peers holding the same (a model every worker was sent), the
+        // soonest.
+        let (held, t, place) = self
+            .peers
+            .iter()
+            .filter(|(p, info)| {
+                info.in_flight < info.slots + depth
+                    && !info.failing()
+                    && !avoid.contains(&Place::Peer((*p).clone()))
+                    && self.fits(sg, info)
+            })
+            .map(|(p, _)| {
+                let held: u64 = self.inputs[sg]
+                    .iter()
+                    .filter(|(id, _)| self.held.get(id).is_some_and(|h| h.contains(p)))
+                    .map(|(_, b)| b)
+                    .sum();
+                let place = Place::Peer(p.clone());
+                (held, self.estimate(sg, &place, now), place)
+            })
+            .max_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)))?;
+        if held == 0 || 3 * held < 2 * total {
+            return None;
+        }
+        Some((t, place))
     }
 
     /// Why ready subgraph `sg` can never be placed in this job, if it cannot: every known peer
@@ -1694,6 +1751,37 @@ mod tests {
             Place::Peer("b"),
             "b already holds the inputs: {d:?}"
         );
+    }
+
+    /// One subgraph (no tiling) reading 64 KiB of data.
+    fn untiled() -> Plan {
+        let g = Graph::new("state");
+        let data = |shape: [usize; 2], seed| {
+            g.constant(corvid_kernels::Tensor::random_uniform(
+                shape, -1.0, 1.0, seed,
+            ))
+        };
+        let c = data([64, 128], 1).matmul(&data([128, 64], 2)).unwrap();
+        g.plan(&[&c]).unwrap()
+    }
+
+    #[test]
+    fn a_subgraph_stays_with_the_state_it_reads_unless_another_peer_is_much_faster() {
+        let p = untiled();
+        assert_eq!(p.subgraphs.len(), 1);
+        let first = |fast: f64| {
+            let mut s = Scheduler::new(&p, no_local());
+            // 1 MFLOP, 10 ms on the holder; on a fast link moving 64 KiB costs 0.06 ms: by
+            // the estimate alone a peer a little faster than the holder wins.
+            s.peer("fast", fast, 1e9, 1);
+            s.peer("holder", 1e8, 1e9, 1);
+            for id in &p.subgraphs[0].input_ids {
+                s.holds("holder", *id);
+            }
+            dispatched(&s.schedule(0.0))[0].2.clone()
+        };
+        assert_eq!(first(1.2e8), Place::Peer("holder"), "20 % faster: stays");
+        assert_eq!(first(3e8), Place::Peer("fast"), "3x faster: moves");
     }
 
     #[test]

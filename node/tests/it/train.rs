@@ -68,7 +68,9 @@ fn data_parallel_steps_match_local_ones_and_the_weights_stay_on_the_workers() {
     assert!(losses[11] < losses[0], "{losses:?}");
     // The first step sends the weights (and zero moments); later ones send the batch and
     // what moves between the shards (a shard's gradients, the new weights for the other
-    // worker), not the weights and moments again.
+    // worker), not the weights and moments again: the update stays with the worker that
+    // holds them (on a loaded machine a step now and then still moves them, when the other
+    // worker measures much faster).
     let batch_bytes = 64 * (16 + 4) * 4;
     let later = sent[1..].iter().sum::<u64>() / 11;
     eprintln!(
