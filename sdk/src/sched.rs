@@ -1218,8 +1218,13 @@ mod tests {
 
     /// Four independent 32x32 tiles (block 32 on a 64x64 product) and their assembly.
     fn plan() -> Plan {
+        product(32, [64, 40, 64])
+    }
+
+    /// The plan of a `[m, k] x [k, n]` product of data in blocks of `block`.
+    fn product(block: usize, [m, k, n]: [usize; 3]) -> Plan {
         let exec = LocalExecutor::new(Backend::Cpu(CpuBackend::new())).with_settings(Settings {
-            block: 32,
+            block,
             ..Settings::default()
         });
         let g = Graph::new("sched").with_executor(Arc::new(exec));
@@ -1229,7 +1234,7 @@ mod tests {
                 shape, -1.0, 1.0, seed,
             ))
         };
-        let c = data([64, 40], 1).matmul(&data([40, 64], 2)).unwrap();
+        let c = data([m, k], 1).matmul(&data([k, n], 2)).unwrap();
         g.plan(&[&c]).unwrap()
     }
 
@@ -1753,21 +1758,10 @@ mod tests {
         );
     }
 
-    /// One subgraph (no tiling) reading 64 KiB of data.
-    fn untiled() -> Plan {
-        let g = Graph::new("state");
-        let data = |shape: [usize; 2], seed| {
-            g.constant(corvid_kernels::Tensor::random_uniform(
-                shape, -1.0, 1.0, seed,
-            ))
-        };
-        let c = data([64, 128], 1).matmul(&data([128, 64], 2)).unwrap();
-        g.plan(&[&c]).unwrap()
-    }
-
     #[test]
     fn a_subgraph_stays_with_the_state_it_reads_unless_another_peer_is_much_faster() {
-        let p = untiled();
+        // One subgraph (no tiling) reading 64 KiB of data.
+        let p = product(1024, [64, 128, 64]);
         assert_eq!(p.subgraphs.len(), 1);
         let first = |fast: f64| {
             let mut s = Scheduler::new(&p, no_local());
